@@ -1,0 +1,1 @@
+"""Block diffusion science as plain PyTorch: masks, noise, the NELBO objective, the sampler."""

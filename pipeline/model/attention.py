@@ -1,0 +1,148 @@
+"""Attention backends behind one call: ``attend(q, k, v, mask, ...)``.
+
+- ``sdpa``: ``F.scaled_dot_product_attention`` with a dense boolean mask (``is_causal`` for AR).
+  The CPU reference and fallback; exact for every mask.
+- ``flex``: FlexAttention with block masks cached per (mask, length, device); compiled on CUDA
+  (BLOCK_SIZE passed explicitly), eager elsewhere (exact but slow).
+- ``flash``: flash-attn when importable, for what it expresses (causal, full bidirectional,
+  decoding against a cache without annealing); other masks fall through to ``flex``.
+``auto`` picks flash/flex on CUDA and sdpa on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.diffusion.masks import AttentionMask, dense_mask, mask_predicate
+
+try:  # optional extra `gpu`
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_attn_func = None
+
+FLEX_BLOCK_SIZE = 128
+
+
+def flash_available() -> bool:
+    return _flash_attn_func is not None and torch.cuda.is_available()
+
+
+def resolve_backend(
+    backend: str, mask: AttentionMask, device: torch.device, has_doc_ids: bool, dtype: torch.dtype
+) -> str:
+    """The backend that will actually run ``mask`` on ``device``."""
+    if backend == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        backend = "flash" if flash_available() else "flex"
+    if backend == "flash":
+        expressible = not has_doc_ids and (
+            mask.kind == "ar" or (mask.kind in ("mdlm", "bd3_decode") and mask.bidirectional_in_block)
+        )
+        if not (flash_available() and expressible and dtype in (torch.float16, torch.bfloat16)):
+            return "flex" if device.type == "cuda" else "sdpa"
+    return backend
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_dense(mask: AttentionMask, n_q: int, n_k: int, seq_len: int, device: torch.device):
+    return dense_mask(mask, n_q, n_k, seq_len, device=device)
+
+
+def _doc_visibility(mask: AttentionMask, doc_ids: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    """(B, n_q, n_k) boolean: query and key belong to the same document of the row."""
+    L = doc_ids.shape[1]
+    qi = torch.arange(n_q, device=doc_ids.device) % L
+    ki = torch.arange(n_k, device=doc_ids.device) % L
+    return doc_ids[:, qi][:, :, None] == doc_ids[:, ki][:, None, :]
+
+
+def _sdpa(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if doc_ids is None and mask.kind == "ar" and n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if doc_ids is None and mask.kind == "mdlm" and mask.lookahead is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    allowed = _cached_dense(mask, n_q, n_k, seq_len, q.device)
+    if doc_ids is not None:
+        allowed = (allowed[None] & _doc_visibility(mask, doc_ids, n_q, n_k))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(mask: AttentionMask, n_q: int, n_k: int, seq_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pred = mask_predicate(mask, seq_len)
+    return create_block_mask(
+        lambda b, h, q, k: pred(q, k), None, None, n_q, n_k, device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE
+    )
+
+
+def _flex(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if doc_ids is None:
+        block_mask = _cached_block_mask(mask, n_q, n_k, seq_len, q.device)
+    else:
+        pred = mask_predicate(mask, seq_len)
+        L = doc_ids.shape[1]
+
+        def mask_mod(b, h, qi, ki):
+            return pred(qi, ki) & (doc_ids[b, qi % L] == doc_ids[b, ki % L])
+
+        block_mask = create_block_mask(
+            mask_mod, q.shape[0], None, n_q, n_k, device=q.device, BLOCK_SIZE=FLEX_BLOCK_SIZE
+        )
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash(q, k, v, mask: AttentionMask):  # pragma: no cover - needs CUDA and flash-attn
+    # flash-attn takes (B, T, H, D); the queries of a decode block see the whole cache and block.
+    out = _flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask.kind == "ar"
+    )
+    return out.transpose(1, 2)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    seq_len: int,
+    backend: str = "auto",
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention under ``mask``.
+
+    Args:
+        q: (B, H, n_q, D); k, v: (B, H_kv, n_k, D) with H a multiple of H_kv (grouped-query).
+        mask: the attention pattern; ``seq_len`` is L, the length of one half for ``bd3_train``.
+        doc_ids: optional (B, L) document index per position for per-document masking.
+    Returns:
+        (B, H, n_q, D) in q's dtype.
+    """
+    chosen = resolve_backend(backend, mask, q.device, doc_ids is not None, q.dtype)
+    if chosen == "flash":
+        return _flash(q, k, v, mask)
+    if chosen == "flex":
+        return _flex(q, k, v, mask, seq_len, doc_ids)
+    return _sdpa(q, k, v, mask, seq_len, doc_ids)

@@ -1,0 +1,183 @@
+"""One config dataclass for the LLaMA family (LLaMA-2/3, TinyLlama, Qwen2/2.5, Mistral).
+
+Architectures differ by fields only: grouped-query heads, qkv bias (Qwen2), tied embeddings,
+rope theta and scaling. ``from_hf_config`` reads a Hugging Face ``config.json`` dict without
+touching the ``transformers`` model classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
+VOCAB_MULTIPLE = 64
+
+
+class ModelConfigError(ValueError):
+    """A checkpoint or model config the project cannot use; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer, plus the BD3 vocabulary bookkeeping.
+
+    ``vocab_size`` is the number of embedding rows (mask token and padding included);
+    ``base_vocab_size`` is the AR checkpoint's vocabulary before the mask token was added.
+    Output ids in ``[base_vocab_size, vocab_size)`` and ``mask_token_id`` are never predicted.
+    """
+
+    architecture: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # BD3 additions
+    base_vocab_size: int | None = None
+    mask_token_id: int | None = None
+    block_size: int | None = None
+    # Execution switches (not architecture): chosen by the training config.
+    attn_backend: str = "auto"
+    activation_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelConfigError(
+                f"unknown architecture {self.architecture!r}: supported are {SUPPORTED_ARCHITECTURES}"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ModelConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelConfigError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ModelConfigError(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        rope_type = rope_scaling_type(self.rope_scaling)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelConfigError(
+                f"rope_scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
+            )
+        if self.base_vocab_size is None:
+            self.base_vocab_size = self.vocab_size
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict (plus this project's ``bd3`` section)."""
+        arch = hf.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            archs = hf.get("architectures")
+            raise ModelConfigError(
+                f"config.json has model_type {arch!r} (architectures {archs}); this project supports "
+                f"{SUPPORTED_ARCHITECTURES} (LLaMA-2/3, TinyLlama, Qwen2/2.5, Mistral)"
+            )
+        bd3 = hf.get("bd3", {})
+        qkv_bias = hf.get("attention_bias", arch == "qwen2")
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0]
+        kwargs = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_scaling=hf.get("rope_scaling"),
+            attention_bias=bool(qkv_bias),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=sliding,
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=hf.get("pad_token_id"),
+            base_vocab_size=bd3.get("base_vocab_size"),
+            mask_token_id=bd3.get("mask_token_id"),
+            block_size=bd3.get("block_size"),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A ``config.json`` dict the ``transformers`` class of this architecture understands."""
+        hf_class = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        out = {
+            "architectures": [hf_class[self.architecture]],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.architecture == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.architecture == "qwen2":
+            out["use_sliding_window"] = False
+            out["sliding_window"] = None
+        out["bd3"] = {
+            "base_vocab_size": self.base_vocab_size,
+            "mask_token_id": self.mask_token_id,
+            "block_size": self.block_size,
+        }
+        return out
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def rope_scaling_type(rope_scaling: dict[str, Any] | None) -> str:
+    if not rope_scaling:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+
+
+def pad_to_multiple(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
