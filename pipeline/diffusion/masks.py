@@ -125,3 +125,13 @@ def document_ids(doc_starts: torch.Tensor) -> torch.Tensor:
     starts = doc_starts.clone()
     starts[:, 0] = False
     return torch.cumsum(starts.long(), dim=1)
+
+
+def check_block_size(seq_len: int, block_size: int, key: str = "block_size") -> None:
+    """Fixed-length BD3 needs L' to divide L; raise with what to change otherwise."""
+    if block_size < 1 or seq_len % block_size:
+        divisors = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if seq_len % d == 0]
+        raise ValueError(
+            f"{key}={block_size} does not divide the sequence length {seq_len}; "
+            f"choose a divisor such as {divisors[-6:]}"
+        )
