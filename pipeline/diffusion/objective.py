@@ -1,0 +1,267 @@
+"""The BD3 training objective: NELBO of masked block diffusion with the SUBS parameterization.
+
+For a row x_0 of L tokens split into blocks of L' tokens, with t_b the noise level of block b and
+x_t the copy where each token of block b is replaced by the mask token with probability t_b:
+
+    NELBO(row) = 1/(L-1) * sum over masked positions l >= 1 of (1/t_{blk(l)}) * -log p(x_0[l] | ...)
+
+SUBS: the mask logit (and the vocabulary padding) is -inf, unmasked tokens are copied and cost
+nothing. The first token of a row has no context: never masked, never scored.
+
+With ``shift`` (AR initialization, DiffuLLaMA-style) the hidden state at l-1 predicts token l. The
+first token of block b is then predicted from the *clean* half at the last position of block b-1
+(an AR step), the others from the noisy half at l-1. At L'=1 (t = 1) this is exactly the AR NLL.
+Without ``shift`` the noisy half at l predicts token l.
+
+One forward over concat(x_t, x_0) with the ``bd3_train`` mask computes every block at once;
+L'=1 needs only the causal clean pass and L'=L only the bidirectional noisy pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.diffusion.masks import AR, AttentionMask, check_block_size, document_ids
+from pipeline.diffusion.noise import EVAL_INTERVAL, MIN_T, sample_block_times, sample_masks
+
+
+@dataclass
+class DiffusionConfig:
+    """Switches of the BD3 objective (the ``diffusion`` section of a training YAML).
+
+    Attributes:
+        block_size: L'. 1 is the AR model, L is MDLM.
+        noise_interval: [beta, omega] for training t (clipped schedule); evaluation uses [1e-3, 1].
+        shift: hidden state at l-1 predicts token l (keeps the AR head's meaning).
+        anneal_steps: DiffuLLaMA attention annealing: in-block attention goes from causal to
+            bidirectional over this many steps (0: bidirectional from the start).
+        aux_ar_weight: weight of an auxiliary AR NLL on x_0 (one extra causal forward).
+        complementary_mask: also score the complementary copy (tokens unmasked in x_t are masked).
+        per_document: no attention across document boundaries of packed rows; every document's first
+            token is then treated like a row's first token (never masked, never scored).
+        seed: noise seed; a sample's draws depend only on (seed, noise id).
+        stratify_group: samples stratified together (the trainer sets the global batch size).
+        loss_chunk_size: positions per cross-entropy chunk (bounds the V-wide float32 logits).
+    """
+
+    block_size: int = 4
+    noise_interval: tuple[float, float] = (MIN_T, 1.0)
+    shift: bool = True
+    anneal_steps: int = 0
+    aux_ar_weight: float = 0.0
+    complementary_mask: bool = False
+    per_document: bool = False
+    seed: int = 0
+    stratify_group: int = 1
+    loss_chunk_size: int = 4096
+
+
+@dataclass
+class NelboOutput:
+    """Per-row sums; divide by ``n_scored`` for per-token values.
+
+    loss: scalar to backpropagate (weighted NELBO per scored token, plus the auxiliary AR loss).
+    nelbo_sum: (b,) sum of (1/t)-weighted cross-entropy over masked scored positions (nats).
+    masked_ce_sum: (b,) unweighted cross-entropy over the same positions.
+    n_scored: (b,) scored positions (L-1, fewer with per-document masking).
+    n_masked: (b,) masked positions.
+    block_nelbo: (b, n_blocks) weighted cross-entropy per block (for the noise-interval search).
+    t: (b, n_blocks) the noise levels used.
+    """
+
+    loss: torch.Tensor
+    nelbo_sum: torch.Tensor
+    masked_ce_sum: torch.Tensor
+    n_scored: torch.Tensor
+    n_masked: torch.Tensor
+    block_nelbo: torch.Tensor
+    t: torch.Tensor
+
+    @property
+    def nelbo(self) -> torch.Tensor:
+        """Weighted NELBO per scored token over the batch (nats)."""
+        return self.nelbo_sum.sum() / self.n_scored.sum().clamp(min=1)
+
+    @property
+    def masked_ce(self) -> torch.Tensor:
+        """Unweighted cross-entropy per masked token over the batch (nats)."""
+        return self.masked_ce_sum.sum() / self.n_masked.sum().clamp(min=1)
+
+
+def anneal_lookahead(block_size: int, anneal_steps: int, step: int) -> int | None:
+    """In-block look-ahead at ``step``: 0 (causal) growing to bidirectional (None) at ``anneal_steps``."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return None
+    return int((block_size - 1) * step / anneal_steps)
+
+
+def _chunk_ce(hidden, weight, targets, invalid_ids):
+    logits = (hidden @ weight.t()).float()
+    logits[:, invalid_ids] = float("-inf")
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, invalid_ids: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """-log softmax(hidden @ weight.T)[target] per row (n,), float32, never holding n x V logits.
+
+    Under autograd each chunk is recomputed in backward, so peak memory is one chunk of logits.
+    ``invalid_ids`` get -inf logits (SUBS: never predict the mask token or vocabulary padding).
+    """
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        args = (hidden[s : s + chunk], weight, targets[s : s + chunk], invalid_ids)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(checkpoint(_chunk_ce, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_ce(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def protected_positions(x0: torch.Tensor, doc_starts: torch.Tensor | None, per_document: bool) -> torch.Tensor:
+    """(b, L) bool: tokens never masked nor scored (row starts, and document starts if per-document)."""
+    protect = torch.zeros_like(x0, dtype=torch.bool)
+    protect[:, 0] = True
+    if per_document and doc_starts is not None:
+        protect |= doc_starts.bool()
+    return protect
+
+
+def _hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids):
+    """(h_noisy, h_clean), either may be None when the block size makes it unnecessary."""
+    L = x0.shape[1]
+    if block_size == 1 and shift:
+        # Every token is the first of its block: all predictions come from the causal clean pass.
+        return None, model(x0, attn=AR, doc_ids=doc_ids, return_hidden=True)
+    if block_size == L:
+        # One block: the first token is never scored, so only the bidirectional noisy pass is needed.
+        return model(xt, attn=AttentionMask("mdlm", L, lookahead), doc_ids=doc_ids, return_hidden=True), None
+    h = model(
+        torch.cat([xt, x0], dim=1),
+        attn=AttentionMask("bd3_train", block_size, lookahead),
+        doc_ids=doc_ids,
+        return_hidden=True,
+    )
+    return h[:, :L], h[:, L:]
+
+
+def prediction_source(L: int, block_size: int, shift: bool, device=None):
+    """For each target position l: (source position, from_clean) with the shift rule applied."""
+    pos = torch.arange(L, device=device)
+    if not shift:
+        return pos, torch.zeros(L, dtype=torch.bool, device=device)
+    return (pos - 1).clamp(min=0), (pos % block_size) == 0
+
+
+def score_masked(model, h_noisy, h_clean, x0, masked, weights, block_size, shift, chunk):
+    """Cross-entropy (n,) at the masked positions, their (row, position) index and weights."""
+    L = x0.shape[1]
+    rows, cols = masked.nonzero(as_tuple=True)
+    src, from_clean = prediction_source(L, block_size, shift, device=x0.device)
+    src_pos, use_clean = src[cols], from_clean[cols]
+    parts = []
+    if h_noisy is not None:
+        parts.append(h_noisy[rows, src_pos])
+    if h_clean is not None:
+        parts.append(h_clean[rows, src_pos])
+    if h_noisy is not None and h_clean is not None:
+        h = torch.where(use_clean[:, None], parts[1], parts[0])
+    else:
+        h = parts[0]
+    invalid = model.invalid_output_ids.to(x0.device)
+    ce = chunked_cross_entropy(h, model.lm_head.weight, x0[rows, cols], invalid, chunk)
+    return ce, rows, cols, weights[rows, cols]
+
+
+def compute_nelbo(
+    model,
+    x0: torch.Tensor,
+    cfg: DiffusionConfig,
+    noise_ids: torch.Tensor,
+    *,
+    step: int = 0,
+    doc_starts: torch.Tensor | None = None,
+    interval: tuple[float, float] | None = None,
+    t: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> NelboOutput:
+    """Monte Carlo NELBO of a batch of rows under the BD3 objective.
+
+    Args:
+        model: a ``BD3LM`` (or anything with its forward/``lm_head``/``invalid_output_ids``).
+        x0: (b, L) clean token ids.
+        noise_ids: (b,) global sample indices that seed this batch's noise.
+        step: training step (attention annealing).
+        doc_starts: (b, L) bool/int marking document starts in packed rows (per-document masking).
+        interval: overrides ``cfg.noise_interval`` (evaluation passes EVAL_INTERVAL).
+        t: explicit (b, n_blocks) noise levels (tests, enumeration); skips sampling.
+        block_size: overrides ``cfg.block_size`` (evaluating the same weights at other L').
+    """
+    bsz, L = x0.shape
+    bs = block_size or cfg.block_size
+    check_block_size(L, bs)
+    n_blocks = L // bs
+    mask_id = model.config.mask_token_id
+    noise_ids = noise_ids.to("cpu", torch.long)
+    if t is None:
+        if bs == 1:
+            t = torch.ones(bsz, n_blocks)  # L'=1: the AR model, every block fully masked
+        else:
+            iv = interval or tuple(cfg.noise_interval)
+            t = sample_block_times(noise_ids, n_blocks, iv, cfg.seed, cfg.stratify_group)
+    t = t.float().clamp(min=MIN_T)
+    protect = protected_positions(x0, doc_starts, cfg.per_document)
+    masked = sample_masks(noise_ids, t, bs, cfg.seed, protect).to(x0.device)
+    t_tok = t.to(x0.device).repeat_interleave(bs, dim=1)
+    copies = [(masked, 1.0 / t_tok)]
+    if cfg.complementary_mask and bs > 1:
+        comp = ~masked & ~protect.to(x0.device)
+        copies.append((comp, 1.0 / (1.0 - t_tok).clamp(min=MIN_T)))
+
+    doc_ids = document_ids(doc_starts.bool()) if (cfg.per_document and doc_starts is not None) else None
+    lookahead = anneal_lookahead(bs, cfg.anneal_steps, step)
+    nelbo_sum = x0.new_zeros(bsz, dtype=torch.float32)
+    ce_sum = torch.zeros_like(nelbo_sum)
+    n_masked = torch.zeros_like(nelbo_sum)
+    block_nelbo = x0.new_zeros(bsz, n_blocks, dtype=torch.float32)
+    for m, w in copies:
+        xt = torch.where(m, torch.full_like(x0, mask_id), x0)
+        h_noisy, h_clean = _hidden_states(model, x0, xt, bs, cfg.shift, lookahead, doc_ids)
+        ce, rows, cols, wt = score_masked(model, h_noisy, h_clean, x0, m, w, bs, cfg.shift, cfg.loss_chunk_size)
+        nelbo_sum = nelbo_sum.index_add(0, rows, wt * ce)
+        ce_sum = ce_sum.index_add(0, rows, ce.detach())
+        n_masked = n_masked.index_add(0, rows, torch.ones_like(ce))
+        block_nelbo = block_nelbo.index_put((rows, cols // bs), (wt * ce).detach(), accumulate=True)
+    k = len(copies)
+    nelbo_sum, ce_sum, block_nelbo = nelbo_sum / k, ce_sum / k, block_nelbo / k
+    n_scored = (~protect).sum(1).float().to(x0.device)
+    loss = nelbo_sum.sum() / n_scored.sum().clamp(min=1)
+    if cfg.aux_ar_weight > 0:
+        loss = loss + cfg.aux_ar_weight * ar_nll(model, x0, doc_ids=doc_ids, protect=protect)[0].sum() / n_scored.sum()
+    return NelboOutput(loss, nelbo_sum, ce_sum, n_scored, n_masked, block_nelbo, t)
+
+
+def ar_nll(model, x0: torch.Tensor, doc_ids=None, protect=None, chunk: int = 4096):
+    """AR negative log-likelihood per row (b,) summed over positions 1..L-1 (causal pass), and counts."""
+    bsz, L = x0.shape
+    h = model(x0, attn=AR, doc_ids=doc_ids, return_hidden=True)
+    if protect is None:
+        protect = protected_positions(x0, None, False)
+    scored = ~protect.to(x0.device)
+    rows, cols = scored.nonzero(as_tuple=True)
+    invalid = model.invalid_output_ids.to(x0.device)
+    ce = chunked_cross_entropy(h[rows, cols - 1], model.lm_head.weight, x0[rows, cols], invalid, chunk)
+    return x0.new_zeros(bsz, dtype=torch.float32).index_add(0, rows, ce), scored.sum(1)
+
+
+def eval_nelbo(model, x0, block_size: int, noise_ids, cfg: DiffusionConfig, doc_starts=None) -> NelboOutput:
+    """NELBO at ``block_size`` with the evaluation interval [1e-3, 1] and no gradient."""
+    with torch.no_grad():
+        return compute_nelbo(
+            model, x0, cfg, noise_ids, step=cfg.anneal_steps, doc_starts=doc_starts,
+            interval=EVAL_INTERVAL, block_size=block_size,
+        )
