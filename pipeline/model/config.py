@@ -54,6 +54,7 @@ class ModelConfig:
     base_vocab_size: int | None = None
     mask_token_id: int | None = None
     block_size: int | None = None
+    shift: bool = True
     # Execution switches (not architecture): chosen by the training config.
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
@@ -126,6 +127,7 @@ class ModelConfig:
             base_vocab_size=bd3.get("base_vocab_size"),
             mask_token_id=bd3.get("mask_token_id"),
             block_size=bd3.get("block_size"),
+            shift=bd3.get("shift", True),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -166,6 +168,7 @@ class ModelConfig:
             "base_vocab_size": self.base_vocab_size,
             "mask_token_id": self.mask_token_id,
             "block_size": self.block_size,
+            "shift": self.shift,
         }
         return out
 
