@@ -64,6 +64,7 @@ class GenerationResult:
     tokens: torch.Tensor
     nfe: int = 0
     cache_writes: int = 0
+    steps: int = 0
     seconds: float = 0.0
     lengths: list[int] = field(default_factory=list)
 
@@ -102,6 +103,7 @@ class _Context:
         self.last_logits: torch.Tensor | None = None  # logits at the last clean position
         self.nfe = 0
         self.writes = 0
+        self.steps = 0  # denoising iterations that unmasked at least one token
 
     @property
     def next_position(self) -> int:
@@ -203,7 +205,7 @@ def generate(model, prompt_ids: torch.Tensor, cfg: SamplerConfig) -> GenerationR
     for row in out:
         hit = (row == cfg.eos_token_id).nonzero() if (cfg.stop_at_eos and cfg.eos_token_id is not None) else []
         lengths.append(int(hit[0]) + 1 if len(hit) else row.shape[0])
-    return GenerationResult(out, ctx.nfe, ctx.writes, seconds, lengths)
+    return GenerationResult(out, ctx.nfe, ctx.writes, ctx.steps, seconds, lengths)
 
 
 def _denoise_block(ctx, block, cfg: SamplerConfig, invalid, mask_id, gen) -> torch.Tensor:
@@ -228,6 +230,7 @@ def _denoise_block(ctx, block, cfg: SamplerConfig, invalid, mask_id, gen) -> tor
             best = torch.zeros_like(masked).scatter(1, conf.argmax(1, keepdim=True), True) & masked
             unmask |= best
             block = torch.where(unmask, cand, block)
+            ctx.steps += 1
             continue
         else:  # ddpm_cache: move from t to s on the grid 1 -> 0; each masked token unmasks w.p. (t-s)/t
             t = 1.0 - step / steps
@@ -239,6 +242,7 @@ def _denoise_block(ctx, block, cfg: SamplerConfig, invalid, mask_id, gen) -> tor
                 continue  # nothing changed: the cached probabilities stay valid, no network call
         cand = _sample(probs, gen, cfg.temperature)
         block = torch.where(unmask, cand, block)
+        ctx.steps += 1
         probs = None
 
 

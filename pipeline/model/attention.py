@@ -63,18 +63,15 @@ def _doc_visibility(mask: AttentionMask, doc_ids: torch.Tensor, n_q: int, n_k: i
 def _sdpa(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
     n_q, n_k = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
-    if gqa:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    if doc_ids is None and mask.kind == "ar" and n_q == n_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if doc_ids is None and mask.kind == "mdlm" and mask.lookahead is None:
-        return F.scaled_dot_product_attention(q, k, v)
+    if doc_ids is None:
+        if mask.kind == "ar" and n_q == n_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask.kind in ("mdlm", "bd3_decode") and mask.lookahead is None:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # nothing is hidden
     allowed = _cached_dense(mask, n_q, n_k, seq_len, q.device)
     if doc_ids is not None:
         allowed = (allowed[None] & _doc_visibility(mask, doc_ids, n_q, n_k))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,8 +22,10 @@ class KVCache:
         self.next_position = 0  # absolute rotary position of the next token written
         self.evicted = 0
 
-    def get(self, layer: int):
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+    def get(self, layer: int, extra: int = 0):
+        """Views of the cached keys/values of ``layer`` plus ``extra`` staged tokens."""
+        n = self.length + extra
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
     def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stage this layer's new keys/values (B, H_kv, n, hd) after the valid ones."""

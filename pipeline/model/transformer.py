@@ -89,10 +89,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            ck, cv = kv_cache.get(self.layer_idx)
-            if write_cache:
-                kv_cache.put(self.layer_idx, k, v)
-            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            # Stage the new keys after the cached ones and attend over the buffer in place (no copy);
+            # they become part of the cache only when the caller commits them (write_cache).
+            kv_cache.put(self.layer_idx, k, v)
+            k, v = kv_cache.get(self.layer_idx, extra=T)
         out = attend(q, k, v, mask, seq_len, self.config.attn_backend, doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 

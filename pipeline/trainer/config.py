@@ -1,0 +1,542 @@
+"""The training YAML: llm-foundry conventions, a dataclass schema, and checks that run before any model.
+
+``load_config(path, overrides)`` reads the YAML with OmegaConf, merges ``key.sub=value`` overrides,
+resolves ``${variables.x}`` interpolations and converts the result into ``TrainConfig``. Unknown or
+misspelled keys, missing required keys, wrong types and inconsistent values raise ``ConfigError``
+naming the key path and what to change. ``check_resources(cfg)`` then checks the files the config
+points to (data manifest, tokenizer, the init checkpoint's config.json) without loading weights.
+
+Nothing here imports Composer: a bad YAML fails in the time it takes to import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.diffusion.noise import MIN_T
+
+
+class ConfigError(Exception):
+    """A training config the pipeline cannot run; the message names the key and what to change."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema. Every section is a dataclass; a field without a default is a required key.
+# ---------------------------------------------------------------------------------------------
+
+# Shape fields of a from-scratch model. With ``init_from`` they are optional assertions: any that is
+# set must match the checkpoint's config.json.
+SHAPE_FIELDS = (
+    "architecture",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+@dataclass
+class ModelSection:
+    """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from scratch
+    with the shape fields. ``vocab_size`` is the base vocabulary before the mask token (default: the
+    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token."""
+
+    init_from: str | None = None
+    architecture: Literal["llama", "qwen2", "mistral"] | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+    tie_word_embeddings: bool | None = None
+    initializer_range: float = 0.02
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    activation_checkpointing: bool = False
+    mask_token_id: int | None = None
+
+
+@dataclass
+class DiffusionSection:
+    """The BD3 objective (see ``pipeline.diffusion.objective.DiffusionConfig``)."""
+
+    block_size: int
+    noise_interval: list[float] = field(default_factory=lambda: [MIN_T, 1.0])
+    shift: bool = True
+    anneal_steps: int = 0
+    aux_ar_weight: float = 0.0
+    complementary_mask: bool = False
+    per_document: bool = False
+    seed: int = 0
+    loss_chunk_size: int = 4096
+
+
+@dataclass
+class TokenizerSection:
+    """``path``: tokenizer.json or a folder holding one; null uses the init checkpoint's."""
+
+    path: str | None = None
+
+
+@dataclass
+class TrainLoaderSection:
+    """MDS data written by data_prep: ``local``/``split`` (or ``remote``/``split`` cached in ``local``)."""
+
+    local: str
+    remote: str | None = None
+    split: str = "train"
+    shuffle: bool = True
+    shuffle_seed: int = 9176
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    predownload: int | None = None
+    num_canonical_nodes: int | None = None
+    drop_last: bool = True
+
+
+@dataclass
+class EvalLoaderSection(TrainLoaderSection):
+    split: str = "val"
+    shuffle: bool = False
+    drop_last: bool = False
+
+
+@dataclass
+class OptimizerSection:
+    lr: float
+    name: Literal["decoupled_adamw"] = "decoupled_adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerSection:
+    """``t_max`` defaults to the whole run ("1dur"); set it in batches to make the schedule independent
+    of ``max_duration`` (stopping early and resuming then follows the same learning rates)."""
+
+    name: Literal["cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"]
+    t_warmup: str = "0ba"
+    t_max: str = "1dur"
+    alpha_f: float = 0.0
+
+
+@dataclass
+class SpeedMonitorSection:
+    window_size: int = 5
+    gpu_flops_available: float | None = None
+
+
+@dataclass
+class LRMonitorSection:
+    pass
+
+
+@dataclass
+class MemoryMonitorSection:
+    pass
+
+
+@dataclass
+class RuntimeEstimatorSection:
+    skip_batches: int = 1
+
+
+@dataclass
+class EMASection:
+    half_life: str = "1000ba"
+
+
+@dataclass
+class LossLogSection:
+    """Rank 0 appends one JSON line per batch: {"batch", "loss/train/total", ...}."""
+
+    path: str
+
+
+@dataclass
+class HFExportSection:
+    """At the end of training, write a Hugging Face-format folder (safetensors) of the model."""
+
+    folder: str
+
+
+@dataclass
+class CallbacksSection:
+    """Set a callback to null to turn it off."""
+
+    speed_monitor: SpeedMonitorSection | None = field(default_factory=SpeedMonitorSection)
+    lr_monitor: LRMonitorSection | None = field(default_factory=LRMonitorSection)
+    memory_monitor: MemoryMonitorSection | None = field(default_factory=MemoryMonitorSection)
+    runtime_estimator: RuntimeEstimatorSection | None = field(default_factory=RuntimeEstimatorSection)
+    ema: EMASection | None = None
+    loss_log: LossLogSection | None = None
+    hf_export: HFExportSection | None = None
+
+
+@dataclass
+class ProgressBarSection:
+    pass
+
+
+@dataclass
+class ConsoleSection:
+    log_interval: str = "1ba"
+
+
+@dataclass
+class TensorboardSection:
+    """``log_dir`` defaults to ``{save_folder}/tensorboard`` (``tensorboard/{run_name}`` without one)."""
+
+    log_dir: str | None = None
+    flush_interval: int = 100
+
+
+@dataclass
+class LoggersSection:
+    progress_bar: ProgressBarSection | None = field(default_factory=ProgressBarSection)
+    console: ConsoleSection | None = None
+    tensorboard: TensorboardSection | None = field(default_factory=TensorboardSection)
+
+
+@dataclass
+class GradientClippingSection:
+    clipping_threshold: float = 1.0
+    clipping_type: Literal["norm", "value", "adaptive"] = "norm"
+
+
+@dataclass
+class AlgorithmsSection:
+    gradient_clipping: GradientClippingSection | None = field(default_factory=GradientClippingSection)
+
+
+@dataclass
+class FSDPSection:
+    """Composer FSDP2. SHARD_GRAD_OP keeps parameters gathered after forward (ZeRO-2-like)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] = "FULL_SHARD"
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    activation_cpu_offload: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class ParallelismSection:
+    """null (the whole section) is DDP. ``deepspeed`` is reserved for the DeepSpeed ZeRO integration."""
+
+    fsdp: FSDPSection | None = None
+    deepspeed: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection
+    diffusion: DiffusionSection
+    train_loader: TrainLoaderSection
+    optimizer: OptimizerSection
+    scheduler: SchedulerSection
+    max_seq_len: int
+    global_train_batch_size: int
+    device_train_microbatch_size: int
+    max_duration: str
+    autoresume: bool
+    variables: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    eval_loader: EvalLoaderSection | None = None
+    device_eval_batch_size: int | None = None
+    eval_interval: str = "1000ba"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    precision: Literal["fp32", "amp_bf16"] = "fp32"
+    run_name: str | None = None
+    save_folder: str | None = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    callbacks: CallbacksSection = field(default_factory=CallbacksSection)
+    loggers: LoggersSection = field(default_factory=LoggersSection)
+    algorithms: AlgorithmsSection = field(default_factory=AlgorithmsSection)
+    parallelism: ParallelismSection | None = None
+    seed: int = 17
+    dist_timeout: float = 600.0
+    device: Literal["cpu", "gpu"] | None = None
+    python_log_level: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> resolved dict -> TrainConfig.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
+    """Read, merge, resolve, convert and check a training YAML.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.sub=value`` strings (OmegaConf dotlist; values parsed as YAML).
+        world_size: processes of the run (default: ``$WORLD_SIZE`` as set by the composer launcher, or 1).
+    Raises:
+        ConfigError: the first problem found, naming its key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and OmegaConf errors: report the parser's position
+        raise ConfigError("", f"cannot parse {path}: {e}") from None
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError("", f"override {item!r} is not of the form key.sub=value")
+    try:
+        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides or [])))
+        data = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        msg = str(e).splitlines()[0]
+        if "Missing mandatory value" in msg:
+            msg = f"is required ('???' in the YAML): pass {key}=VALUE on the command line"
+        else:
+            msg = f"{msg} (check the ${{...}} interpolations and the override syntax)"
+        raise ConfigError(key, msg) from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must be a mapping of sections, got {type(data).__name__}")
+    cfg = from_dict(TrainConfig, data)
+    check_consistency(cfg, world_size=world_size, interpolated=_interpolation_sources(raw))
+    return cfg
+
+
+def _interpolation_sources(raw) -> dict[str, str]:
+    """Top-level keys whose value is an interpolation, e.g. {"max_seq_len": "${variables.max_seq_len}"}."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in raw:
+        if OmegaConf.is_interpolation(raw, key):
+            out[str(key)] = str(raw._get_node(key)._value())
+    return out
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a section (mapping)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, f"must not be null: expected {_type_name(tp)}")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # a section with a bad key inside: report that key, not the union
+                last = e
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}") from last
+    if value is None:
+        raise ConfigError(key, f"must not be null: expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a section (mapping of keys), got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, f"must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if not ok.get(tp, False):
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def from_dict(cls, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a plain dict: unknown keys, missing required keys and wrong types
+    raise ``ConfigError`` with the dotted key path."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"known keys: {names}"
+            raise ConfigError(path, f"unknown key; {hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(path, f"missing required key ({_type_name(hints[f.name])}): add it to the YAML or pass {path}=...")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency checks that need no files.
+# ---------------------------------------------------------------------------------------------
+
+_TIME = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur|iter)$")
+
+
+def _check_time(key: str, value: str, allowed: str = "ba|ep|sp|tok|dur") -> None:
+    m = _TIME.match(value)
+    if not m or m.group(2) not in allowed.split("|"):
+        raise ConfigError(key, f"{value!r} is not a duration: write a number with a unit ({allowed}), e.g. '100ba'")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_consistency(cfg: TrainConfig, world_size: int | None = None, interpolated: dict[str, str] | None = None) -> None:
+    """Cross-field checks on the converted config (no file access)."""
+    from pipeline.diffusion.masks import check_block_size
+
+    world = world_size or world_size_from_env()
+    d = cfg.diffusion
+    if cfg.max_seq_len < 2:
+        raise ConfigError("max_seq_len", f"must be at least 2, got {cfg.max_seq_len}")
+    try:
+        check_block_size(cfg.max_seq_len, d.block_size, key="diffusion.block_size")
+    except ValueError as e:
+        src = (interpolated or {}).get("max_seq_len")
+        raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{' = ' + src if src else ''})") from None
+    if len(d.noise_interval) != 2 or not 0.0 <= d.noise_interval[0] < d.noise_interval[1] <= 1.0:
+        raise ConfigError(
+            "diffusion.noise_interval",
+            f"must be [beta, omega] with 0 <= beta < omega <= 1, got {d.noise_interval} "
+            "(BD3-LM uses [0.3, 0.8] for block size 16, [0.45, 0.95] for 4)",
+        )
+    for key in ("anneal_steps", "loss_chunk_size"):
+        if getattr(d, key) < (1 if key == "loss_chunk_size" else 0):
+            raise ConfigError(f"diffusion.{key}", f"must be positive, got {getattr(d, key)}")
+    if d.aux_ar_weight < 0:
+        raise ConfigError("diffusion.aux_ar_weight", f"must be >= 0, got {d.aux_ar_weight}")
+
+    gb, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
+    if gb < 1 or mb < 1:
+        raise ConfigError("global_train_batch_size" if gb < 1 else "device_train_microbatch_size", "must be >= 1")
+    if gb % (world * mb):
+        ok = [m for m in range(1, gb + 1) if gb % (world * m) == 0]
+        raise ConfigError(
+            "global_train_batch_size",
+            f"{gb} is not divisible by world size {world} x device_train_microbatch_size {mb}; "
+            f"choose a multiple of {world * mb} or a microbatch size in {ok[-4:] or '[none]'}",
+        )
+    if cfg.device_eval_batch_size is not None and cfg.device_eval_batch_size < 1:
+        raise ConfigError("device_eval_batch_size", "must be >= 1")
+    if not cfg.train_loader.drop_last:
+        raise ConfigError(
+            "train_loader.drop_last",
+            "must be true: every global batch must be full so that each sample's noise id (its position "
+            "in the training stream) is the same on any number of processes",
+        )
+
+    _check_time("max_duration", cfg.max_duration)
+    _check_time("eval_interval", cfg.eval_interval)
+    _check_time("save_interval", cfg.save_interval)
+    _check_time("scheduler.t_warmup", cfg.scheduler.t_warmup)
+    _check_time("scheduler.t_max", cfg.scheduler.t_max)
+    if cfg.callbacks.ema is not None:
+        _check_time("callbacks.ema.half_life", cfg.callbacks.ema.half_life)
+    if cfg.loggers.console is not None:
+        _check_time("loggers.console.log_interval", cfg.loggers.console.log_interval)
+    if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError("optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+
+    if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
+        missing = "save_folder" if not cfg.save_folder else "run_name"
+        raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
+    if cfg.parallelism is not None and cfg.parallelism.deepspeed is not None:
+        raise ConfigError(
+            "parallelism.deepspeed",
+            "DeepSpeed ZeRO is not implemented yet (see the DeepSpeed integration issue); use "
+            "parallelism: {fsdp: {sharding_strategy: SHARD_GRAD_OP}} or parallelism: null (DDP) for now",
+        )
+    m = cfg.model
+    if m.init_from is None:
+        for key in REQUIRED_FROM_SCRATCH:
+            if getattr(m, key) is None:
+                raise ConfigError(f"model.{key}", "is required to build a model from scratch (model.init_from is null)")
+    if m.mask_token_id is not None and m.mask_token_id < 0:
+        raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
+
+
+def diffusion_config(cfg: TrainConfig):
+    """The objective's ``DiffusionConfig``; t is stratified over one global batch."""
+    from pipeline.diffusion.objective import DiffusionConfig
+
+    d = cfg.diffusion
+    return DiffusionConfig(
+        block_size=d.block_size,
+        noise_interval=(d.noise_interval[0], d.noise_interval[1]),
+        shift=d.shift,
+        anneal_steps=d.anneal_steps,
+        aux_ar_weight=d.aux_ar_weight,
+        complementary_mask=d.complementary_mask,
+        per_document=d.per_document,
+        seed=d.seed,
+        stratify_group=cfg.global_train_batch_size,
+        loss_chunk_size=d.loss_chunk_size,
+    )

@@ -1,0 +1,130 @@
+"""Training data: MDS rows of packed tokens (written by ``data_prep``) as batches for the BD3 objective.
+
+A data folder holds ``train/`` and ``val/`` MDS datasets (columns ``tokens``: uint16/uint32 array of
+``seq_len``; ``doc_starts``: uint32 positions where documents start in the row) and ``manifest.json``.
+
+Batches are dicts: ``input_ids`` int64 (b, L), ``doc_starts`` bool (b, L), ``dataset_index`` int64 (b,)
+(the row's index in its split; it seeds the noise of evaluation). The trainer adds ``sample_index``
+(the row's position in the training stream, the noise id of training) and ``step``.
+
+Deterministic resumption: the DataLoader's dataset *is* the ``StreamingDataset``, so Composer saves
+``dataset.state_dict`` in every checkpoint and loads it on resume (``State._dataset_of``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
+
+
+def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, Any]:
+    """The data folder's manifest.json (fetched from ``remote`` into ``folder`` when only remote has it).
+
+    To be replaced by ``data_prep.manifest.read_manifest`` once data_prep provides it.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.exists() and remote:
+        from streaming.base.storage import CloudDownloader
+
+        CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: point the loader at a folder written by `python -m data_prep`")
+    return json.loads(path.read_text())
+
+
+def global_batch_positions(
+    device_batch_size: int, world_size: int, local_world_size: int, node_rank: int, local_rank: int
+) -> torch.Tensor:
+    """(b,) int64: where this rank's samples sit inside the global batch (0 .. global batch - 1).
+
+    Streaming's ``orig`` partition deals the global sample stream to nodes round-robin, and each
+    node's share to its ranks round-robin (``get_partitions_orig``: ``reshape(-1, nodes).T`` then
+    ``reshape(nodes, -1, ranks_per_node)``). The j-th sample of a device batch on (node n, local
+    rank r) is therefore stream sample ``j * world + r * nodes + n`` of its global batch, whatever
+    the number of DataLoader workers. Adding ``state.timestamp.sample`` (samples of all earlier
+    global batches) gives the sample's global stream index: the same for any world size.
+    """
+    nodes = world_size // local_world_size
+    return torch.arange(device_batch_size, dtype=torch.long) * world_size + local_rank * nodes + node_rank
+
+
+def _dataset_class():
+    from streaming import StreamingDataset
+
+    class PackedRowsDataset(StreamingDataset):
+        """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring)."""
+
+        def __init__(self, *, seq_len: int, **kwargs):
+            # `orig` partitioning: the layout ``global_batch_positions`` relies on (the default
+            # `relaxed` reorders samples when resuming on a different number of nodes).
+            super().__init__(partition_algo="orig", **kwargs)
+            self.seq_len = seq_len
+
+        def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+            row = super().get_item(sample_id, retry)
+            tokens = row["tokens"]
+            if tokens.shape != (self.seq_len,):
+                raise ValueError(
+                    f"row {sample_id} has {tokens.shape[0]} tokens but the manifest says seq_len {self.seq_len}; "
+                    "the shards and manifest.json disagree: re-run data_prep"
+                )
+            starts = np.zeros(self.seq_len, dtype=bool)
+            starts[np.asarray(row["doc_starts"], dtype=np.int64)] = True
+            return {
+                "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+                "doc_starts": torch.from_numpy(starts),
+                "dataset_index": sample_id,
+            }
+
+    return PackedRowsDataset
+
+
+def build_dataloader(section, *, seq_len: int, batch_size: int):
+    """A Composer ``DataSpec`` over one split: a torch DataLoader whose dataset is the StreamingDataset.
+
+    Args:
+        section: a ``TrainLoaderSection``/``EvalLoaderSection`` of the config.
+        batch_size: rows per device batch (global batch / world size for training).
+    """
+    from composer.core import DataSpec
+    from torch.utils.data import DataLoader
+
+    try:
+        dataset = _dataset_class()(
+            local=section.local,
+            remote=section.remote,
+            split=section.split,
+            shuffle=section.shuffle,
+            shuffle_seed=section.shuffle_seed,
+            predownload=section.predownload,
+            num_canonical_nodes=section.num_canonical_nodes,
+            batch_size=batch_size,
+            seq_len=seq_len,
+        )
+    except FileExistsError as e:
+        raise RuntimeError(
+            f"{e}: stale shared memory from a crashed streaming job. If no other training job runs on this "
+            "machine, clean it with: python -c 'from streaming.base.util import clean_stale_shared_memory as c; c()'"
+        ) from e
+    workers = section.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        drop_last=section.drop_last,
+        pin_memory=section.pin_memory,
+        prefetch_factor=section.prefetch_factor if workers > 0 else None,
+        persistent_workers=section.persistent_workers and workers > 0,
+    )
+    return DataSpec(
+        loader,
+        get_num_samples_in_batch=lambda batch: batch["input_ids"].shape[0],
+        get_num_tokens_in_batch=lambda batch: batch["input_ids"].numel(),
+    )

@@ -1,0 +1,162 @@
+"""Block sampler: KV cache exactness, EOS, samplers' definitions, determinism, and the CLI."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, filter_top_p, generate
+from pipeline.model import BD3LM, ModelConfig, save_pretrained
+
+VOCAB = 120
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=128, base_vocab_size=VOCAB, mask_token_id=VOCAB, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        eos_token_id=2, bos_token_id=1, block_size=4, attn_backend="sdpa",
+    )
+    m = BD3LM(cfg)
+    m.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # sharper distributions than the 0.02-std init, so samplers make choices
+        m.lm_head.weight.mul_(40)
+    return m.eval()
+
+
+def _gen(model, prompt, **kw):
+    kw.setdefault("stop_at_eos", False)
+    return generate(model, prompt, SamplerConfig(**kw))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("prompt_len", [1, 5, 8])
+def test_kv_cache_gives_the_same_tokens_as_recomputing_the_prefix(model, sampler, prompt_len):
+    prompt = torch.randint(0, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    # 40 + prompt stays inside the 64-token context, where the cache is exact.
+    a = _gen(model, prompt, block_size=4, max_new_tokens=40, sampler=sampler, seed=7)
+    b = _gen(model, prompt, block_size=4, max_new_tokens=40, sampler=sampler, seed=7, use_kv_cache=False)
+    assert a.tokens.shape == (2, 40)
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.cache_writes > 0 and b.cache_writes == a.cache_writes
+
+
+def test_generation_goes_past_the_context_with_a_sliding_window(model):
+    prompt = torch.tensor([[1, 5, 9]])
+    r = _gen(model, prompt, block_size=8, max_new_tokens=200, sampler="confidence", temperature=0)
+    assert r.tokens.shape == (1, 200)
+    assert (r.tokens < VOCAB).all()
+
+
+def test_eos_stops_generation(model):
+    prompt = torch.tensor([[1, 7]])
+    free = _gen(model, prompt, block_size=4, max_new_tokens=48, temperature=0, sampler="confidence")
+    seq = free.tokens[0].tolist()
+    k = 13
+    eos = seq[k]
+    first = seq.index(eos)  # the first time that token appears is where generation must stop
+    stopped = generate(
+        model, prompt,
+        SamplerConfig(block_size=4, max_new_tokens=48, temperature=0, sampler="confidence", eos_token_id=eos),
+    )
+    assert stopped.lengths == [first + 1]
+    assert stopped.tokens[0, : first + 1].tolist() == seq[: first + 1]
+    # Generation ends with the block that holds EOS: nothing beyond it was denoised.
+    block_end = ((first + 2) // 4 + 1) * 4 - 2  # prompt of 2 tokens shares the first block
+    assert stopped.tokens.shape[1] <= block_end
+    assert (stopped.tokens[0, first + 1 :] == eos).all()
+
+
+def test_confidence_with_threshold_one_unmasks_one_token_per_step(model):
+    prompt = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9]])  # one full block: generated blocks start aligned
+    r = _gen(model, prompt, block_size=8, max_new_tokens=32, sampler="confidence", threshold=1.0)
+    assert r.steps == 32
+    r0 = _gen(model, prompt, block_size=8, max_new_tokens=32, sampler="confidence", threshold=0.0)
+    assert r0.steps == 32 // 8  # everything above probability 0: one step per block
+
+
+def test_first_hitting_takes_one_token_per_step(model):
+    r = _gen(model, torch.tensor([[1, 3]]), block_size=4, max_new_tokens=22, sampler="first_hitting")
+    assert r.steps == 22
+
+
+def test_ddpm_cache_skips_the_network_when_nothing_changes(model):
+    prompt = torch.tensor([[1, 3, 4, 5]])
+    r = _gen(model, prompt, block_size=4, max_new_tokens=32, sampler="ddpm_cache", steps_per_block=64)
+    # 64 steps per block but at most 4 tokens change per block: the network runs only after changes.
+    assert r.nfe <= 32
+    assert r.steps <= 32
+
+
+def test_top_p_definition():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.equal(filter_top_p(p, 1.0), p)
+    assert torch.allclose(filter_top_p(p, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(filter_top_p(p, 0.5), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(filter_top_p(p, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_tiny_top_p_samples_the_argmax_and_top_p_one_samples_the_distribution():
+    from pipeline.diffusion.sampler import _sample
+
+    probs = torch.softmax(torch.randn(2000, 30, generator=torch.Generator().manual_seed(0)), -1)
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(_sample(filter_top_p(probs, 1e-6), gen, 1.0), probs.argmax(-1))
+    draws = _sample(probs, gen, 1.0)
+    # Unfiltered sampling follows the distribution: the argmax is drawn about mean(max p) of the time.
+    hit = (draws == probs.argmax(-1)).float().mean()
+    assert abs(hit - probs.max(-1).values.mean()) < 0.04
+
+
+def test_top_p_changes_generation(model):
+    prompt = torch.tensor([[1, 3, 4]])
+    base = _gen(model, prompt, block_size=4, max_new_tokens=16, sampler="first_hitting", seed=3)
+    same = _gen(model, prompt, block_size=4, max_new_tokens=16, sampler="first_hitting", seed=3, top_p=1.0)
+    narrow = _gen(model, prompt, block_size=4, max_new_tokens=16, sampler="first_hitting", seed=3, top_p=0.05)
+    assert torch.equal(base.tokens, same.tokens)
+    assert not torch.equal(base.tokens, narrow.tokens)
+
+
+def test_deterministic_under_a_seed(model):
+    prompt = torch.tensor([[1, 3, 4]])
+    a = _gen(model, prompt, block_size=4, max_new_tokens=24, seed=11)
+    b = _gen(model, prompt, block_size=4, max_new_tokens=24, seed=11)
+    c = _gen(model, prompt, block_size=4, max_new_tokens=24, seed=12)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_never_emits_mask_or_padding(model):
+    r = _gen(model, torch.tensor([[1]]), block_size=4, max_new_tokens=40, seed=1)
+    assert (r.tokens < VOCAB).all()
+
+
+def test_bad_sampler_config_is_refused():
+    with pytest.raises(ValueError, match="sampler"):
+        SamplerConfig(sampler="beam")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplerConfig(top_p=0)
+
+
+def test_sample_cli_writes_json_and_cache_matches_no_cache(model, tmp_path):
+    from pipeline.sample import main
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = save_pretrained(model, tmp_path / "ckpt")
+    tok.save(str(ckpt / "tokenizer.json"))
+    outs = []
+    for extra in ([], ["--no-kv-cache"]):
+        out = tmp_path / f"out{len(extra)}.json"
+        args = ["--checkpoint", str(ckpt), "--prompt", "w5 w6 w7", "--max-new-tokens", "20", "--seed", "3",
+                "--sampler", "confidence", "--no-stop-at-eos", "--out", str(out), *extra]
+        assert main(args) == 0
+        outs.append(json.loads(out.read_text()))
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    assert len(outs[0]["tokens"]) == 20
+    assert {"tokens", "text", "nfe", "tokens_per_s"} <= outs[0].keys()
+    assert outs[0]["nfe"] > 0 and outs[0]["tokens_per_s"] > 0
