@@ -1,0 +1,174 @@
+"""Likelihood of one set of weights across block sizes, and the data-driven noise interval.
+
+Plain PyTorch (+ torch.distributed when initialized); the Composer callbacks and
+``python -m pipeline.eval`` both call these functions.
+
+Fixed noise: evaluation draw k of eval row i uses noise id ``i + k * DRAW_STRIDE`` with a fixed
+seed, so two evaluations of the same weights see the same corruption and their curves compare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.diffusion.noise import EVAL_INTERVAL
+from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo
+
+DRAW_STRIDE = 1 << 40
+EVAL_SEED = 1234
+
+
+@dataclass
+class BlockSizeResult:
+    """NELBO (nats per scored token), its perplexity bound exp(nelbo), std error over rows."""
+
+    block_size: int
+    nelbo: float
+    ppl_bound: float
+    stderr: float
+    tokens: int
+    rows: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _to_model_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    x0 = batch["input_ids"].to(device)
+    doc = batch.get("doc_starts")
+    ids = batch["sample_index"].to(torch.long)
+    return x0, (doc.to(device) if doc is not None else None), ids
+
+
+@torch.no_grad()
+def evaluate_block_sizes(
+    model,
+    batches: Iterable[dict],
+    block_sizes: Sequence[int],
+    cfg: DiffusionConfig,
+    draws: int = 1,
+    seed: int = EVAL_SEED,
+) -> list[BlockSizeResult]:
+    """NELBO per token at each block size, on the evaluation interval [1e-3, 1].
+
+    Args:
+        batches: dicts with ``input_ids`` (b, L), optional ``doc_starts`` (b, L) and
+            ``sample_index`` (b,), the row's index in the eval set (fixes its noise).
+        draws: Monte Carlo draws per row (averaged per row before the standard error).
+    Every rank passes its own rows; sums are all-reduced in float64, so the result does not
+    depend on the number of processes.
+    """
+    was_training = model.training
+    model.eval()
+    eval_cfg = DiffusionConfig(**{**cfg.__dict__, "seed": seed, "stratify_group": 1})
+    device = next(model.parameters()).device
+    # per block size: [sum of row nelbo sums, sum of scored tokens, sum of row means, sum of squares, rows]
+    acc = {bs: torch.zeros(5, dtype=torch.float64) for bs in block_sizes}
+    for batch in batches:
+        x0, doc, ids = _to_model_device(batch, device)
+        for bs in block_sizes:
+            row_sum = torch.zeros(x0.shape[0], dtype=torch.float64)
+            for k in range(draws):
+                out = compute_nelbo(
+                    model, x0, eval_cfg, ids + k * DRAW_STRIDE, step=cfg.anneal_steps,
+                    doc_starts=doc, interval=EVAL_INTERVAL, block_size=bs,
+                )
+                row_sum += out.nelbo_sum.double().cpu()
+            row_sum /= draws
+            n = out.n_scored.double().cpu()
+            row_mean = row_sum / n.clamp(min=1)
+            acc[bs] += torch.stack([row_sum.sum(), n.sum(), row_mean.sum(), (row_mean**2).sum(),
+                                    torch.tensor(float(len(n)), dtype=torch.float64)])
+    model.train(was_training)
+    results = []
+    for bs in block_sizes:
+        total, tokens, s1, s2, rows = _all_reduce(acc[bs]).tolist()
+        nelbo = total / max(tokens, 1)
+        var = max(s2 / max(rows, 1) - (s1 / max(rows, 1)) ** 2, 0.0) * rows / max(rows - 1, 1)
+        results.append(
+            BlockSizeResult(bs, nelbo, math.exp(min(nelbo, 700)), math.sqrt(var / max(rows, 1)), int(tokens), int(rows))
+        )
+    return results
+
+
+def interval_grid(widths: Sequence[float] | None = None, step: float = 0.05) -> list[tuple[float, float]]:
+    """Candidate clipped intervals [beta, beta + width] (BD3-LM: widths 0.5..0.9), plus [1e-3, 1]."""
+    widths = widths or [round(0.5 + 0.05 * i, 2) for i in range(9)]
+    grid = [EVAL_INTERVAL]
+    for w in widths:
+        n = int(round((1.0 - w) / step))
+        grid += [(round(i * step, 4), round(i * step + w, 4)) for i in range(n + 1)]
+    return grid
+
+
+@torch.no_grad()
+def noise_interval_search(
+    model,
+    batches: Sequence[dict],
+    block_size: int,
+    cfg: DiffusionConfig,
+    grid: Sequence[tuple[float, float]] | None = None,
+    seed: int = EVAL_SEED,
+) -> tuple[tuple[float, float], list[dict]]:
+    """The clipped interval whose NELBO estimator has the lowest variance across rows.
+
+    For each candidate [beta, omega] the training estimator (t ~ U[beta, omega], 1/t weights) is
+    evaluated on the same rows with fixed noise; its variance over rows (all ranks) is the score.
+    Returns the chosen interval and one record per candidate.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    records = []
+    for iv in grid or interval_grid():
+        c = DiffusionConfig(**{**cfg.__dict__, "seed": seed, "stratify_group": 1, "noise_interval": iv})
+        acc = torch.zeros(3, dtype=torch.float64)
+        for batch in batches:
+            x0, doc, ids = _to_model_device(batch, device)
+            out = compute_nelbo(model, x0, c, ids, step=cfg.anneal_steps, doc_starts=doc, block_size=block_size)
+            per_row = (out.nelbo_sum / out.n_scored.clamp(min=1)).double().cpu()
+            acc += torch.stack([per_row.sum(), (per_row**2).sum(), torch.tensor(float(len(per_row)), dtype=torch.float64)])
+        s1, s2, n = _all_reduce(acc).tolist()
+        mean = s1 / max(n, 1)
+        var = max(s2 / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1)
+        records.append({"interval": list(iv), "variance": var, "mean_nelbo": mean})
+    model.train(was_training)
+    best = min(records, key=lambda r: r["variance"])
+    return tuple(best["interval"]), records
+
+
+def plot_ppl_bounds(results: Sequence[BlockSizeResult], path, title: str = "", ar_ppl: float | None = None):
+    """PNG of the perplexity bound against block size (log x axis), with the AR line if known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs = [r.block_size for r in results]
+    ys = [r.ppl_bound for r in results]
+    errs = [r.ppl_bound * r.stderr for r in results]  # delta method: d exp(x) = exp(x) dx
+    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label="BD3 NELBO bound")
+    if ar_ppl is not None:
+        ax.axhline(ar_ppl, color="gray", linestyle="--", label=f"AR (L'=1): {ar_ppl:.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size L'")
+    ax.set_ylabel("perplexity bound (exp NELBO)")
+    ax.set_title(title or "Perplexity bound vs block size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
