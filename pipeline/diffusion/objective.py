@@ -65,9 +65,10 @@ class NelboOutput:
 
     loss: scalar to backpropagate (weighted NELBO per scored token, plus the auxiliary AR loss).
     nelbo_sum: (b,) sum of (1/t)-weighted cross-entropy over masked scored positions (nats).
-    masked_ce_sum: (b,) unweighted cross-entropy over the same positions.
+    masked_ce_sum: (b,) unweighted cross-entropy over the masked positions (summed over both copies
+        with complementary masks).
     n_scored: (b,) scored positions (L-1, fewer with per-document masking).
-    n_masked: (b,) masked positions.
+    n_masked: (b,) masked positions (summed over both copies with complementary masks).
     block_nelbo: (b, n_blocks) weighted cross-entropy per block (for the noise-interval search).
     t: (b, n_blocks) the noise levels used.
     """
@@ -119,7 +120,9 @@ def chunked_cross_entropy(
             out.append(checkpoint(_chunk_ce, *args, use_reentrant=False))
         else:
             out.append(_chunk_ce(*args))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if not out:  # nothing to score: an empty product keeps the graph, so backward still runs everywhere
+        return _chunk_ce(hidden, weight, targets, invalid_ids)
+    return torch.cat(out)
 
 
 def protected_positions(x0: torch.Tensor, doc_starts: torch.Tensor | None, per_document: bool) -> torch.Tensor:
@@ -202,8 +205,11 @@ def compute_nelbo(
         block_size: overrides ``cfg.block_size`` (evaluating the same weights at other L').
     """
     bsz, L = x0.shape
-    bs = block_size or cfg.block_size
+    bs = cfg.block_size if block_size is None else block_size
     check_block_size(L, bs)
+    iv = tuple(interval or cfg.noise_interval)
+    if not 0.0 <= iv[0] < iv[1] <= 1.0:
+        raise ValueError(f"noise interval (diffusion.noise_interval) must satisfy 0 <= beta < omega <= 1, got {list(iv)}")
     n_blocks = L // bs
     mask_id = model.config.mask_token_id
     noise_ids = noise_ids.to("cpu", torch.long)
@@ -211,7 +217,6 @@ def compute_nelbo(
         if bs == 1:
             t = torch.ones(bsz, n_blocks)  # L'=1: the AR model, every block fully masked
         else:
-            iv = interval or tuple(cfg.noise_interval)
             t = sample_block_times(noise_ids, n_blocks, iv, cfg.seed, cfg.stratify_group)
     t = t.float().clamp(min=MIN_T)
     protect = protected_positions(x0, doc_starts, cfg.per_document)
@@ -236,8 +241,10 @@ def compute_nelbo(
         ce_sum = ce_sum.index_add(0, rows, ce.detach())
         n_masked = n_masked.index_add(0, rows, torch.ones_like(ce))
         block_nelbo = block_nelbo.index_put((rows, cols // bs), (wt * ce).detach(), accumulate=True)
+    # Each copy is an unbiased NELBO estimate: report their mean. The unweighted CE and the masked
+    # counts stay sums over the copies, so masked_ce is the CE per masked token.
     k = len(copies)
-    nelbo_sum, ce_sum, block_nelbo = nelbo_sum / k, ce_sum / k, block_nelbo / k
+    nelbo_sum, block_nelbo = nelbo_sum / k, block_nelbo / k
     n_scored = (~protect).sum(1).float().to(x0.device)
     loss = nelbo_sum.sum() / n_scored.sum().clamp(min=1)
     if cfg.aux_ar_weight > 0:
