@@ -104,6 +104,11 @@ def from_pretrained(
     config = read_config(folder, **config_overrides)
     state = read_state_dict(folder)
     already_bd3 = config.mask_token_id is not None
+    if already_bd3 and mask_token_id is not None and mask_token_id != config.mask_token_id:
+        raise ModelConfigError(
+            f"{folder} already has mask token id {config.mask_token_id}; mask_token_id={mask_token_id} "
+            "cannot change it (leave mask_token_id unset)"
+        )
     if not already_bd3:
         config = _with_mask_token(config, mask_token_id)
     vocab_rows = state["model.embed_tokens.weight"].shape[0]

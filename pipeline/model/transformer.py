@@ -80,7 +80,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=bias)
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=False)
+        # LLaMA's attention_bias covers o_proj too; Qwen2's qkv bias does not.
+        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias and config.architecture != "qwen2")
 
     def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache):
         B, T, _ = x.shape
@@ -93,6 +94,8 @@ class Attention(nn.Module):
             # they become part of the cache only when the caller commits them (write_cache).
             kv_cache.put(self.layer_idx, k, v)
             k, v = kv_cache.get(self.layer_idx, extra=T)
+            if k.dtype != q.dtype:  # a cache made outside autocast, used inside it
+                k, v = k.to(q.dtype), v.to(q.dtype)
         out = attend(q, k, v, mask, seq_len, self.config.attn_backend, doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -243,13 +246,17 @@ class BD3LM(nn.Module):
         """A preallocated cache for ``batch_size`` rows and ``capacity`` tokens (default: context length)."""
         c = self.config
         p = self.lm_head.weight
+        if capacity is None:  # the context the checkpoint attends over
+            capacity = min(c.max_position_embeddings, c.sliding_window or c.max_position_embeddings)
+        if dtype is None:  # keys come out of the projections in the autocast dtype when it is on
+            dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(
             num_layers=c.num_hidden_layers,
             batch_size=batch_size,
             num_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim,
-            capacity=capacity or c.max_position_embeddings,
-            dtype=dtype or p.dtype,
+            capacity=capacity,
+            dtype=dtype,
             device=device or p.device,
         )
 

@@ -1,0 +1,71 @@
+"""Tiny random BD3 models and input builders shared by the model tests (float32, CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.model import BD3LM, ModelConfig
+
+BASE_VOCAB = 250
+MASK_ID = 250  # the added mask token; rows 251..255 are vocabulary padding
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=256,
+        base_vocab_size=BASE_VOCAB,
+        mask_token_id=MASK_ID,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # Large weights: attention is far from uniform, so a wrong mask entry moves the logits a lot.
+        initializer_range=0.15,
+        attn_backend="sdpa",
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> BD3LM:
+    """A random ``BD3LM`` in eval mode; norms perturbed away from 1 so they matter."""
+    model = BD3LM(tiny_config(**overrides))
+    g = torch.Generator().manual_seed(seed)
+    model.init_weights(generator=g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def same_weights(model: BD3LM, **overrides) -> BD3LM:
+    """A copy of ``model`` with config fields changed (e.g. ``attn_backend``)."""
+    other = BD3LM(model.config.replace(**overrides))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
+def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, BASE_VOCAB, (batch, length), generator=g)
+
+
+def noised(x0: torch.Tensor, p: float = 0.5, seed: int = 1) -> torch.Tensor:
+    """x_t: each token independently replaced by the mask token with probability ``p``."""
+    g = torch.Generator().manual_seed(seed)
+    masked = torch.rand(x0.shape, generator=g) < p
+    return torch.where(masked, torch.full_like(x0, MASK_ID), x0)
+
+
+def random_doc_ids(batch: int, length: int, p: float = 0.15, seed: int = 2, aligned_to: int = 1):
+    """Per-document ids from random document starts (starts on multiples of ``aligned_to``)."""
+    from pipeline.diffusion.masks import document_ids
+
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(batch, length, generator=g) < p
+    starts[:, torch.arange(length) % aligned_to != 0] = False
+    starts[:, (length // 2) // aligned_to * aligned_to] = True  # at least two documents per row
+    return document_ids(starts)
