@@ -110,7 +110,7 @@ def from_pretrained(
             "cannot change it (leave mask_token_id unset)"
         )
     if not already_bd3:
-        config = _with_mask_token(config, mask_token_id)
+        config = with_mask_token(config, mask_token_id)
     vocab_rows = state["model.embed_tokens.weight"].shape[0]
     if vocab_rows != (config.vocab_size if already_bd3 else config.base_vocab_size):
         raise ModelConfigError(
@@ -140,7 +140,7 @@ def from_pretrained(
     return model.to(device)
 
 
-def _with_mask_token(config: ModelConfig, reuse_id: int | None) -> ModelConfig:
+def with_mask_token(config: ModelConfig, reuse_id: int | None) -> ModelConfig:
     base = config.vocab_size
     specials = {"pad": config.pad_token_id, "eos": config.eos_token_id, "bos": config.bos_token_id}
     if reuse_id is not None:

@@ -1,6 +1,8 @@
 """Small Composer callbacks of the BD3 trainer.
 
 - ``SampleIndexer`` (always on): writes each training sample's noise id and the step into the batch.
+- ``GradientClipping``: clips the global gradient norm (DDP and FSDP2) and logs it.
+- ``GlooFSDPGradMean``: FSDP2 on CPU (gloo) sums gradients over ranks; divide them back to the mean.
 - ``LossLog``: rank 0 appends the per-batch training losses to a JSONL file.
 - ``HFExport``: writes a Hugging Face-format folder (safetensors) at the end of training.
 """
@@ -41,6 +43,41 @@ class SampleIndexer(Callback):
         )
         batch["sample_index"] = int(state.timestamp.sample) + positions
         batch["step"] = torch.full((b,), int(state.timestamp.batch), dtype=torch.long)
+
+
+class GlooFSDPGradMean(Callback):
+    """Make FSDP2 on gloo average gradients over ranks, as DDP and FSDP2 on NCCL do.
+
+    FSDP2 reduce-scatters fp32 gradients with ``ReduceOp.AVG``; gloo's ``reduce_scatter_tensor``
+    returns the sum for AVG (torch 2.7), so CPU FSDP runs got world-size-times larger gradients
+    (clipping and Adam's eps then act differently). Install before ``GradientClipping``.
+    """
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        world = dist.get_world_size()
+        for p in state.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(world)
+
+
+class GradientClipping(Callback):
+    """Scale gradients so their global L2 norm is at most ``threshold``; log the norm before clipping.
+
+    Composer 0.32.1's GradientClipping algorithm only knows FSDP1 (it looks for
+    ``FullyShardedDataParallel`` roots) and silently clips nothing under FSDP2. Here the norm of
+    sharded (DTensor) gradients is reduced over all shards, so DDP and FSDP2 clip identically.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        params = [p for p in state.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if hasattr(norm, "full_tensor"):  # a DTensor: partial norms of the shards
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, self.threshold, norm)
+        logger.log_metrics({"optim/grad_norm": norm.item()})
 
 
 class LossLog(Callback):

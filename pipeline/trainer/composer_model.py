@@ -67,7 +67,9 @@ def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: in
     L, bs = seq_len, diffusion.block_size
     attn_dim = c.num_attention_heads * c.head_dim
     kv_dim = c.num_key_value_heads * c.head_dim
-    body = c.num_hidden_layers * (2 * c.hidden_size * attn_dim + 2 * c.hidden_size * kv_dim + 3 * c.hidden_size * c.intermediate_size)
+    body = c.num_hidden_layers * (
+        2 * c.hidden_size * attn_dim + 2 * c.hidden_size * kv_dim + 3 * c.hidden_size * c.intermediate_size
+    )
     head = c.hidden_size * c.vocab_size
     tokens, pairs = attention_pairs(L, bs, diffusion.shift)
     copies = 2 if diffusion.complementary_mask and bs > 1 else 1
@@ -114,11 +116,15 @@ class BD3ComposerModel(ComposerModel):
         total = outputs.loss * (outputs.n_scored.sum() / (b * (L - 1)))
         return {"total": total, "nelbo": outputs.nelbo.detach(), "masked_ce": outputs.masked_ce.detach()}
 
-    def eval_forward(self, batch: dict[str, torch.Tensor], outputs=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def eval_forward(
+        self, batch: dict[str, torch.Tensor], outputs=None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if outputs is not None:
             return outputs
         x0, ids, doc_starts = batch["input_ids"], batch["dataset_index"], batch["doc_starts"]
-        out = eval_nelbo(self.model, x0, self.diffusion.block_size, ids, self.diffusion, doc_starts=doc_starts)
+        out = eval_nelbo(
+            self.model, x0, self.diffusion.block_size, ids, self.diffusion, doc_starts=doc_starts
+        )
         ar = eval_nelbo(self.model, x0, 1, ids, self.diffusion, doc_starts=doc_starts)
         return {
             "nelbo": (out.nelbo_sum.sum(), out.n_scored.sum()),

@@ -140,8 +140,8 @@ class SchedulerSection:
     of ``max_duration`` (stopping early and resuming then follows the same learning rates)."""
 
     name: Literal["cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"]
-    t_warmup: str = "0ba"
-    t_max: str = "1dur"
+    t_warmup: str | int = "0ba"
+    t_max: str | int = "1dur"
     alpha_f: float = 0.0
 
 
@@ -168,7 +168,7 @@ class RuntimeEstimatorSection:
 
 @dataclass
 class EMASection:
-    half_life: str = "1000ba"
+    half_life: str | int = "1000ba"
 
 
 @dataclass
@@ -205,7 +205,7 @@ class ProgressBarSection:
 
 @dataclass
 class ConsoleSection:
-    log_interval: str = "1ba"
+    log_interval: str | int = "1ba"
 
 
 @dataclass
@@ -225,8 +225,10 @@ class LoggersSection:
 
 @dataclass
 class GradientClippingSection:
+    """Global L2-norm clipping (``clipping_type`` accepted for llm-foundry YAMLs; only norm exists)."""
+
     clipping_threshold: float = 1.0
-    clipping_type: Literal["norm", "value", "adaptive"] = "norm"
+    clipping_type: Literal["norm"] = "norm"
 
 
 @dataclass
@@ -263,19 +265,19 @@ class TrainConfig:
     max_seq_len: int
     global_train_batch_size: int
     device_train_microbatch_size: int
-    max_duration: str
+    max_duration: str | int
     autoresume: bool
     variables: dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     eval_loader: EvalLoaderSection | None = None
     device_eval_batch_size: int | None = None
-    eval_interval: str = "1000ba"
+    eval_interval: str | int = "1000ba"
     eval_first: bool = False
     eval_subset_num_batches: int = -1
     precision: Literal["fp32", "amp_bf16"] = "fp32"
     run_name: str | None = None
     save_folder: str | None = None
-    save_interval: str = "1000ba"
+    save_interval: str | int = "1000ba"
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
     callbacks: CallbacksSection = field(default_factory=CallbacksSection)
@@ -293,7 +295,9 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None
+) -> TrainConfig:
     """Read, merge, resolve, convert and check a training YAML.
 
     Args:
@@ -330,19 +334,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, wor
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must be a mapping of sections, got {type(data).__name__}")
     cfg = from_dict(TrainConfig, data)
-    check_consistency(cfg, world_size=world_size, interpolated=_interpolation_sources(raw))
+    unresolved = OmegaConf.to_container(merged, resolve=False)
+    check_consistency(cfg, world_size=world_size, max_seq_len_source=unresolved.get("max_seq_len"))
     return cfg
-
-
-def _interpolation_sources(raw) -> dict[str, str]:
-    """Top-level keys whose value is an interpolation, e.g. {"max_seq_len": "${variables.max_seq_len}"}."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for key in raw:
-        if OmegaConf.is_interpolation(raw, key):
-            out[str(key)] = str(raw._get_node(key)._value())
-    return out
 
 
 def _type_name(tp) -> str:
@@ -352,7 +346,7 @@ def _type_name(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list (items: {_type_name(typing.get_args(tp)[0])})"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -420,13 +414,24 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"known keys: {names}"
+            hint = (
+                f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+                if close
+                else f"known keys: {names}"
+            )
             raise ConfigError(path, f"unknown key; {hint}")
         kwargs[key] = _convert(value, hints[key], path)
     for f in dataclasses.fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             path = f"{prefix}.{f.name}" if prefix else f.name
-            raise ConfigError(path, f"missing required key ({_type_name(hints[f.name])}): add it to the YAML or pass {path}=...")
+            raise ConfigError(
+                path,
+                f"missing required key ({_type_name(hints[f.name])}): add it to the YAML or pass {path}=...",
+            )
     return cls(**kwargs)
 
 
@@ -434,21 +439,27 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
 # Consistency checks that need no files.
 # ---------------------------------------------------------------------------------------------
 
-_TIME = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur|iter)$")
+_DURATION = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur)$")
 
 
-def _check_time(key: str, value: str, allowed: str = "ba|ep|sp|tok|dur") -> None:
-    m = _TIME.match(value)
-    if not m or m.group(2) not in allowed.split("|"):
-        raise ConfigError(key, f"{value!r} is not a duration: write a number with a unit ({allowed}), e.g. '100ba'")
+def _check_time(key: str, value: str | int) -> None:
+    # Durations are typed `str | int` only to catch bare numbers here: Composer reads them as epochs.
+    if not (isinstance(value, str) and _DURATION.match(value)):
+        raise ConfigError(
+            key,
+            f"{value!r} is not a duration: write a number with a unit (ba, ep, sp, tok, dur), e.g. '100ba'",
+        )
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_consistency(cfg: TrainConfig, world_size: int | None = None, interpolated: dict[str, str] | None = None) -> None:
-    """Cross-field checks on the converted config (no file access)."""
+def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_len_source=None) -> None:
+    """Cross-field checks on the converted config (no file access).
+
+    ``max_seq_len_source``: the unresolved YAML value (e.g. "${variables.max_seq_len}") for messages.
+    """
     from pipeline.diffusion.masks import check_block_size
 
     world = world_size or world_size_from_env()
@@ -456,10 +467,10 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, interpola
     if cfg.max_seq_len < 2:
         raise ConfigError("max_seq_len", f"must be at least 2, got {cfg.max_seq_len}")
     try:
-        check_block_size(cfg.max_seq_len, d.block_size, key="diffusion.block_size")
+        check_block_size(cfg.max_seq_len, d.block_size)
     except ValueError as e:
-        src = (interpolated or {}).get("max_seq_len")
-        raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{' = ' + src if src else ''})") from None
+        src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
+        raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
     if len(d.noise_interval) != 2 or not 0.0 <= d.noise_interval[0] < d.noise_interval[1] <= 1.0:
         raise ConfigError(
             "diffusion.noise_interval",
@@ -474,7 +485,9 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, interpola
 
     gb, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
     if gb < 1 or mb < 1:
-        raise ConfigError("global_train_batch_size" if gb < 1 else "device_train_microbatch_size", "must be >= 1")
+        raise ConfigError(
+            "global_train_batch_size" if gb < 1 else "device_train_microbatch_size", "must be >= 1"
+        )
     if gb % (world * mb):
         ok = [m for m in range(1, gb + 1) if gb % (world * m) == 0]
         raise ConfigError(
@@ -518,7 +531,9 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, interpola
     if m.init_from is None:
         for key in REQUIRED_FROM_SCRATCH:
             if getattr(m, key) is None:
-                raise ConfigError(f"model.{key}", "is required to build a model from scratch (model.init_from is null)")
+                raise ConfigError(
+                    f"model.{key}", "is required to build a model from scratch (model.init_from is null)"
+                )
     if m.mask_token_id is not None and m.mask_token_id < 0:
         raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
 

@@ -1,7 +1,8 @@
 """Training data: MDS rows of packed tokens (written by ``data_prep``) as batches for the BD3 objective.
 
 A data folder holds ``train/`` and ``val/`` MDS datasets (columns ``tokens``: uint16/uint32 array of
-``seq_len``; ``doc_starts``: uint32 positions where documents start in the row) and ``manifest.json``.
+``seq_len``; ``doc_starts``: uint32 positions where documents start in the row, ``[seq_len]`` for none)
+and ``manifest.json`` (see ``data_prep.mds`` for the row contract).
 
 Batches are dicts: ``input_ids`` int64 (b, L), ``doc_starts`` bool (b, L), ``dataset_index`` int64 (b,)
 (the row's index in its split; it seeds the noise of evaluation). The trainer adds ``sample_index``
@@ -13,30 +14,29 @@ Deterministic resumption: the DataLoader's dataset *is* the ``StreamingDataset``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
 TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 
 
 def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, Any]:
-    """The data folder's manifest.json (fetched from ``remote`` into ``folder`` when only remote has it).
+    """data_prep's manifest of a data folder, fetched from ``remote`` first when only remote has it.
 
-    To be replaced by ``data_prep.manifest.read_manifest`` once data_prep provides it.
+    Raises ``data_prep.DataPrepError`` when the folder is not a finished data_prep output.
     """
+    from data_prep.manifest import MANIFEST
+    from data_prep.manifest import read_manifest as read_local
+
     path = Path(folder) / MANIFEST
     if not path.exists() and remote:
         from streaming.base.storage import CloudDownloader
 
         CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: point the loader at a folder written by `python -m data_prep`")
-    return json.loads(path.read_text())
+    return read_local(folder)
 
 
 def global_batch_positions(
@@ -58,6 +58,8 @@ def global_batch_positions(
 def _dataset_class():
     from streaming import StreamingDataset
 
+    from data_prep.mds import doc_starts_from_column
+
     class PackedRowsDataset(StreamingDataset):
         """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring)."""
 
@@ -76,7 +78,7 @@ def _dataset_class():
                     "the shards and manifest.json disagree: re-run data_prep"
                 )
             starts = np.zeros(self.seq_len, dtype=bool)
-            starts[np.asarray(row["doc_starts"], dtype=np.int64)] = True
+            starts[doc_starts_from_column(row["doc_starts"], self.seq_len)] = True
             return {
                 "input_ids": torch.from_numpy(tokens.astype(np.int64)),
                 "doc_starts": torch.from_numpy(starts),

@@ -1,0 +1,23 @@
+"""The Composer training layer: YAML config, ComposerModel adapter, streaming data, callbacks.
+
+``load_config(yaml, overrides)`` -> ``TrainConfig`` (raises ``ConfigError``), ``run(cfg)`` trains.
+Composer is imported only here and in ``pipeline.train``; ``pipeline.model`` and
+``pipeline.diffusion`` stay plain PyTorch.
+"""
+
+from pipeline.trainer.config import ConfigError, TrainConfig, load_config
+
+__all__ = ["ConfigError", "TrainConfig", "build_trainer", "check_resources", "load_config", "run"]
+
+
+def __getattr__(name):
+    # Composer takes seconds to import: config errors are reported without it.
+    if name in ("run", "build_trainer"):
+        from pipeline.trainer import build
+
+        return getattr(build, name)
+    if name == "check_resources":
+        from pipeline.trainer.resources import check_resources
+
+        return check_resources
+    raise AttributeError(name)

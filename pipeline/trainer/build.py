@@ -1,0 +1,234 @@
+"""Build a Composer ``Trainer`` from a checked ``TrainConfig`` and run it.
+
+``run(cfg)`` = check resources -> init distributed -> build model, data, optimizer, scheduler,
+callbacks, loggers, algorithms -> ``Trainer`` -> (eval first) -> fit. Each ``build_*`` function
+maps one YAML section to Composer objects and nothing else.
+
+Checkpoints are Composer's (``save_folder``, ``save_interval``, ``autoresume``): they hold the model,
+optimizer, scheduler, timestamp, RNG and the streaming dataset position, and are pickles loaded
+with ``torch.load(weights_only=False)``. Only resume from checkpoints your own runs wrote; share
+weights as the safetensors folder of ``callbacks.hf_export`` (or ``pipeline.model.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.model import BD3LM, from_pretrained
+from pipeline.trainer.config import TrainConfig, diffusion_config
+from pipeline.trainer.resources import Resources, check_resources
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: TrainConfig, res: Resources) -> BD3LM:
+    """The BD3LM: loaded from ``model.init_from`` or initialized with ``seed`` (same on every rank)."""
+    m = cfg.model
+    if res.init_dir is not None:
+        c = res.model_config
+        return from_pretrained(
+            res.init_dir,
+            mask_token_id=m.mask_token_id,
+            attn_backend=c.attn_backend,
+            activation_checkpointing=c.activation_checkpointing,
+            block_size=c.block_size,
+            shift=c.shift,
+        )
+    model = BD3LM(res.model_config)
+    model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    from composer.optim import DecoupledAdamW
+
+    o = cfg.optimizer
+    return DecoupledAdamW(
+        model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+
+
+def build_scheduler(cfg: TrainConfig):
+    from composer.optim import (
+        ConstantScheduler,
+        ConstantWithWarmupScheduler,
+        CosineAnnealingWithWarmupScheduler,
+        LinearWithWarmupScheduler,
+    )
+
+    s = cfg.scheduler
+    if s.name == "cosine_with_warmup":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, t_max=s.t_max, alpha_f=s.alpha_f)
+    if s.name == "linear_with_warmup":
+        return LinearWithWarmupScheduler(t_warmup=s.t_warmup, t_max=s.t_max, alpha_f=s.alpha_f)
+    if s.name == "constant_with_warmup":
+        return ConstantWithWarmupScheduler(t_warmup=s.t_warmup, t_max=s.t_max)
+    return ConstantScheduler(t_max=s.t_max)
+
+
+def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", world_size: int = 1) -> list:
+    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+
+    from pipeline.trainer.callbacks import (
+        GlooFSDPGradMean,
+        GradientClipping,
+        HFExport,
+        LossLog,
+        SampleIndexer,
+    )
+
+    c = cfg.callbacks
+    out = [SampleIndexer()]
+    fsdp = cfg.parallelism is not None and cfg.parallelism.fsdp is not None
+    if fsdp and device_name == "cpu" and world_size > 1:
+        out.append(GlooFSDPGradMean())
+    if cfg.algorithms.gradient_clipping is not None:
+        out.append(GradientClipping(cfg.algorithms.gradient_clipping.clipping_threshold))
+    if c.speed_monitor is not None:
+        out.append(
+            SpeedMonitor(
+                window_size=c.speed_monitor.window_size,
+                gpu_flops_available=c.speed_monitor.gpu_flops_available,
+            )
+        )
+    if c.lr_monitor is not None:
+        out.append(LRMonitor())
+    if c.memory_monitor is not None and torch.cuda.is_available():
+        out.append(MemoryMonitor())
+    if c.runtime_estimator is not None:
+        out.append(RuntimeEstimator(skip_batches=c.runtime_estimator.skip_batches))
+    if c.loss_log is not None:
+        out.append(LossLog(c.loss_log.path))
+    if c.hf_export is not None:
+        out.append(HFExport(c.hf_export.folder, tokenizer_dir=res.tokenizer_file.parent))
+    return out
+
+
+def build_algorithms(cfg: TrainConfig) -> list:
+    """Composer algorithms: EMA. (Gradient clipping is a callback, see ``GradientClipping``.)"""
+    from composer.algorithms import EMA
+
+    return [EMA(half_life=cfg.callbacks.ema.half_life)] if cfg.callbacks.ema is not None else []
+
+
+def build_loggers(cfg: TrainConfig) -> list:
+    from composer.loggers import TensorboardLogger
+
+    tb = cfg.loggers.tensorboard
+    if tb is None:
+        return []
+    log_dir = tb.log_dir
+    if log_dir is None:
+        local_save = cfg.save_folder is not None and "://" not in cfg.save_folder
+        log_dir = f"{cfg.save_folder}/tensorboard" if local_save else f"tensorboard/{cfg.run_name or 'run'}"
+    return [TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True)]
+
+
+def build_parallelism(cfg: TrainConfig, model: BD3LM) -> dict | None:
+    """null -> None (Composer wraps the model in DDP when world size > 1); fsdp -> Composer FSDP2."""
+    if cfg.parallelism is None or cfg.parallelism.fsdp is None:
+        return None
+    from composer.utils.parallelism import FSDP2Config
+
+    from pipeline.model.transformer import DecoderLayer
+
+    f = cfg.parallelism.fsdp
+    # One FSDP unit per decoder layer (prefetch and free layer by layer), the rest in the root unit.
+    model.fsdp_wrap_fn = lambda module: isinstance(module, DecoderLayer)
+    fsdp2 = FSDP2Config(
+        reshard_after_forward=f.sharding_strategy == "FULL_SHARD",
+        mixed_precision=f.mixed_precision,
+        state_dict_type=f.state_dict_type,
+        activation_cpu_offload=f.activation_cpu_offload,
+        verbose=f.verbose,
+    )
+    return {"fsdp": fsdp2}
+
+
+def build_trainer(cfg: TrainConfig, res: Resources | None = None):
+    """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist, get_device
+
+    from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
+    from pipeline.trainer.data import build_dataloader
+
+    res = res or check_resources(cfg, download=True)
+    device = get_device(cfg.device)
+    local_procs = dist.get_local_world_size()
+    if device.name == "cpu" and local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun does: N processes x all cores each oversubscribes the CPU (10-100x slower).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+
+    model = build_model(cfg, res)
+    composer_model = BD3ComposerModel(model, diffusion_config(cfg))
+    world = dist.get_world_size()
+    train = build_dataloader(
+        cfg.train_loader, seq_len=cfg.max_seq_len, batch_size=cfg.global_train_batch_size // world
+    )
+    evaluators = None
+    if cfg.eval_loader is not None:
+        eval_batch = cfg.device_eval_batch_size or cfg.device_train_microbatch_size
+        evaluators = Evaluator(
+            label="eval",
+            dataloader=build_dataloader(cfg.eval_loader, seq_len=cfg.max_seq_len, batch_size=eval_batch),
+            metric_names=list(EVAL_METRICS),
+        )
+    return Trainer(
+        model=composer_model,
+        train_dataloader=train,
+        eval_dataloader=evaluators,
+        eval_interval=cfg.eval_interval if evaluators else 1,
+        eval_subset_num_batches=cfg.eval_subset_num_batches if evaluators else -1,
+        max_duration=cfg.max_duration,
+        optimizers=build_optimizer(cfg, composer_model),
+        schedulers=build_scheduler(cfg),
+        step_schedulers_every_batch=True,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        precision=cfg.precision,
+        device=device,
+        callbacks=build_callbacks(cfg, res, device.name, world),
+        loggers=build_loggers(cfg),
+        algorithms=build_algorithms(cfg),
+        progress_bar=cfg.loggers.progress_bar is not None,
+        log_to_console=cfg.loggers.console is not None,
+        console_log_interval=cfg.loggers.console.log_interval if cfg.loggers.console else "1ba",
+        run_name=cfg.run_name,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        parallelism_config=build_parallelism(cfg, model),
+        seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
+        python_log_level=cfg.python_log_level,
+    )
+
+
+def run(cfg: TrainConfig):
+    """Check, build and train; returns the closed ``Trainer`` (its ``state`` holds model and metrics)."""
+    res = check_resources(cfg, download=True)
+    log.info("model: %s", res.model_config)
+    if cfg.save_folder and "://" not in cfg.save_folder:
+        Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
+        if cfg.autoresume and any(Path(cfg.save_folder).glob("latest-rank*.pt")):
+            log.warning(
+                "autoresume: loading the latest checkpoint in %s (a pickle: only resume from folders your "
+                "own runs wrote)",
+                cfg.save_folder,
+            )
+    trainer = build_trainer(cfg, res)
+    try:
+        if cfg.eval_first and cfg.eval_loader is not None and trainer.state.timestamp.batch.value == 0:
+            trainer.eval()
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer

@@ -1,0 +1,201 @@
+"""Checks of what a training config points to: data manifest, tokenizer, init checkpoint config.
+
+``check_resources(cfg)`` reads manifest.json, the tokenizer and the checkpoint's config.json (never
+its weights) and returns the resolved ``ModelConfig`` the run will build, raising ``ConfigError``
+for a sequence length, vocabulary, tokenizer or mask-token mismatch before any model exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep import DataPrepError
+from pipeline.model import ModelConfig, ModelConfigError
+from pipeline.model.hf_io import check_vocab, read_config, resolve_checkpoint_dir, with_mask_token
+from pipeline.trainer.config import SHAPE_FIELDS, ConfigError, TrainConfig
+from pipeline.trainer.data import TOKEN_DTYPES, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """What ``check_resources`` found; ``model_config`` has the mask token and padded vocabulary."""
+
+    manifest: dict[str, Any]
+    tokenizer_file: Path
+    tokenizer_vocab_size: int
+    model_config: ModelConfig
+    init_dir: Path | None
+
+
+def check_resources(cfg: TrainConfig, download: bool = False) -> Resources:
+    """Check data, tokenizer and model shape against each other and the config.
+
+    Args:
+        download: resolve a hub name in ``model.init_from`` by downloading it (config, safetensors,
+            tokenizer). Without it, ``model.init_from`` must be a local folder.
+    """
+    init_dir = _init_dir(cfg.model.init_from, download)
+    tok_file, tok = _tokenizer(cfg, init_dir)
+    tok_vocab = tok.get_vocab_size(with_added_tokens=True)
+    manifest = _checked_manifest(cfg, "train_loader", tok, tok_vocab)
+    if cfg.eval_loader is not None:
+        _checked_manifest(cfg, "eval_loader", tok, tok_vocab)
+    model_config = _model_config(cfg, init_dir, tok_vocab, manifest)
+    try:
+        check_vocab(tok_vocab, model_config, where=f"tokenizer.path ({tok_file})")
+    except ModelConfigError as e:
+        key = "model.vocab_size" if cfg.model.vocab_size is not None else "tokenizer.path"
+        raise ConfigError(key, f"{e} (model.init_from: {cfg.model.init_from})") from None
+    L = cfg.max_seq_len
+    if model_config.sliding_window is not None and L > model_config.sliding_window:
+        raise ConfigError(
+            "max_seq_len", f"{L} exceeds the checkpoint's sliding_window {model_config.sliding_window}"
+        )
+    if L > model_config.max_position_embeddings:
+        log.warning(
+            "max_seq_len %d exceeds the model's max_position_embeddings %d: rotary positions beyond "
+            "the trained range",
+            L,
+            model_config.max_position_embeddings,
+        )
+    return Resources(manifest, tok_file, tok_vocab, model_config, init_dir)
+
+
+def _init_dir(init_from: str | None, download: bool) -> Path | None:
+    if init_from is None:
+        return None
+    p = Path(init_from).expanduser()
+    if p.is_dir():
+        return p
+    if not download:
+        raise ConfigError(
+            "model.init_from", f"{init_from!r} is not a local folder (hub names are resolved at launch)"
+        )
+    try:
+        return resolve_checkpoint_dir(init_from)
+    except FileNotFoundError as e:
+        raise ConfigError("model.init_from", str(e)) from None
+
+
+def _tokenizer(cfg: TrainConfig, init_dir: Path | None):
+    from tokenizers import Tokenizer
+
+    path = cfg.tokenizer.path
+    if path is None:
+        if init_dir is None or not (init_dir / "tokenizer.json").exists():
+            raise ConfigError(
+                "tokenizer.path",
+                "is required: give the tokenizer.json the data was prepared with (null only works when "
+                "model.init_from is a folder holding a tokenizer.json)",
+            )
+        file = init_dir / "tokenizer.json"
+    else:
+        file = Path(path).expanduser()
+        if file.is_dir():
+            file = file / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(
+            "tokenizer.path", f"{file} not found: give a tokenizer.json file or a folder holding one"
+        )
+    try:
+        return file, Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on parse errors
+        raise ConfigError("tokenizer.path", f"cannot load {file}: {e}") from None
+
+
+def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[str, Any]:
+    from data_prep.tokenizer import tokenizer_sha256
+
+    section = getattr(cfg, role)
+    try:
+        manifest = read_manifest(section.local, section.remote)
+    except (DataPrepError, OSError, ValueError) as e:
+        raise ConfigError(f"{role}.local", str(e)) from None
+    where = f"{section.local}/manifest.json"
+    if manifest.get("seq_len") != cfg.max_seq_len:
+        raise ConfigError(
+            "max_seq_len",
+            f"{cfg.max_seq_len} but the data in {where} has seq_len {manifest.get('seq_len')}: set "
+            f"max_seq_len (variables.max_seq_len in the shipped YAMLs) to {manifest.get('seq_len')} "
+            "or prepare the data with that length",
+        )
+    dtype = manifest.get("dtype")
+    if dtype not in TOKEN_DTYPES:
+        raise ConfigError(
+            f"{role}.local", f"{where} has dtype {dtype!r}; expected one of {list(TOKEN_DTYPES)}"
+        )
+    if tok_vocab > TOKEN_DTYPES[dtype]:
+        raise ConfigError(
+            "tokenizer.path", f"{tok_vocab} tokens do not fit the data's dtype {dtype} ({where})"
+        )
+    recorded = manifest.get("tokenizer", {})
+    same_vocab = recorded.get("vocab_size") in (None, tok_vocab)
+    if not same_vocab or recorded.get("sha256") not in (None, tokenizer_sha256(tok)):
+        raise ConfigError(
+            "tokenizer.path",
+            f"is not the tokenizer the data was prepared with ({where} records vocab_size "
+            f"{recorded.get('vocab_size')}, source {recorded.get('source')!r}); use that tokenizer",
+        )
+    splits = manifest.get("splits", {})
+    if section.split not in splits:
+        raise ConfigError(f"{role}.split", f"{section.split!r} is not in {where} (splits: {sorted(splits)})")
+    rows = splits[section.split].get("rows")
+    if role == "train_loader" and rows is not None and rows < cfg.global_train_batch_size:
+        raise ConfigError(
+            "global_train_batch_size",
+            f"{cfg.global_train_batch_size} is larger than the {rows} rows of split {section.split!r}",
+        )
+    return manifest
+
+
+def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manifest: dict) -> ModelConfig:
+    m = cfg.model
+    execution = dict(
+        attn_backend=m.attn_backend,
+        activation_checkpointing=m.activation_checkpointing,
+        block_size=cfg.diffusion.block_size,
+        shift=cfg.diffusion.shift,
+    )
+    try:
+        if init_dir is not None:
+            config = read_config(init_dir, **execution)
+            for key in SHAPE_FIELDS:
+                want = getattr(m, key)
+                have = config.base_vocab_size if key == "vocab_size" else getattr(config, key)
+                if want is not None and want != have:
+                    raise ConfigError(
+                        f"model.{key}",
+                        f"is {want} but {init_dir}/config.json has {have}: remove model.{key} (the "
+                        "checkpoint defines the shape) or set model.init_from: null",
+                    )
+            if config.mask_token_id is None:
+                return with_mask_token(config, m.mask_token_id)
+            if m.mask_token_id not in (None, config.mask_token_id):
+                raise ConfigError(
+                    "model.mask_token_id",
+                    f"is {m.mask_token_id} but the checkpoint already has mask token {config.mask_token_id}",
+                )
+            return config
+        shape = {k: getattr(m, k) for k in SHAPE_FIELDS if getattr(m, k) is not None}
+        shape.setdefault("vocab_size", tok_vocab)
+        shape.setdefault("max_position_embeddings", cfg.max_seq_len)
+        tok = manifest.get("tokenizer", {})
+        config = ModelConfig(
+            **shape,
+            initializer_range=m.initializer_range,
+            eos_token_id=tok.get("eos_id"),
+            bos_token_id=tok.get("bos_id"),
+            **execution,
+        )
+        return with_mask_token(config, m.mask_token_id)
+    except ModelConfigError as e:
+        if "mask_token_id" in str(e):
+            raise ConfigError("model.mask_token_id", str(e)) from None
+        raise ConfigError("model.init_from" if init_dir else "model", str(e)) from None
+    except FileNotFoundError as e:
+        raise ConfigError("model.init_from", str(e)) from None

@@ -1,0 +1,220 @@
+"""Config errors name the key and say what to change, before any model is built.
+
+These tests import no Composer: a config error costs only the torch import.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.trainer import ConfigError, load_config
+from pipeline.trainer.resources import check_resources
+from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
+
+TINY = YAMLS / "bd3_tiny.yaml"
+
+
+def _load(tiny_data, tmp_path, *extra, world_size=1, yaml=TINY):
+    data, tok = tiny_data
+    cfg = load_config(yaml, tiny_overrides(data, tok, tmp_path / "run", *extra), world_size=world_size)
+    return cfg, check_resources(cfg)
+
+
+def _error(tiny_data, tmp_path, *extra, **kw) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        _load(tiny_data, tmp_path, *extra, **kw)
+    return info.value
+
+
+def test_tiny_yaml_is_valid(tiny_data, tmp_path):
+    cfg, res = _load(tiny_data, tmp_path)
+    assert cfg.max_seq_len == SEQ_LEN and cfg.train_loader.local == str(tiny_data[0])
+    c = res.model_config
+    # 61 tokenizer ids, mask token appended at 61, vocabulary padded to a multiple of 64.
+    assert (c.base_vocab_size, c.mask_token_id, c.vocab_size) == (61, 61, 64)
+    assert (c.block_size, c.shift, c.eos_token_id) == (4, True, 0)
+
+
+def test_unknown_key_names_it_and_suggests(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "optimizer.weight_decy=0.1")
+    assert e.key == "optimizer.weight_decy" and "did you mean optimizer.weight_decay" in str(e)
+    e = _error(tiny_data, tmp_path, "optimizer.learning_rate=0.1")  # no close match: list the keys
+    assert e.key == "optimizer.learning_rate" and "'lr'" in str(e)
+    e = _error(tiny_data, tmp_path, "diffusion.blocksize=8")
+    assert e.key == "diffusion.blocksize" and "block_size" in str(e)
+
+
+def test_missing_required_key(tiny_data, tmp_path):
+    yaml = tmp_path / "no_block_size.yaml"
+    yaml.write_text(TINY.read_text().replace("  block_size: 4\n", ""))
+    e = _error(tiny_data, tmp_path, yaml=yaml)
+    assert e.key == "diffusion.block_size" and "missing required key" in str(e)
+
+
+def test_missing_mandatory_variable(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [f"variables.tokenizer={tmp_path}/t.json"])
+    assert info.value.key == "variables.data_local" and "variables.data_local=VALUE" in str(info.value)
+
+
+def test_wrong_type(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "global_train_batch_size=sixteen")
+    assert e.key == "global_train_batch_size" and "integer" in str(e)
+    e = _error(tiny_data, tmp_path, "diffusion.noise_interval=0.5")
+    assert e.key == "diffusion.noise_interval"
+    e = _error(tiny_data, tmp_path, "precision=bf16")
+    assert e.key == "precision" and "'amp_bf16'" in str(e)
+
+
+def test_block_size_must_divide_seq_len(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "diffusion.block_size=5")
+    assert e.key == "diffusion.block_size" and f"does not divide the sequence length {SEQ_LEN}" in str(e)
+    assert "${variables.max_seq_len}" in str(e)  # says where the length came from
+
+
+def test_global_batch_divisible_by_world_times_microbatch(tiny_data, tmp_path):
+    _load(tiny_data, tmp_path, "device_train_microbatch_size=4", world_size=2)  # 16 = 2 x 4 x 2
+    e = _error(tiny_data, tmp_path, "device_train_microbatch_size=3", world_size=2)
+    assert e.key == "global_train_batch_size" and "world size 2 x device_train_microbatch_size 3" in str(e)
+    e = _error(tiny_data, tmp_path, "global_train_batch_size=12", world_size=8)
+    assert e.key == "global_train_batch_size"
+
+
+def test_tokenizer_larger_than_model_vocab(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "model.vocab_size=40")
+    assert e.key == "model.vocab_size" and "61 tokens" in str(e)
+
+
+def test_tokenizer_larger_than_init_checkpoint_vocab(tiny_data, tmp_path, tiny_hf_checkpoint):
+    # An AR checkpoint with 50 vocabulary rows cannot embed the 61-token tokenizer.
+    ckpt, _ = tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=50, hidden_size=64, intermediate_size=176)
+    e = _error(tiny_data, tmp_path, f"variables.init_from={ckpt}")
+    assert e.key == "tokenizer.path" and "embedding table has 50" in str(e)
+
+
+def test_init_from_shape_must_match_yaml(tiny_data, tmp_path, tiny_hf_checkpoint):
+    ckpt, _ = tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=64, hidden_size=64, intermediate_size=128)
+    e = _error(tiny_data, tmp_path, f"variables.init_from={ckpt}")
+    assert e.key == "model.intermediate_size" and "176" in str(e) and "128" in str(e)
+    cfg, res = _load(tiny_data, tmp_path, f"variables.init_from={ckpt}", "model.intermediate_size=128")
+    assert res.model_config.base_vocab_size == 64 and res.model_config.mask_token_id == 64
+
+
+def test_manifest_seq_len_must_match_max_seq_len(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "variables.max_seq_len=64")
+    assert e.key == "max_seq_len" and "seq_len 32" in str(e) and "variables.max_seq_len" in str(e)
+
+
+def test_tokenizer_must_be_the_datas(tiny_data, tmp_path):
+    other = write_tokenizer(tmp_path / "other" / "tokenizer.json", n_words=59)
+    e = _error(tiny_data, tmp_path, f"variables.tokenizer={other}")
+    assert e.key == "tokenizer.path" and "prepared with" in str(e)
+
+
+def test_manifest_split_and_rows(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "eval_loader.split=test")
+    assert e.key == "eval_loader.split" and "'val'" in str(e)
+    e = _error(tiny_data, tmp_path, "global_train_batch_size=512")
+    assert e.key == "global_train_batch_size" and "256 rows" in str(e)
+
+
+def test_data_folder_without_manifest(tiny_data, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_data[0] / "train", bare / "train")
+    e = _error(tiny_data, tmp_path, f"train_loader.local={bare}")
+    assert e.key == "train_loader.local" and "manifest.json" in str(e)
+
+
+def test_deepspeed_is_reserved(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "parallelism.deepspeed.zero_optimization.stage=2")
+    assert e.key == "parallelism.deepspeed" and "not implemented yet" in str(e)
+
+
+def test_autoresume_needs_save_folder(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "save_folder=null")
+    assert e.key == "save_folder" and "autoresume" in str(e)
+
+
+def test_bad_durations_and_mask_token(tiny_data, tmp_path):
+    e = _error(tiny_data, tmp_path, "max_duration=20")
+    assert e.key == "max_duration" and "unit" in str(e)
+    e = _error(tiny_data, tmp_path, "model.mask_token_id=0")  # id 0 is EOS
+    assert e.key == "model.mask_token_id" and "eos" in str(e)
+
+
+def test_cli_prints_one_line_and_exits_2(tiny_data, tmp_path):
+    data, tok = tiny_data
+    args = tiny_overrides(data, tok, tmp_path / "run", "optimizer.lr=fast")
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", str(TINY), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("config error: optimizer.lr: expected a number")
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+TINYLLAMA_CONFIG = {  # TinyLlama/TinyLlama_v1.1 config.json (architecture fields)
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def test_bd3_1b_yaml_validates_offline(tmp_path):
+    """The flagship YAML: schema, interpolation and consistency with local stand-ins, no download, no model."""
+    ckpt = tmp_path / "TinyLlama_v1.1"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(TINYLLAMA_CONFIG))
+    tok = write_tokenizer(ckpt / "tokenizer.json", n_words=31999)  # 32000 ids like LLaMA's
+    data = tmp_path / "owt"
+    data.mkdir()
+    from tokenizers import Tokenizer
+
+    from data_prep.tokenizer import tokenizer_sha256
+
+    manifest = {
+        "format": "bd3-data-prep-mds",
+        "format_version": 1,
+        "seq_len": 2048,
+        "dtype": "uint16",
+        "tokenizer": {"vocab_size": 32000, "sha256": tokenizer_sha256(Tokenizer.from_file(str(tok)))},
+        "splits": {"train": {"rows": 100000}, "val": {"rows": 1000}},
+    }
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    overrides = [
+        f"variables.data_local={data}",
+        f"variables.init_from={ckpt}",
+        f"variables.save_folder={tmp_path}/run",
+    ]
+    cfg = load_config(YAMLS / "bd3_1b.yaml", overrides, world_size=8)
+    res = check_resources(cfg)
+    assert cfg.max_seq_len == 2048 and cfg.diffusion.block_size == 16
+    assert cfg.diffusion.noise_interval == [0.3, 0.8] and cfg.diffusion.shift
+    assert cfg.global_train_batch_size * cfg.max_seq_len == 524288  # 0.5M tokens per step
+    assert cfg.precision == "amp_bf16" and cfg.model.activation_checkpointing
+    assert cfg.parallelism.fsdp.sharding_strategy == "SHARD_GRAD_OP"
+    assert res.model_config.mask_token_id == 32000 and res.model_config.vocab_size == 32064
+    assert res.model_config.num_hidden_layers == 22
+    # The hub name is kept as the default: nothing was downloaded here.
+    assert "TinyLlama/TinyLlama_v1.1" in (YAMLS / "bd3_1b.yaml").read_text()
