@@ -1,0 +1,140 @@
+"""Tokenizing batches of documents into flat token arrays, in worker processes, in corpus order.
+
+Workers are forked (spawned where fork does not exist), each with its own tokenizer, and get
+batches of texts in order; at most a few batches are in flight, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+class TextBatch(Protocol):
+    texts: list[str]
+
+
+def encode_texts(
+    tok: Tokenizer, texts: list[str], eos_id: int, bos_id: int | None, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize `texts` (no added special tokens), wrap each as [BOS] ids EOS, concatenate.
+
+    `tok` should come from `encoding_tokenizer`. Returns (tokens, lengths): tokens is 1-D of `dtype` and length lengths.sum(); lengths[i] is
+    the number of tokens of document i including its EOS (and BOS).
+    """
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    extra = 1 if bos_id is None else 2
+    lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for x in ids:
+        if bos_id is not None:
+            tokens[pos] = bos_id
+            pos += 1
+        tokens[pos : pos + len(x)] = x
+        pos += len(x)
+        tokens[pos] = eos_id
+        pos += 1
+    return tokens, lengths
+
+
+def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """A tokenizer that encodes special-token strings found in a document (say a web page quoting
+    "<|endoftext|>") as ordinary text, so that only data_prep places EOS/BOS ids."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True
+    return tok
+
+
+# State of a worker process, set once by _init_worker.
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, eos_id: int, bos_id: int | None, dtype: str, parent_pid: int) -> None:
+    # One process per core: Rust's own thread pool would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches the whole process group; the parent handles it and shuts the workers down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.update(tok=encoding_tokenizer(tokenizer_json), eos_id=eos_id, bos_id=bos_id, dtype=dtype)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    # A worker blocks on its task queue, which it holds both ends of: when the parent is
+    # SIGKILLed nothing wakes it, so it polls for its parent instead.
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    w = _worker
+    return encode_texts(w["tok"], texts, w["eos_id"], w["bos_id"], w["dtype"])
+
+
+class OrderedEncoder:
+    """Encode batches with `workers` processes (in-process when 1); results in input order.
+
+    At most `2 * workers + 1` batches are in flight, so reading never runs ahead of tokenizing
+    by more than a few batches (the corpus is never held in memory). A worker that dies
+    (e.g. killed for memory) fails the run with BrokenProcessPool instead of hanging it.
+    """
+
+    def __init__(self, tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, workers: int):
+        tokenizer_json = tok.to_str()
+        self.tok = encoding_tokenizer(tokenizer_json)
+        self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, dtype
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            # fork where there is one: workers start in milliseconds and, unlike spawn, do not
+            # re-import the caller's __main__ (which may be a script without a main guard, or
+            # import torch). Workers never use Rust's thread pool (TOKENIZERS_PARALLELISM=false)
+            # and load a fresh tokenizer, so nothing the parent's threads held matters to them.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=mp.get_context(method),
+                initializer=_init_worker,
+                initargs=(tokenizer_json, eos_id, bos_id, dtype, os.getpid()),
+            )
+            # The first submit forks the workers: do it now, before the caller starts threads.
+            self.pool.submit(_encode_in_worker, [])
+
+    def map(self, batches: Iterable[TextBatch]) -> Iterator[tuple[TextBatch, np.ndarray, np.ndarray]]:
+        """Yield (batch, tokens, lengths) for each batch, in order (see `encode_texts`)."""
+        if self.pool is None:
+            for batch in batches:
+                yield (batch, *encode_texts(self.tok, batch.texts, self.eos_id, self.bos_id, self.dtype))
+            return
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, self.pool.submit(_encode_in_worker, batch.texts)))
+            if len(pending) > 2 * self.workers:
+                done, future = pending.popleft()
+                yield (done, *future.result())
+        while pending:
+            done, future = pending.popleft()
+            yield (done, *future.result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> OrderedEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

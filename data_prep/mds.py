@@ -1,0 +1,293 @@
+"""The MDS side: the column contract, shard writing/reading and index merging, and uploads.
+
+Everything that touches `streaming` is here. `streaming` imports torch and transformers (about
+5 s), so it is imported inside the functions that need it, never at module import.
+
+Row format (a contract the training code depends on):
+    tokens      "ndarray:<dtype>:<seq_len>"  1-D, exactly seq_len token ids; dtype uint16 or uint32
+    doc_starts  "ndarray:uint32"             sorted positions p in [0, seq_len) where a document
+                                             begins in the row; [seq_len] when none does (MDS
+                                             cannot store an empty array; see `doc_starts_column`)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import urllib.parse
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.manifest import write_json_atomic
+
+INDEX = "index.json"
+SHARD_HASHES = ["sha1"]
+
+
+def mds_columns(dtype: str, seq_len: int) -> dict[str, str]:
+    """The MDS columns of a packed-row dataset."""
+    return {"tokens": f"ndarray:{dtype}:{seq_len}", "doc_starts": "ndarray:uint32"}
+
+
+def doc_starts_column(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """The stored form of a row's document starts: uint32, and [seq_len] for "no document starts here".
+
+    Streaming's ndarray encoding refuses arrays with no element, and a row inside a long document
+    has no start, so that case is stored as the one out-of-range value seq_len.
+    """
+    if len(starts) == 0:
+        return np.array([seq_len], dtype=np.uint32)
+    return starts.astype(np.uint32)
+
+
+def doc_starts_from_column(column: np.ndarray, seq_len: int) -> np.ndarray:
+    """Inverse of `doc_starts_column`: the (possibly empty) positions where documents begin."""
+    return column[column < seq_len]
+
+
+def open_writer(
+    out_dir: str | os.PathLike, *, dtype: str, seq_len: int, compression: str | None, size_limit: int
+):
+    """An MDSWriter for packed rows into the empty or missing folder `out_dir`.
+
+    Write samples {"tokens": (seq_len,) dtype array, "doc_starts": `doc_starts_column(...)`}.
+    """
+    return _packed_row_writer_class()(
+        out=str(out_dir),
+        columns=mds_columns(dtype, seq_len),
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=size_limit,
+    )
+
+
+def encode_row(tokens: np.ndarray, doc_starts: np.ndarray) -> bytes:
+    """One packed row in MDS sample layout, byte for byte what MDSWriter.encode_sample produces.
+
+    Layout: uint32 size of each variable-size column (doc_starts only), then the columns in
+    name order: doc_starts as a dynamic-shape ndarray (one byte ndim<<2|shape-dtype code, the
+    length, the uint32 values), then tokens as raw values (static dtype and shape).
+    """
+    n = len(doc_starts)
+    code, shape_dtype = (0, np.uint8) if n < 1 << 8 else (1, np.uint16) if n < 1 << 16 else (2, np.uint32)
+    starts = bytes([1 << 2 | code]) + np.array([n], shape_dtype).tobytes() + doc_starts.tobytes()
+    return np.uint32(len(starts)).tobytes() + starts + tokens.tobytes()
+
+
+@functools.cache
+def _packed_row_writer_class():
+    from streaming import MDSWriter
+
+    class PackedRowWriter(MDSWriter):
+        """MDSWriter that encodes packed rows directly: the generic per-column encoding re-parses the
+        encoding strings for every sample and costs about a tenth of a core at tokenizer speed.
+
+        It writes locally only (uploads happen after completion, see `upload_tree`), so its
+        per-shard upload tasks are no-ops, run inline: queued on a thread, MDSWriter.finish
+        finds them pending and sleeps a whole second per part.
+        """
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.executor.shutdown()
+            self.executor = _InlineExecutor()
+
+        def encode_sample(self, sample: dict) -> bytes:
+            tokens, doc_starts = sample["tokens"], sample["doc_starts"]
+            i = self.column_names.index("tokens")
+            size, encoding = self.column_sizes[i], self.column_encodings[i]
+            if tokens.nbytes != size or tokens.dtype.name != encoding.split(":")[1] or tokens.ndim != 1:
+                raise ValueError(f"tokens must be 1-D {encoding}, got {tokens.dtype} {tokens.shape}")
+            if doc_starts.dtype != np.uint32 or doc_starts.ndim != 1 or not len(doc_starts):
+                raise ValueError(
+                    f"doc_starts must be non-empty 1-D uint32, got {doc_starts.dtype} {doc_starts.shape}"
+                )
+            return encode_row(tokens, doc_starts)
+
+    return PackedRowWriter
+
+
+class _InlineExecutor(ThreadPoolExecutor):
+    """Runs each submitted call at once, in the caller's thread; never starts a thread."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the future, as a thread pool would
+            future.set_exception(exc)
+        return future
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """The parsed index.json of an MDS folder."""
+    with open(Path(folder) / INDEX, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_merged_index(out_dir: str | os.PathLike, children: Sequence[tuple[str, dict]]) -> None:
+    """Write `out_dir/index.json` listing the shards of each (relative folder, index) in order.
+
+    Same result as streaming's `merge_index`, but for nested folders and written atomically.
+    """
+    shards = []
+    for prefix, index in children:
+        for shard in index["shards"]:
+            shard = json.loads(json.dumps(shard))  # deep copy
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{prefix}/{shard[key]['basename']}"
+            shards.append(shard)
+    write_json_atomic(Path(out_dir) / INDEX, {"version": 2, "shards": shards})
+
+
+def stored_file(shard: dict) -> dict:
+    """The index entry ({basename, bytes, hashes}) of the file a shard is stored as."""
+    return shard.get("zip_data") or shard["raw_data"]
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under `folder` to disk, so a marker written afterwards never outlives them."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class ShardError(Exception):
+    """A shard file that does not match its index entry or the row format."""
+
+
+def read_shard(folder: str | os.PathLike, shard: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Check one shard file against its index entry and decode it: (tokens per row, doc_starts column per row).
+
+    Raises ShardError saying what is wrong (missing, size, hash, decompression, layout).
+    """
+    from streaming.base.compression import decompress
+    from streaming.base.format.mds.encodings import mds_decode
+    from streaming.base.hashing import get_hash
+
+    info = stored_file(shard)
+    path = Path(folder) / info["basename"]
+    if not path.is_file():
+        raise ShardError("file is missing")
+    data = path.read_bytes()
+    if len(data) != info["bytes"]:
+        raise ShardError(
+            f"file has {len(data)} bytes, the index says {info['bytes']} (truncated or replaced)"
+        )
+    _check_hashes(data, info, get_hash, "file")
+    if shard.get("zip_data"):
+        try:
+            data = decompress(shard["compression"], data)
+        except Exception as exc:  # zstd raises its own error types
+            raise ShardError(f"cannot decompress ({exc})") from exc
+        raw = shard["raw_data"]
+        if len(data) != raw["bytes"]:
+            raise ShardError(f"decompresses to {len(data)} bytes, the index says {raw['bytes']}")
+        _check_hashes(data, raw, get_hash, "decompressed data")
+
+    n = int(np.frombuffer(data, np.uint32, 1)[0])
+    if n != shard["samples"]:
+        raise ShardError(f"holds {n} samples, the index says {shard['samples']}")
+    names, encodings = shard["column_names"], shard["column_encodings"]
+    sizes = shard["column_sizes"]
+    n_var = sum(s is None for s in sizes)
+    tokens, doc_starts = [], []
+    try:
+        offsets = np.frombuffer(data, np.uint32, n + 1, offset=4)
+        for i in range(n):
+            sample = data[offsets[i] : offsets[i + 1]]
+            var_sizes = iter(np.frombuffer(sample, np.uint32, n_var).tolist())
+            pos = 4 * n_var
+            row = {}
+            for name, encoding, size in zip(names, encodings, sizes):
+                size = next(var_sizes) if size is None else size
+                row[name] = mds_decode(encoding, sample[pos : pos + size])
+                pos += size
+            tokens.append(row["tokens"])
+            doc_starts.append(row["doc_starts"])
+    except (ValueError, IndexError, KeyError) as exc:  # numpy and the decoders on malformed bytes
+        raise ShardError(f"cannot decode sample {len(tokens)} ({exc})") from exc
+    return tokens, doc_starts
+
+
+def _check_hashes(data: bytes, info: dict, get_hash, what: str) -> None:
+    for algo, expected in (info.get("hashes") or {}).items():
+        if get_hash(algo, data) != expected:
+            raise ShardError(f"{what} {algo} hash does not match the index")
+
+
+def is_remote(uri: str) -> bool:
+    """Whether `uri` names object storage (s3://, gs://, oci://, ...) rather than a local folder."""
+    return urllib.parse.urlparse(uri).scheme != ""
+
+
+def check_remote(uri: str) -> None:
+    """Raise ValueError when Streaming has no uploader for the scheme of `uri`."""
+    from streaming.base.storage.upload import UPLOADERS
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme not in UPLOADERS:
+        known = sorted(f"{s}://" for s in UPLOADERS if s and "/" not in s)
+        raise ValueError(f"no uploader for {scheme}:// (Streaming supports {', '.join(known)})")
+
+
+def upload_tree(
+    local_dir: str | os.PathLike, remote: str, *, last: Sequence[str] = ("manifest.json",)
+) -> list[str]:
+    """Upload every file under `local_dir` to `remote` with Streaming's CloudUploader.
+
+    Files named in `last` go after all others, so a remote reader that sees the manifest sees
+    complete shards. `remote` may also be a local folder (a stand-in for object storage).
+    Returns the uploaded relative paths in upload order.
+    """
+    from streaming.base.storage.upload import CloudUploader
+
+    files = upload_order(local_dir, last=last)
+    uploader = CloudUploader.get((str(local_dir), remote), keep_local=True, exist_ok=True)
+    for rel in files:
+        if not is_remote(remote):  # LocalUploader copies into existing folders only
+            os.makedirs(os.path.dirname(os.path.join(remote, rel)), exist_ok=True)
+        uploader.upload_file(rel)
+    return files
+
+
+def upload_order(local_dir: str | os.PathLike, *, last: Sequence[str] = ("manifest.json",)) -> list[str]:
+    """Relative paths of the files under `local_dir`: shards first, then indexes, then `last`.
+
+    Hidden bookkeeping files (starting with '.') are not part of the dataset and are left out.
+    """
+    files = []
+    for root, dirs, names in os.walk(local_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                files.append(os.path.relpath(os.path.join(root, name), local_dir))
+    rank = {name: i for i, name in enumerate(last)}
+
+    def key(rel: str) -> tuple:
+        if rel in rank:
+            return (2, rank[rel], "")
+        if os.path.basename(rel) == INDEX:  # part indexes before the split index above them
+            return (1, -rel.count(os.sep), rel)
+        return (0, 0, rel)
+
+    return sorted(files, key=key)
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` to `dst` (same file system), else copy it."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,51 @@
+"""Cutting a stream of documents (each ending with EOS) into rows of exactly seq_len tokens.
+
+No padding: a document that does not fit continues on the next row. Each row carries the
+positions where a document begins inside it. The tokens left over after the last full row
+(fewer than seq_len) are the carry; they start the next row, or are dropped at the end of a split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class RowPacker:
+    """Packs batches of documents into (rows, seq_len) arrays, keeping the carry between calls."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        dtype: str,
+        carry_tokens: np.ndarray | list[int] | None = None,
+        carry_doc_starts: np.ndarray | list[int] | None = None,
+    ):
+        self.seq_len = seq_len
+        self.dtype = np.dtype(dtype)
+        self.carry_tokens = np.asarray(carry_tokens if carry_tokens is not None else [], dtype=self.dtype)
+        self.carry_doc_starts = np.asarray(
+            carry_doc_starts if carry_doc_starts is not None else [], dtype=np.int64
+        )
+        if len(self.carry_tokens) >= seq_len:
+            raise ValueError(f"carry of {len(self.carry_tokens)} tokens does not fit below seq_len {seq_len}")
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Append documents (`tokens` = their concatenation, `lengths` = tokens per document).
+
+        Returns (rows, doc_starts): rows is (n, seq_len) of the packer's dtype; doc_starts[r] is the
+        sorted int64 array of positions in [0, seq_len) where a document begins in row r
+        (possibly empty: a row inside one long document).
+        """
+        L = self.seq_len
+        carry = len(self.carry_tokens)
+        stream = np.concatenate([self.carry_tokens, tokens.astype(self.dtype, copy=False)])
+        starts = np.concatenate([self.carry_doc_starts, carry + np.cumsum(lengths) - lengths])
+        n_rows = len(stream) // L
+        cut = n_rows * L
+        rows = stream[:cut].reshape(n_rows, L)
+        # bounds[r]..bounds[r+1] indexes the starts that fall in row r.
+        bounds = np.searchsorted(starts, np.arange(n_rows + 1, dtype=np.int64) * L)
+        doc_starts = [starts[bounds[r] : bounds[r + 1]] - r * L for r in range(n_rows)]
+        self.carry_tokens = stream[cut:].copy()
+        self.carry_doc_starts = starts[bounds[n_rows] :] - cut
+        return rows, doc_starts

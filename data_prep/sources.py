@@ -1,0 +1,365 @@
+"""Documents from local files (.txt, .jsonl, .jsonl.zst, .parquet) or a Hugging Face hub dataset.
+
+A corpus is an ordered list of `Source`s; document i of the corpus is found by walking the sources
+in order. Every reader can count its documents before reading them (parquet from metadata, the
+others with one cheap pass) and can start at any document, which is what --val-docs, --slice and
+resuming need. Nothing is written to disk: hub parquet files are read remotely, row group by
+row group, exactly like local ones.
+
+What a document is:
+- .txt: the whole file, or with `doc_sep` each piece between separators that has a non-space
+  character (runs of separators make no documents).
+- .jsonl / .jsonl.zst: each non-blank line, a JSON object whose `text_field` is the text.
+- .parquet: each row's `text_field`.
+Bytes that are not UTF-8 are decoded with U+FFFD replacement; the reader flags those documents
+and logs a warning once per file. An empty text is still a document (the caller skips and counts it).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import IO
+
+from data_prep.errors import DataPrepError
+
+log = logging.getLogger(__name__)
+
+# Short names a user may type for hub datasets.
+HUB_ALIASES = {"openwebtext": "Skylion007/openwebtext"}
+
+# The hub keeps an automatic parquet conversion of every public dataset on this revision.
+HUB_PARQUET_REVISION = "refs/convert/parquet"
+
+_KINDS = ((".jsonl.zst", "jsonl.zst"), (".jsonl", "jsonl"), (".parquet", "parquet"), (".txt", "txt"))
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+_READ_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file. `path` is an absolute local path or an `hf://datasets/...` URL."""
+
+    path: str
+    kind: str  # "txt" | "jsonl" | "jsonl.zst" | "parquet"
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path.startswith("hf://")
+
+    def open(self) -> IO[bytes]:
+        """The raw bytes of the file; the only place where local and hub files differ."""
+        if self.is_hub:
+            return _hub_fs().open(self.path[len("hf://") :], "rb")
+        return open(self.path, "rb")
+
+
+def unescape(text: str) -> str:
+    """The escapes \\n, \\t, \\r and \\\\ as typed on a command line, turned into those characters."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def resolve_hub_dataset(name: str) -> str:
+    """Hub repository id for `name` ('openwebtext' -> 'Skylion007/openwebtext'); others unchanged."""
+    return HUB_ALIASES.get(name, name)
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
+    """Expand the user's inputs (files, globs, hub dataset names) into sources, in corpus order.
+
+    Globs are expanded in sorted order; otherwise the order of `inputs` is kept, duplicates too.
+    A hub name is `NAME` or `NAME:CONFIG` (the split read is `train`).
+    """
+    if not inputs:
+        raise DataPrepError("no --input given")
+    sources: list[Source] = []
+    for item in inputs:
+        if glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataPrepError(f"input glob {item!r} matched no files")
+            sources.extend(_local_source(p) for p in matches)
+        elif os.path.isdir(item):
+            raise DataPrepError(
+                f"input {item!r} is a directory; pass its files or a glob such as '{item}/*.jsonl'"
+            )
+        elif os.path.exists(item):
+            sources.append(_local_source(item))
+        elif _kind_of(item) is None and _HUB_NAME.match(item):
+            sources.extend(_hub_sources(item))
+        else:
+            raise DataPrepError(f"input file not found: {item}")
+    return sources
+
+
+def _kind_of(path: str) -> str | None:
+    for suffix, kind in _KINDS:
+        if path.endswith(suffix):
+            return kind
+    return None
+
+
+def _local_source(path: str) -> Source:
+    kind = _kind_of(path)
+    if kind is None:
+        raise DataPrepError(
+            f"input {path}: unsupported file type (expected .txt, .jsonl, .jsonl.zst or .parquet)"
+        )
+    return Source(os.path.abspath(path), kind)
+
+
+def _hub_fs():
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem()
+
+
+def hub_parquet_glob(repo: str, config: str, split: str) -> str:
+    """HfFileSystem glob of the parquet files of one split of the hub's parquet conversion."""
+    return f"datasets/{repo}@{HUB_PARQUET_REVISION}/{config}/{split}/*.parquet"
+
+
+def _hub_sources(name: str, split: str = "train") -> list[Source]:
+    name, _, config = name.partition(":")
+    repo = resolve_hub_dataset(name)
+    try:
+        fs = _hub_fs()
+        files = sorted(fs.glob(hub_parquet_glob(repo, config or "*", split)))
+        if not files:
+            # Datasets over 5 GB are converted only partly, under "partial-<split>".
+            files = sorted(fs.glob(hub_parquet_glob(repo, config or "*", f"partial-{split}")))
+            if files:
+                log.warning("hub dataset %s: only a partial parquet conversion exists; reading it", repo)
+    except Exception as exc:  # any network or auth failure: say what was tried
+        raise DataPrepError(
+            f"input {name!r} is not a local file, and reading it as the hub dataset {repo!r} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not files:
+        raise DataPrepError(f"hub dataset {repo!r} has no parquet files for split {split!r}")
+    configs = sorted({f.split("/")[-3] for f in files})  # .../{config}/{split}/0000.parquet
+    if len(configs) > 1:
+        raise DataPrepError(f"hub dataset {repo!r} has several configs {configs}; pick one as {name}:CONFIG")
+    return [Source("hf://" + f, "parquet") for f in files]
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_documents(source: Source, *, text_field: str = "text", doc_sep: str | None = None) -> int:
+    """Number of documents in `source`, by the same rules the reader uses (see module docstring)."""
+    try:
+        if source.kind == "parquet":
+            with source.open() as f:
+                return _parquet_file(source, f, text_field).metadata.num_rows
+        if source.kind == "txt":
+            if doc_sep is None:
+                return 1
+            with source.open() as f:
+                return sum(1 for _ in _txt_pieces(f, doc_sep))
+        with _open_jsonl(source) as f:
+            n = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    if n == 0:  # fail early, before hours of work, on a wrong --text-field
+                        _jsonl_text(source, lineno, line, text_field)
+                    n += 1
+            return n
+    except OSError as exc:
+        raise DataPrepError(f"cannot read input {source.path}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def iter_documents(
+    sources: Sequence[Source],
+    counts: Sequence[int],
+    start: int,
+    stop: int,
+    *,
+    text_field: str = "text",
+    doc_sep: str | None = None,
+) -> Iterator[tuple[str, bool]]:
+    """Yield (text, had_invalid_utf8) for corpus documents start..stop-1, in order.
+
+    `counts[i]` is `count_documents(sources[i])`; sources wholly before `start` are not opened.
+    """
+    offset = 0
+    for source, count in zip(sources, counts):
+        lo, hi = max(start - offset, 0), min(stop - offset, count)
+        offset += count
+        if lo >= hi:
+            continue
+        docs = islice(_iter_source(source, lo, text_field, doc_sep), hi - lo)
+        n = 0
+        for doc in docs:
+            n += 1
+            yield doc
+        if n != hi - lo:
+            raise DataPrepError(
+                f"input {source.path} has fewer documents than counted ({lo + n} < {hi}); "
+                "did it change during the run?"
+            )
+        if offset >= stop:
+            return
+
+
+def _iter_source(
+    source: Source, skip: int, text_field: str, doc_sep: str | None
+) -> Iterator[tuple[str, bool]]:
+    warned = False
+    if source.kind == "parquet":
+        docs = _iter_parquet(source, skip, text_field)
+    elif source.kind == "txt":
+        docs = _iter_txt(source, skip, doc_sep)
+    else:
+        docs = _iter_jsonl(source, skip, text_field)
+    for i, (text, invalid) in enumerate(docs, skip):
+        if invalid and not warned:
+            warned = True
+            log.warning(
+                "%s: document %d (and maybe more in this file) is not valid UTF-8; "
+                "decoded with U+FFFD replacement and counted in the manifest",
+                source.path,
+                i,
+            )
+        yield text, invalid
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[bytes]:
+    """Pieces of the file between separators that hold a non-space byte, read in bounded chunks."""
+    sep = doc_sep.encode("utf-8")
+    rest = b""
+    while chunk := f.read(_READ_CHUNK):
+        pieces = (rest + chunk).split(sep)
+        rest = pieces.pop()
+        yield from (p for p in pieces if p.strip())
+    if rest.strip():
+        yield rest
+
+
+def _iter_txt(source: Source, skip: int, doc_sep: str | None) -> Iterator[tuple[str, bool]]:
+    with source.open() as f:
+        if doc_sep is None:
+            if skip == 0:
+                yield _decode(f.read())
+            return
+        for piece in islice(_txt_pieces(f, doc_sep), skip, None):
+            yield _decode(piece)
+
+
+def _open_jsonl(source: Source) -> IO[bytes]:
+    raw = source.open()
+    if source.kind == "jsonl.zst":
+        import zstandard
+
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        )
+    return raw
+
+
+def _jsonl_text(source: Source, lineno: int, line: bytes, text_field: str) -> tuple[str, bool]:
+    line_text, invalid = _decode(line)
+    try:
+        record = json.loads(line_text)
+    except json.JSONDecodeError as exc:
+        raise DataPrepError(f"{source.path}:{lineno}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise DataPrepError(f"{source.path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise DataPrepError(
+            f"{source.path}:{lineno}: no field {text_field!r} (fields present: {sorted(record)}); "
+            "set --text-field"
+        )
+    text = record[text_field]
+    if text is None:
+        return "", invalid
+    if not isinstance(text, str):
+        raise DataPrepError(
+            f"{source.path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+        )
+    # JSON escapes can encode lone surrogates, which are not UTF-8 and which the tokenizer rejects.
+    if "\\ud" in line_text or "\\uD" in line_text:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+            invalid = True
+    return text, invalid
+
+
+def _iter_jsonl(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
+    with _open_jsonl(source) as f:
+        seen = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            seen += 1
+            if seen > skip:
+                yield _jsonl_text(source, lineno, line, text_field)
+
+
+def _parquet_file(source: Source, f: IO[bytes], text_field: str):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends on a corrupt file
+        raise DataPrepError(f"{source.path}: not a readable parquet file ({exc})") from exc
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise DataPrepError(
+            f"{source.path}: no column {text_field!r} (columns present: {names}); set --text-field"
+        )
+    return pf
+
+
+def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
+    import pyarrow as pa
+
+    with source.open() as f:
+        pf = _parquet_file(source, f, text_field)
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if skip >= n:  # whole row group before the start: never read
+                skip -= n
+                continue
+            column = pf.read_row_group(g, columns=[text_field]).column(0)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                try:
+                    values = column.to_pylist()
+                except UnicodeDecodeError:  # arrow does not validate strings it reads
+                    values = column.cast(pa.large_binary()).to_pylist()
+            elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+                values = column.to_pylist()
+            else:
+                raise DataPrepError(
+                    f"{source.path}: column {text_field!r} has type {column.type}, expected string"
+                )
+            for value in values[skip:]:
+                if value is None:
+                    yield "", False
+                elif isinstance(value, bytes):
+                    yield _decode(value)
+                else:
+                    yield value, False
+            skip = 0

@@ -1,0 +1,116 @@
+"""verify: re-read every shard of a finished output and check it against its index and manifest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import mds
+from data_prep.manifest import read_manifest
+
+
+@dataclass
+class VerifyReport:
+    """Result of `verify`: `ok` is False when `errors` is not empty."""
+
+    folder: str
+    errors: list[str] = field(default_factory=list)
+    splits: dict[str, dict] = field(default_factory=dict)  # per split: rows, shards, bytes read
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        """One line: OK/FAILED, and per split the rows and shards that were read."""
+        parts = [f"{split} {s['rows']:,} rows in {s['shards']:,} shards" for split, s in self.splits.items()]
+        status = "OK" if self.ok else f"FAILED ({len(self.errors)} problems)"
+        return f"{status} {self.folder}: {'; '.join(parts)}"
+
+
+def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
+    """Check a finished data_prep output; the report lists each problem with its split and shard.
+
+    Checks: every shard listed in each split's index exists with the recorded size and hashes and
+    decodes; every row has tokens of shape (seq_len,) and the manifest's dtype, ids < vocab size,
+    doc_starts sorted, < seq_len and each preceded by an EOS; per split, the rows, shards and bytes
+    match the manifest and rows * seq_len + dropped_tail_tokens == tokens.
+    Raises DataPrepError when `folder` is not a finished output.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    report = VerifyReport(str(folder))
+    seq_len, dtype = manifest["seq_len"], np.dtype(manifest["dtype"])
+    tok = manifest["tokenizer"]
+    expected_columns = manifest["columns"]
+
+    def problem(message: str) -> None:
+        if len(report.errors) < max_errors:
+            report.errors.append(message)
+        elif len(report.errors) == max_errors:
+            report.errors.append("... more problems not shown")
+
+    for split, m in manifest["splits"].items():
+        split_dir = folder / split
+        seen = report.splits[split] = {"rows": 0, "shards": 0, "bytes": 0}
+        try:
+            index = mds.read_index(split_dir)
+        except (OSError, ValueError) as exc:
+            problem(f"{split}: cannot read {split_dir / mds.INDEX}: {exc}")
+            continue
+        for shard in index["shards"]:
+            name = mds.stored_file(shard)["basename"]
+            where = f"{split}: shard {split_dir / name}"
+            seen["shards"] += 1
+            seen["bytes"] += mds.stored_file(shard)["bytes"]
+            columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+            if columns != expected_columns:
+                problem(f"{where}: columns {columns}, the manifest says {expected_columns}")
+                continue
+            try:
+                tokens, doc_starts = mds.read_shard(split_dir, shard)
+            except mds.ShardError as exc:
+                problem(f"{where}: {exc}")
+                continue
+            seen["rows"] += len(tokens)
+            for i, (row, column) in enumerate(zip(tokens, doc_starts)):
+                message = _check_row(row, column, seq_len, dtype, tok)
+                if message:
+                    problem(f"{where}: row {i}: {message}")
+        if seen["shards"] != m["shards"] or seen["bytes"] != m["bytes"]:
+            problem(
+                f"{split}: the index lists {seen['shards']} shards of {seen['bytes']:,} bytes, "
+                f"the manifest says {m['shards']} shards of {m['bytes']:,} bytes"
+            )
+        if seen["rows"] != m["rows"]:
+            problem(f"{split}: the shards hold {seen['rows']:,} rows, the manifest says {m['rows']:,}")
+        if m["rows"] * seq_len + m["dropped_tail_tokens"] != m["tokens"]:
+            problem(
+                f"{split}: manifest counts do not add up: rows {m['rows']:,} * seq_len {seq_len} + "
+                f"dropped {m['dropped_tail_tokens']:,} != tokens {m['tokens']:,}"
+            )
+    return report
+
+
+def _check_row(row: np.ndarray, column: np.ndarray, seq_len: int, dtype: np.dtype, tok: dict) -> str | None:
+    """What is wrong with one row, or None."""
+    if row.shape != (seq_len,) or row.dtype != dtype:
+        return f"tokens have shape {row.shape} and dtype {row.dtype}, expected ({seq_len},) {dtype}"
+    if int(row.max()) >= tok["vocab_size"]:
+        return f"token id {int(row.max())} >= vocab size {tok['vocab_size']}"
+    if column.ndim != 1 or column.dtype != np.uint32:
+        return f"doc_starts has shape {column.shape} and dtype {column.dtype}, expected 1-D uint32"
+    starts = mds.doc_starts_from_column(column, seq_len)
+    if len(starts) != len(column) and not (len(column) == 1 and column[0] == seq_len):
+        return f"doc_starts {column.tolist()} has positions >= seq_len {seq_len}"
+    if np.any(np.diff(starts.astype(np.int64)) <= 0):
+        return f"doc_starts {starts.tolist()} are not strictly increasing"
+    inner = starts[starts > 0].astype(np.int64)
+    if np.any(row[inner - 1] != tok["eos_id"]):
+        return f"a document start in {starts.tolist()} does not follow an EOS ({tok['eos_id']})"
+    if tok.get("bos_id") is not None and np.any(row[starts.astype(np.int64)] != tok["bos_id"]):
+        return f"a document start in {starts.tolist()} is not a BOS ({tok['bos_id']})"
+    return None
