@@ -29,11 +29,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
-	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+	$(PY) -m pipeline.demo --out $(DEMO_OUT)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_data_prep
 	$(PY) -m benchmarks.bench_model
+	$(PY) -m benchmarks.bench_sampler
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

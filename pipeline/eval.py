@@ -17,18 +17,30 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="Hugging Face-format folder: an export of this project or an AR checkpoint (the AR-init baseline)")
-    p.add_argument("--data", required=True, help="data_prep output folder (with manifest.json) or an MDS split folder")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Hugging Face-format folder: an export of this project or an AR checkpoint (the AR-init baseline)",
+    )
+    p.add_argument(
+        "--data", required=True, help="data_prep output folder (with manifest.json) or an MDS split folder"
+    )
     p.add_argument("--split", default="val")
-    p.add_argument("--block-sizes", default="1,4,8,16,L", help="comma list; L means the full sequence length (MDLM)")
+    p.add_argument(
+        "--block-sizes", default="1,4,8,16,L", help="comma list; L means the full sequence length (MDLM)"
+    )
     p.add_argument("--max-rows", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--draws", type=int, default=1, help="noise draws per row")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--no-shift", action="store_true", help="position l predicts l (default: the checkpoint's setting)")
+    p.add_argument(
+        "--no-shift", action="store_true", help="position l predicts l (default: the checkpoint's setting)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write a PNG plot of the PPL bound vs block size here")
@@ -57,7 +69,9 @@ def parse_block_sizes(spec: str, seq_len: int) -> list[int]:
 def format_table(results) -> str:
     lines = [f"{'block size':>10} {'NELBO/token':>12} {'PPL bound':>10} {'std err':>9} {'tokens':>10}"]
     for r in results:
-        lines.append(f"{r.block_size:>10} {r.nelbo:>12.4f} {r.ppl_bound:>10.2f} {r.stderr:>9.4f} {r.tokens:>10}")
+        lines.append(
+            f"{r.block_size:>10} {r.nelbo:>12.4f} {r.ppl_bound:>10.2f} {r.stderr:>9.4f} {r.tokens:>10}"
+        )
     return "\n".join(lines)
 
 

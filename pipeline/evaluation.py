@@ -82,15 +82,28 @@ def evaluate_block_sizes(
             row_sum = torch.zeros(x0.shape[0], dtype=torch.float64)
             for k in range(draws):
                 out = compute_nelbo(
-                    model, x0, eval_cfg, ids + k * DRAW_STRIDE, step=cfg.anneal_steps,
-                    doc_starts=doc, interval=EVAL_INTERVAL, block_size=bs,
+                    model,
+                    x0,
+                    eval_cfg,
+                    ids + k * DRAW_STRIDE,
+                    step=cfg.anneal_steps,
+                    doc_starts=doc,
+                    interval=EVAL_INTERVAL,
+                    block_size=bs,
                 )
                 row_sum += out.nelbo_sum.double().cpu()
             row_sum /= draws
             n = out.n_scored.double().cpu()
             row_mean = row_sum / n.clamp(min=1)
-            acc[bs] += torch.stack([row_sum.sum(), n.sum(), row_mean.sum(), (row_mean**2).sum(),
-                                    torch.tensor(float(len(n)), dtype=torch.float64)])
+            acc[bs] += torch.stack(
+                [
+                    row_sum.sum(),
+                    n.sum(),
+                    row_mean.sum(),
+                    (row_mean**2).sum(),
+                    torch.tensor(float(len(n)), dtype=torch.float64),
+                ]
+            )
     model.train(was_training)
     results = []
     for bs in block_sizes:
@@ -98,7 +111,9 @@ def evaluate_block_sizes(
         nelbo = total / max(tokens, 1)
         var = max(s2 / max(rows, 1) - (s1 / max(rows, 1)) ** 2, 0.0) * rows / max(rows - 1, 1)
         results.append(
-            BlockSizeResult(bs, nelbo, math.exp(min(nelbo, 700)), math.sqrt(var / max(rows, 1)), int(tokens), int(rows))
+            BlockSizeResult(
+                bs, nelbo, math.exp(min(nelbo, 700)), math.sqrt(var / max(rows, 1)), int(tokens), int(rows)
+            )
         )
     return results
 
@@ -137,9 +152,13 @@ def noise_interval_search(
         acc = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
             x0, doc, ids = _to_model_device(batch, device)
-            out = compute_nelbo(model, x0, c, ids, step=cfg.anneal_steps, doc_starts=doc, block_size=block_size)
+            out = compute_nelbo(
+                model, x0, c, ids, step=cfg.anneal_steps, doc_starts=doc, block_size=block_size
+            )
             per_row = (out.nelbo_sum / out.n_scored.clamp(min=1)).double().cpu()
-            acc += torch.stack([per_row.sum(), (per_row**2).sum(), torch.tensor(float(len(per_row)), dtype=torch.float64)])
+            acc += torch.stack(
+                [per_row.sum(), (per_row**2).sum(), torch.tensor(float(len(per_row)), dtype=torch.float64)]
+            )
         s1, s2, n = _all_reduce(acc).tolist()
         mean = s1 / max(n, 1)
         var = max(s2 / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1)

@@ -1,7 +1,8 @@
 """Random access to the packed rows written by ``data_prep`` (MDS), without Composer.
 
-Each row is ``{"tokens": (L,) uint16/uint32, "doc_starts": (k,) uint32}``; batches are dicts with
-``input_ids`` (b, L) int64, ``doc_starts`` (b, L) bool and ``sample_index`` (b,) int64.
+A row comes out as ``input_ids`` (L,) int64, ``doc_starts`` (L,) bool and ``dataset_index`` (its index
+in the split); ``RowReader.batches`` stacks rows into ``input_ids`` (b, L), ``doc_starts`` (b, L) and
+``sample_index`` (b,), which fixes each row's evaluation noise.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,26 +33,54 @@ def split_dir(data: str | Path, split: str) -> tuple[Path, dict | None]:
     )
 
 
-def rows_to_batch(rows: Sequence[dict], indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    tokens = torch.from_numpy(np.stack([np.asarray(r["tokens"], dtype=np.int64) for r in rows]))
-    starts = torch.zeros(tokens.shape, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        starts[i, torch.from_numpy(np.asarray(r["doc_starts"], dtype=np.int64))] = True
-    return {"input_ids": tokens, "doc_starts": starts, "sample_index": torch.tensor(list(indices), dtype=torch.long)}
+def packed_rows_dataset_class():
+    """``PackedRowsDataset``: a ``StreamingDataset`` of packed rows as tensors (streaming imported lazily)."""
+    from streaming import StreamingDataset
+
+    from data_prep.mds import doc_starts_from_column
+
+    class PackedRowsDataset(StreamingDataset):
+        """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring)."""
+
+        def __init__(self, *, seq_len: int, **kwargs):
+            # `orig` partitioning: the layout ``global_batch_positions`` relies on (the default
+            # `relaxed` reorders samples when resuming on a different number of nodes).
+            super().__init__(partition_algo="orig", **kwargs)
+            self.seq_len = seq_len
+
+        def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+            row = super().get_item(sample_id, retry)
+            tokens = row["tokens"]
+            if tokens.shape != (self.seq_len,):
+                raise ValueError(
+                    f"row {sample_id} has {tokens.shape[0]} tokens but the manifest says seq_len {self.seq_len}; "
+                    "the shards and manifest.json disagree: re-run data_prep"
+                )
+            starts = np.zeros(self.seq_len, dtype=bool)
+            starts[doc_starts_from_column(row["doc_starts"], self.seq_len)] = True
+            return {
+                "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+                "doc_starts": torch.from_numpy(starts),
+                "dataset_index": sample_id,
+            }
+
+    return PackedRowsDataset
 
 
 class RowReader:
     """Rows of one split, read through ``streaming.StreamingDataset`` (local folder)."""
 
     def __init__(self, data: str | Path, split: str = "val"):
-        from streaming import StreamingDataset
-
         folder, self.manifest = split_dir(data, split)
-        self.dataset = StreamingDataset(local=str(folder), split=None, shuffle=False, batch_size=1)
-        first = self.dataset[0]["tokens"]
-        self.seq_len = int(len(first))
-        if self.manifest and int(self.manifest.get("seq_len", self.seq_len)) != self.seq_len:
-            raise ValueError(f"{folder}: rows have {self.seq_len} tokens but manifest.json says {self.manifest['seq_len']}")
+        if self.manifest is not None:
+            self.seq_len = int(self.manifest["seq_len"])
+        else:
+            from streaming import StreamingDataset
+
+            self.seq_len = int(len(StreamingDataset(local=str(folder), batch_size=1)[0]["tokens"]))
+        self.dataset = packed_rows_dataset_class()(
+            seq_len=self.seq_len, local=str(folder), split=None, shuffle=False, batch_size=1
+        )
 
     def __len__(self) -> int:
         # num_samples is the whole split; len() of a StreamingDataset is this rank's share.
@@ -68,4 +98,9 @@ class RowReader:
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for s in range(0, len(indices), batch_size):
             chunk = indices[s : s + batch_size]
-            yield rows_to_batch([self.dataset[i] for i in chunk], chunk)
+            rows = [self.dataset[i] for i in chunk]
+            yield {
+                "input_ids": torch.stack([r["input_ids"] for r in rows]),
+                "doc_starts": torch.stack([r["doc_starts"] for r in rows]),
+                "sample_index": torch.tensor(list(chunk), dtype=torch.long),
+            }

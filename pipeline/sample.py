@@ -14,18 +14,31 @@ from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, generate
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="Hugging Face-format folder (pipeline.export output or an AR checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Hugging Face-format folder (pipeline.export output or an AR checkpoint)",
+    )
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint folder)")
     p.add_argument("--block-size", type=int, help="L' (default: the block size recorded in the checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from BOS/EOS)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--steps-per-block", type=int, help="DDPM steps per block (ddpm_cache; default block size)")
+    p.add_argument(
+        "--steps-per-block", type=int, help="DDPM steps per block (ddpm_cache; default block size)"
+    )
     p.add_argument("--sampler", choices=SAMPLERS, default="confidence")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence sampler: unmask tokens above this probability")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="confidence sampler: unmask tokens above this probability",
+    )
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix every call (same tokens, slower)")
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the prefix every call (same tokens, slower)"
+    )
     p.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write JSON: tokens, text, nfe, cache_writes, tokens_per_s")

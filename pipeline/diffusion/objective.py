@@ -99,33 +99,37 @@ def anneal_lookahead(block_size: int, anneal_steps: int, step: int) -> int | Non
     return int((block_size - 1) * step / anneal_steps)
 
 
-def _chunk_ce(hidden, weight, targets, invalid_ids):
-    logits = (hidden @ weight.t()).float()
+def _chunk_ce(hidden, head, targets, invalid_ids):
+    logits = (head(hidden) if isinstance(head, torch.nn.Module) else hidden @ head.t()).float()
     logits[:, invalid_ids] = float("-inf")
     return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, invalid_ids: torch.Tensor, chunk: int
+    hidden: torch.Tensor, head, targets: torch.Tensor, invalid_ids: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """-log softmax(hidden @ weight.T)[target] per row (n,), float32, never holding n x V logits.
+    """-log softmax(head(hidden))[target] per row (n,), float32, never holding n x V logits.
 
-    Under autograd each chunk is recomputed in backward, so peak memory is one chunk of logits.
+    ``head`` is the output layer (an ``nn.Linear``, called as a module so that ZeRO-3/FSDP hooks
+    gather its sharded weight) or a (V, D) weight matrix. Under autograd each chunk is recomputed in
+    backward, so peak memory is one chunk of logits.
     ``invalid_ids`` get -inf logits (SUBS: never predict the mask token or vocabulary padding).
     """
     out = []
     for s in range(0, hidden.shape[0], chunk):
-        args = (hidden[s : s + chunk], weight, targets[s : s + chunk], invalid_ids)
+        args = (hidden[s : s + chunk], head, targets[s : s + chunk], invalid_ids)
         if torch.is_grad_enabled() and hidden.requires_grad:
             out.append(checkpoint(_chunk_ce, *args, use_reentrant=False))
         else:
             out.append(_chunk_ce(*args))
     if not out:  # nothing to score: an empty product keeps the graph, so backward still runs everywhere
-        return _chunk_ce(hidden, weight, targets, invalid_ids)
+        return _chunk_ce(hidden, head, targets, invalid_ids)
     return torch.cat(out)
 
 
-def protected_positions(x0: torch.Tensor, doc_starts: torch.Tensor | None, per_document: bool) -> torch.Tensor:
+def protected_positions(
+    x0: torch.Tensor, doc_starts: torch.Tensor | None, per_document: bool
+) -> torch.Tensor:
     """(b, L) bool: tokens never masked nor scored (row starts, and document starts if per-document)."""
     protect = torch.zeros_like(x0, dtype=torch.bool)
     protect[:, 0] = True
@@ -176,7 +180,7 @@ def score_masked(model, h_noisy, h_clean, x0, masked, weights, block_size, shift
     else:
         h = parts[0]
     invalid = model.invalid_output_ids.to(x0.device)
-    ce = chunked_cross_entropy(h, model.lm_head.weight, x0[rows, cols], invalid, chunk)
+    ce = chunked_cross_entropy(h, model.lm_head, x0[rows, cols], invalid, chunk)
     return ce, rows, cols, weights[rows, cols]
 
 
@@ -209,7 +213,9 @@ def compute_nelbo(
     check_block_size(L, bs)
     iv = tuple(interval or cfg.noise_interval)
     if not 0.0 <= iv[0] < iv[1] <= 1.0:
-        raise ValueError(f"noise interval (diffusion.noise_interval) must satisfy 0 <= beta < omega <= 1, got {list(iv)}")
+        raise ValueError(
+            f"noise interval (diffusion.noise_interval) must satisfy 0 <= beta < omega <= 1, got {list(iv)}"
+        )
     n_blocks = L // bs
     mask_id = model.config.mask_token_id
     noise_ids = noise_ids.to("cpu", torch.long)
@@ -236,7 +242,9 @@ def compute_nelbo(
     for m, w in copies:
         xt = torch.where(m, torch.full_like(x0, mask_id), x0)
         h_noisy, h_clean = _hidden_states(model, x0, xt, bs, cfg.shift, lookahead, doc_ids)
-        ce, rows, cols, wt = score_masked(model, h_noisy, h_clean, x0, m, w, bs, cfg.shift, cfg.loss_chunk_size)
+        ce, rows, cols, wt = score_masked(
+            model, h_noisy, h_clean, x0, m, w, bs, cfg.shift, cfg.loss_chunk_size
+        )
         nelbo_sum = nelbo_sum.index_add(0, rows, wt * ce)
         ce_sum = ce_sum.index_add(0, rows, ce.detach())
         n_masked = n_masked.index_add(0, rows, torch.ones_like(ce))
@@ -248,7 +256,12 @@ def compute_nelbo(
     n_scored = (~protect).sum(1).float().to(x0.device)
     loss = nelbo_sum.sum() / n_scored.sum().clamp(min=1)
     if cfg.aux_ar_weight > 0:
-        loss = loss + cfg.aux_ar_weight * ar_nll(model, x0, doc_ids=doc_ids, protect=protect)[0].sum() / n_scored.sum()
+        loss = (
+            loss
+            + cfg.aux_ar_weight
+            * ar_nll(model, x0, doc_ids=doc_ids, protect=protect)[0].sum()
+            / n_scored.sum()
+        )
     return NelboOutput(loss, nelbo_sum, ce_sum, n_scored, n_masked, block_nelbo, t)
 
 
@@ -261,7 +274,7 @@ def ar_nll(model, x0: torch.Tensor, doc_ids=None, protect=None, chunk: int = 409
     scored = ~protect.to(x0.device)
     rows, cols = scored.nonzero(as_tuple=True)
     invalid = model.invalid_output_ids.to(x0.device)
-    ce = chunked_cross_entropy(h[rows, cols - 1], model.lm_head.weight, x0[rows, cols], invalid, chunk)
+    ce = chunked_cross_entropy(h[rows, cols - 1], model.lm_head, x0[rows, cols], invalid, chunk)
     return x0.new_zeros(bsz, dtype=torch.float32).index_add(0, rows, ce), scored.sum(1)
 
 
@@ -269,6 +282,12 @@ def eval_nelbo(model, x0, block_size: int, noise_ids, cfg: DiffusionConfig, doc_
     """NELBO at ``block_size`` with the evaluation interval [1e-3, 1] and no gradient."""
     with torch.no_grad():
         return compute_nelbo(
-            model, x0, cfg, noise_ids, step=cfg.anneal_steps, doc_starts=doc_starts,
-            interval=EVAL_INTERVAL, block_size=block_size,
+            model,
+            x0,
+            cfg,
+            noise_ids,
+            step=cfg.anneal_steps,
+            doc_starts=doc_starts,
+            interval=EVAL_INTERVAL,
+            block_size=block_size,
         )

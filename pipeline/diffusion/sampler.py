@@ -129,7 +129,9 @@ class _Context:
         bs = self.cfg.block_size
         if self.cache is not None:
             self.cache.make_room(block.shape[1])
-            logits = self.model(block, attn=AttentionMask("bd3_decode", bs), kv_cache=self.cache, write_cache=True)
+            logits = self.model(
+                block, attn=AttentionMask("bd3_decode", bs), kv_cache=self.cache, write_cache=True
+            )
             self.last_logits = logits[:, -1]
             return
         self.tokens = torch.cat([self.tokens, block], dim=1)
@@ -203,7 +205,9 @@ def generate(model, prompt_ids: torch.Tensor, cfg: SamplerConfig) -> GenerationR
     model.train(was_training)
     lengths = []
     for row in out:
-        hit = (row == cfg.eos_token_id).nonzero() if (cfg.stop_at_eos and cfg.eos_token_id is not None) else []
+        hit = (
+            (row == cfg.eos_token_id).nonzero() if (cfg.stop_at_eos and cfg.eos_token_id is not None) else []
+        )
         lengths.append(int(hit[0]) + 1 if len(hit) else row.shape[0])
     return GenerationResult(out, ctx.nfe, ctx.writes, ctx.steps, seconds, lengths)
 

@@ -113,9 +113,7 @@ def _flex(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
 
 def _flash(q, k, v, mask: AttentionMask):  # pragma: no cover - needs CUDA and flash-attn
     # flash-attn takes (B, T, H, D); the queries of a decode block see the whole cache and block.
-    out = _flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask.kind == "ar"
-    )
+    out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask.kind == "ar")
     return out.transpose(1, 2)
 
 

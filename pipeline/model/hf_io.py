@@ -224,7 +224,9 @@ def _write_folder(out_dir: Path, hf_config: dict, state: dict, source_dir: Path 
     return out_dir
 
 
-def save_pretrained(model: BD3LM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_pretrained(
+    model: BD3LM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+) -> Path:
     """Write a Hugging Face-format folder that ``from_pretrained`` reloads bit-exactly.
 
     config.json carries the usual fields plus a ``bd3`` section (mask token id, base vocabulary,
@@ -234,7 +236,9 @@ def save_pretrained(model: BD3LM, out_dir: str | os.PathLike, tokenizer_dir: str
     return _write_folder(Path(out_dir), model.config.to_hf_config(), _state_for_save(model), source)
 
 
-def export_ar(model: BD3LM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def export_ar(
+    model: BD3LM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+) -> Path:
     """Write the weights without the mask/padding rows, loadable by the ``transformers`` AR class."""
     c = model.config
     hf = c.to_hf_config()

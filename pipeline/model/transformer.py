@@ -121,7 +121,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache
+        )
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,7 +251,11 @@ class BD3LM(nn.Module):
         if capacity is None:  # the context the checkpoint attends over
             capacity = min(c.max_position_embeddings, c.sliding_window or c.max_position_embeddings)
         if dtype is None:  # keys come out of the projections in the autocast dtype when it is on
-            dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+            dtype = (
+                torch.get_autocast_dtype(p.device.type)
+                if torch.is_autocast_enabled(p.device.type)
+                else p.dtype
+            )
         return KVCache(
             num_layers=c.num_hidden_layers,
             batch_size=batch_size,

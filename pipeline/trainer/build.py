@@ -12,8 +12,10 @@ weights as the safetensors folder of ``callbacks.hf_export`` (or ``pipeline.mode
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -86,7 +88,7 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
     fsdp = cfg.parallelism is not None and cfg.parallelism.fsdp is not None
     if fsdp and device_name == "cpu" and world_size > 1:
         out.append(GlooFSDPGradMean())
-    if cfg.algorithms.gradient_clipping is not None:
+    if cfg.algorithms.gradient_clipping is not None and not _deepspeed(cfg):  # DeepSpeed clips itself
         out.append(GradientClipping(cfg.algorithms.gradient_clipping.clipping_threshold))
     if c.speed_monitor is not None:
         out.append(
@@ -149,6 +151,25 @@ def build_parallelism(cfg: TrainConfig, model: BD3LM) -> dict | None:
     return {"fsdp": fsdp2}
 
 
+def _deepspeed(cfg: TrainConfig) -> bool:
+    return cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
+
+
+def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
+    """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
+    from composer.utils import dist
+
+    from pipeline.export import MODEL_CONFIG_FILE
+
+    if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
+        return
+    folder = Path(cfg.save_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    if res.tokenizer_file is not None and res.tokenizer_file.exists():
+        shutil.copy2(res.tokenizer_file, folder / "tokenizer.json")
+
+
 def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
     from composer import Trainer
@@ -180,14 +201,32 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
             dataloader=build_dataloader(cfg.eval_loader, seq_len=cfg.max_seq_len, batch_size=eval_batch),
             metric_names=list(EVAL_METRICS),
         )
-    return Trainer(
+    write_run_metadata(cfg, model, res)
+    optimizer = build_optimizer(cfg, composer_model)
+    trainer_cls, extra = Trainer, {"parallelism_config": build_parallelism(cfg, model)}
+    if _deepspeed(cfg):
+        from pipeline.trainer.config import deepspeed_grad_clip
+        from pipeline.trainer.deepspeed import DeepSpeedTrainer
+        from pipeline.trainer.ds_config import build_ds_config
+
+        ds_config = build_ds_config(
+            cfg.parallelism.deepspeed,
+            global_batch=cfg.global_train_batch_size,
+            micro_batch=cfg.device_train_microbatch_size,
+            world_size=world,
+            precision=cfg.precision,
+            grad_clip=deepspeed_grad_clip(cfg),
+        )
+        # The engine holds bf16/fp16 weights itself; DeepSpeedTrainer runs its forward without autocast.
+        trainer_cls, extra = DeepSpeedTrainer, {"ds_config": ds_config}
+    return trainer_cls(
         model=composer_model,
         train_dataloader=train,
         eval_dataloader=evaluators,
         eval_interval=cfg.eval_interval if evaluators else 1,
         eval_subset_num_batches=cfg.eval_subset_num_batches if evaluators else -1,
         max_duration=cfg.max_duration,
-        optimizers=build_optimizer(cfg, composer_model),
+        optimizers=optimizer,
         schedulers=build_scheduler(cfg),
         step_schedulers_every_batch=True,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
@@ -205,7 +244,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
         autoresume=cfg.autoresume,
-        parallelism_config=build_parallelism(cfg, model),
+        **extra,
         seed=cfg.seed,
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,

@@ -115,6 +115,13 @@ class HFExport(Callback):
                 plain.load_state_dict(full)
                 plain.source_dir = getattr(bd3, "source_dir", None)
                 bd3 = plain
-        if dist.get_global_rank() == 0:
+        params = list(bd3.parameters())
+        if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3: gather the partitions first
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if dist.get_global_rank() == 0:
+                    save_pretrained(bd3, self.folder, tokenizer_dir=self.tokenizer_dir)
+        elif dist.get_global_rank() == 0:
             save_pretrained(bd3, self.folder, tokenizer_dir=self.tokenizer_dir)
         dist.barrier()

@@ -522,11 +522,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
         missing = "save_folder" if not cfg.save_folder else "run_name"
         raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
     if cfg.parallelism is not None and cfg.parallelism.deepspeed is not None:
-        raise ConfigError(
-            "parallelism.deepspeed",
-            "DeepSpeed ZeRO is not implemented yet (see the DeepSpeed integration issue); use "
-            "parallelism: {fsdp: {sharding_strategy: SHARD_GRAD_OP}} or parallelism: null (DDP) for now",
-        )
+        check_deepspeed(cfg, world)
     m = cfg.model
     if m.init_from is None:
         for key in REQUIRED_FROM_SCRATCH:
@@ -536,6 +532,41 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
                 )
     if m.mask_token_id is not None and m.mask_token_id < 0:
         raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
+
+
+def check_deepspeed(cfg: TrainConfig, world: int) -> None:
+    """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
+    from pipeline.trainer.ds_config import DeepSpeedConfigError, build_ds_config
+
+    if cfg.parallelism.fsdp is not None:
+        raise ConfigError("parallelism", "set either fsdp or deepspeed, not both")
+    if cfg.callbacks.ema is not None:
+        raise ConfigError(
+            "callbacks.ema",
+            "EMA is not supported under DeepSpeed (ZeRO partitions the weights it averages); remove it",
+        )
+    if cfg.save_folder and "://" in cfg.save_folder:
+        raise ConfigError(
+            "save_folder",
+            "DeepSpeed checkpoints are written per rank to a shared local/network filesystem; use a "
+            "local or mounted path (remote object storage is supported without DeepSpeed)",
+        )
+    try:
+        build_ds_config(
+            cfg.parallelism.deepspeed,
+            global_batch=cfg.global_train_batch_size,
+            micro_batch=cfg.device_train_microbatch_size,
+            world_size=world,
+            precision=cfg.precision,
+            grad_clip=deepspeed_grad_clip(cfg),
+        )
+    except DeepSpeedConfigError as e:
+        raise ConfigError(e.key, str(e).split(": ", 1)[1]) from None
+
+
+def deepspeed_grad_clip(cfg: TrainConfig) -> float | None:
+    gc = cfg.algorithms.gradient_clipping
+    return None if gc is None else gc.clipping_threshold
 
 
 def diffusion_config(cfg: TrainConfig):

@@ -17,8 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from pipeline.rows import packed_rows_dataset_class
 
 TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 
@@ -55,39 +56,6 @@ def global_batch_positions(
     return torch.arange(device_batch_size, dtype=torch.long) * world_size + local_rank * nodes + node_rank
 
 
-def _dataset_class():
-    from streaming import StreamingDataset
-
-    from data_prep.mds import doc_starts_from_column
-
-    class PackedRowsDataset(StreamingDataset):
-        """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring)."""
-
-        def __init__(self, *, seq_len: int, **kwargs):
-            # `orig` partitioning: the layout ``global_batch_positions`` relies on (the default
-            # `relaxed` reorders samples when resuming on a different number of nodes).
-            super().__init__(partition_algo="orig", **kwargs)
-            self.seq_len = seq_len
-
-        def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-            row = super().get_item(sample_id, retry)
-            tokens = row["tokens"]
-            if tokens.shape != (self.seq_len,):
-                raise ValueError(
-                    f"row {sample_id} has {tokens.shape[0]} tokens but the manifest says seq_len {self.seq_len}; "
-                    "the shards and manifest.json disagree: re-run data_prep"
-                )
-            starts = np.zeros(self.seq_len, dtype=bool)
-            starts[doc_starts_from_column(row["doc_starts"], self.seq_len)] = True
-            return {
-                "input_ids": torch.from_numpy(tokens.astype(np.int64)),
-                "doc_starts": torch.from_numpy(starts),
-                "dataset_index": sample_id,
-            }
-
-    return PackedRowsDataset
-
-
 def build_dataloader(section, *, seq_len: int, batch_size: int):
     """A Composer ``DataSpec`` over one split: a torch DataLoader whose dataset is the StreamingDataset.
 
@@ -99,7 +67,7 @@ def build_dataloader(section, *, seq_len: int, batch_size: int):
     from torch.utils.data import DataLoader
 
     try:
-        dataset = _dataset_class()(
+        dataset = packed_rows_dataset_class()(
             local=section.local,
             remote=section.remote,
             split=section.split,

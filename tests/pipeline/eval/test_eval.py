@@ -27,8 +27,15 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     d = tmp_path_factory.mktemp("ckpt") / "llama"
     LlamaForCausalLM(cfg).eval().save_pretrained(d)
     return d
@@ -38,13 +45,23 @@ def hf_dir(tmp_path_factory):
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    with MDSWriter(out=str(root / "val"), columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:uint32"},
-                   compression="zstd") as w:
-        for _ in range(ROWS):
-            w.write({"tokens": rng.integers(0, VOCAB, L).astype(np.uint16),
-                     "doc_starts": np.array([0, 5], dtype=np.uint32)})
-    (root / "manifest.json").write_text(json.dumps({"seq_len": L, "dtype": "uint16",
-                                                    "tokenizer": {"vocab_size": VOCAB}}))
+    with MDSWriter(
+        out=str(root / "val"),
+        columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:uint32"},
+        compression="zstd",
+    ) as w:
+        for i in range(ROWS):
+            # data_prep stores [L] for a row inside one long document (no start in the row).
+            starts = [L] if i % 4 == 3 else [0, 5]
+            w.write(
+                {
+                    "tokens": rng.integers(0, VOCAB, L).astype(np.uint16),
+                    "doc_starts": np.array(starts, dtype=np.uint32),
+                }
+            )
+    (root / "manifest.json").write_text(
+        json.dumps({"seq_len": L, "dtype": "uint16", "tokenizer": {"vocab_size": VOCAB}})
+    )
     return root
 
 
@@ -64,8 +81,25 @@ def _hf_nll(hf_dir, data_dir):
 def test_block_size_one_is_the_ar_nll_of_the_checkpoint(hf_dir, data_dir, tmp_path):
     out = tmp_path / "r.json"
     plot = tmp_path / "p.png"
-    assert main(["--checkpoint", str(hf_dir), "--data", str(data_dir), "--block-sizes", "1,4,L",
-                 "--out", str(out), "--plot", str(plot), "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(hf_dir),
+                "--data",
+                str(data_dir),
+                "--block-sizes",
+                "1,4,L",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     by_bs = {r["block_size"]: r for r in res["results"]}
     assert set(by_bs) == {1, 4, L}
@@ -125,13 +159,37 @@ def _free_port():
 def test_two_processes_give_the_same_numbers(hf_dir, data_dir, tmp_path):
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
-    common = ["--checkpoint", str(hf_dir), "--data", str(data_dir), "--block-sizes", "1,4", "--batch-size", "4"]
+    common = [
+        "--checkpoint",
+        str(hf_dir),
+        "--data",
+        str(data_dir),
+        "--block-sizes",
+        "1,4",
+        "--batch-size",
+        "4",
+    ]
     assert main([*common, "--out", str(one)]) == 0
     composer = Path(sys.executable).parent / "composer"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [str(composer), "-n", "2", "--master_port", str(_free_port()), "-m", "pipeline.eval", *common,
-         "--out", str(two)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(composer),
+            "-n",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "pipeline.eval",
+            *common,
+            "--out",
+            str(two),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (json.loads(p.read_text())["results"] for p in (one, two))

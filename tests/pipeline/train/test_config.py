@@ -130,11 +130,6 @@ def test_data_folder_without_manifest(tiny_data, tmp_path):
     assert e.key == "train_loader.local" and "manifest.json" in str(e)
 
 
-def test_deepspeed_is_reserved(tiny_data, tmp_path):
-    e = _error(tiny_data, tmp_path, "parallelism.deepspeed.zero_optimization.stage=2")
-    assert e.key == "parallelism.deepspeed" and "not implemented yet" in str(e)
-
-
 def test_autoresume_needs_save_folder(tiny_data, tmp_path):
     e = _error(tiny_data, tmp_path, "save_folder=null")
     assert e.key == "save_folder" and "autoresume" in str(e)

@@ -1,0 +1,166 @@
+"""DeepSpeed ZeRO (stages 1-3, CPU offload) under the Composer 0.32 Trainer.
+
+Composer removed its DeepSpeed integration in 0.28; this module is the glue, pinned to 0.32.1 by
+tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (composer/trainer/trainer.py):
+
+- ``Trainer.__init__`` wraps the model in DDP when the world size is > 1 and FSDP is off: the
+  wrapper is taken off again, the DeepSpeed engine does the data parallelism.
+- ``Trainer._train_batch`` (split microbatches, backward each, optimizer step) is replaced by the
+  same loop with ``engine.backward`` and ``engine.step``: DeepSpeed owns gradient accumulation,
+  gradient clipping, loss scaling and the optimizer step. Composer's Events fire as usual, and
+  Composer's scheduler keeps setting the learning rate in the optimizer's param groups, which
+  DeepSpeed's ZeRO optimizer shares.
+- Checkpoints: Composer still writes its own state (timestamp, dataset position, RNG, callbacks,
+  schedulers) without the model and optimizer (``save_ignore_keys``); right before each of those
+  saves every rank writes its ZeRO partition with ``engine.save_checkpoint`` into
+  ``{save_folder}/deepspeed/ba{N}``. A crash between the two leaves the previous pair intact, and
+  autoresume restores the pair of the latest Composer checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.core import Event
+
+from pipeline.trainer.ds_config import DS_SUBDIR
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedTrainer(Trainer):
+    """A Composer ``Trainer`` whose model and optimizer step run inside a DeepSpeed engine."""
+
+    def __init__(
+        self, *, ds_config: dict[str, Any], model, optimizers, save_folder: str | None = None, **kwargs
+    ):
+        import deepspeed
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            raise RuntimeError(
+                "initialize torch.distributed (composer.utils.dist.initialize_dist) before DeepSpeed"
+            )
+        deepspeed.init_distributed(dist_backend=tdist.get_backend())
+        self.ds_engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizers, config=ds_config, dist_init_required=False
+        )
+        self.ds_config = ds_config
+        self._ds_dir = Path(save_folder) / DS_SUBDIR if save_folder else None
+        ignore = ["state/model", "state/optimizers"]
+        super().__init__(
+            model=model,
+            optimizers=optimizers,
+            save_folder=save_folder,
+            save_ignore_keys=ignore,
+            load_ignore_keys=ignore,
+            **kwargs,
+        )
+        if isinstance(self.state.model, torch.nn.parallel.DistributedDataParallel):
+            self.state.model = self.state.model.module  # the engine reduces gradients itself
+        # Composer's state_dict() builds model/optimizer dicts before dropping ignored keys; under ZeRO
+        # they are partitions it cannot map. The engine's checkpoint holds them instead.
+        self.state.get_model_state_dict = dict
+        self.state.get_optim_state_dict = dict
+        saver = getattr(self, "_checkpoint_saver", None)
+        if saver is not None:
+            composer_save = saver._save_checkpoint
+
+            def save_both(state, logger):
+                self.save_deepspeed_checkpoint(int(state.timestamp.batch))
+                composer_save(state, logger)
+
+            saver._save_checkpoint = save_both
+            self._keep = saver.num_checkpoints_to_keep
+        if int(self.state.timestamp.batch) > 0:  # Composer's autoresume restored its part: load ours
+            self.load_deepspeed_checkpoint(int(self.state.timestamp.batch))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_deepspeed_checkpoint(self, batch: int) -> None:
+        """Every rank writes its ZeRO partition (collective)."""
+        if self._ds_dir is None:
+            return
+        self.ds_engine.save_checkpoint(str(self._ds_dir), tag=f"ba{batch}")
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0 and getattr(self, "_keep", -1) > 0:
+            tags = sorted(
+                (p for p in self._ds_dir.glob("ba*") if p.is_dir() and p.name[2:].isdigit()),
+                key=lambda p: int(p.name[2:]),
+            )
+            for old in tags[: -self._keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_deepspeed_checkpoint(self, batch: int) -> None:
+        tag = f"ba{batch}"
+        if self._ds_dir is None or not (self._ds_dir / tag).is_dir():
+            raise FileNotFoundError(
+                f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "
+                "missing: the save folder is incomplete (copied without deepspeed/?)"
+            )
+        path, _ = self.ds_engine.load_checkpoint(
+            str(self._ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {self._ds_dir}/{tag}")
+        log.info("resumed DeepSpeed state from %s/%s", self._ds_dir, tag)
+
+    # -- the training step ------------------------------------------------------------------
+    def _train_batch(self, use_grad_scaling: bool) -> dict[str, torch.Tensor]:
+        state = self.state
+        device_batch = state.batch
+        microbatches = self._train_data_spec.split_batch(device_batch, state.device_train_microbatch_size)
+        sizes = [self._train_data_spec.get_num_samples_in_batch(mb) for mb in microbatches]
+        total = {"loss/train/total": state.device.tensor_to_device(torch.zeros(1))}
+        self.engine.run_event(Event.BEFORE_TRAIN_BATCH)
+        for mb, size in zip(microbatches, sizes):
+            state.batch = self._train_data_spec.microbatch_transforms(state.device.batch_to_device(mb))
+            self.engine.run_event(Event.BEFORE_FORWARD)
+            state.outputs = self.ds_engine(state.batch)
+            self.engine.run_event(Event.AFTER_FORWARD)
+            self.engine.run_event(Event.BEFORE_LOSS)
+            state.loss = self._original_model.loss(state.outputs, state.batch)
+            self.engine.run_event(Event.AFTER_LOSS)
+            loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
+            self.engine.run_event(Event.BEFORE_BACKWARD)
+            # DeepSpeed divides by gradient_accumulation_steps (equal microbatches: = size / batch).
+            self.ds_engine.backward(loss)
+            self.engine.run_event(Event.AFTER_BACKWARD)
+            self.ds_engine.step()  # applies the update at the accumulation boundary only
+            total["loss/train/total"] += loss.detach().float().mean() * (size / sum(sizes))
+            if isinstance(state.loss, dict):
+                for k, v in state.loss.items():
+                    if k != "total":
+                        key = f"loss/train/{k}"
+                        total.setdefault(key, torch.zeros_like(total["loss/train/total"]))
+                        total[key] += v.detach().float().mean() * (size / sum(sizes))
+        state.batch = device_batch
+        self.engine.run_event(Event.AFTER_TRAIN_BATCH)
+        self.first_train_batch_complete = True
+        return total
+
+
+def consolidated_state_dict(
+    save_folder: str | Path, batch: int | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Full fp32 weights from the ZeRO partitions of ``save_folder`` (one process, any world size).
+
+    Returns (the ``BD3ComposerModel`` state dict: ``model.`` + the ``BD3LM`` names, the tag used:
+    the latest when ``batch`` is None).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_dir = Path(save_folder) / DS_SUBDIR
+    if batch is None:
+        tags = sorted((p.name for p in ds_dir.glob("ba*") if p.name[2:].isdigit()), key=lambda n: int(n[2:]))
+        if not tags:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ds_dir}")
+        tag = tags[-1]
+    else:
+        tag = f"ba{batch}"
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag), tag

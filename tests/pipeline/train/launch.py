@@ -1,0 +1,77 @@
+"""Helpers of the multi-process training tests: the composer launcher and loss-curve checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.trainer import load_config, run
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+
+# float32 on CPU: the runs differ only in summation order (all-reduce, microbatch grouping).
+LOSS_RTOL = 1e-5  # measured: at most 1.2e-7 over 12 batches
+COMMON = ["max_duration=12ba", "scheduler.t_max=12ba", "eval_loader=null", "run_name=dist-test"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def launch(tiny_data, out: Path, *extra: str, nproc: int = 2) -> None:
+    """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl."""
+    data, tok = tiny_data
+    out.mkdir(exist_ok=True)
+    args = tiny_overrides(
+        data, tok, out / "ckpt", *COMMON, f"callbacks.loss_log.path={out}/loss.jsonl", *extra
+    )
+    launcher = str(Path(sys.executable).with_name("composer"))
+    logs = ["--stdout", f"{out}/rank{{rank}}.out", "--stderr", f"{out}/rank{{rank}}.err"]
+    cmd = [launcher, "-n", str(nproc), *logs, "-m", "pipeline.train", str(YAMLS / "bd3_tiny.yaml"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
+    assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"
+
+
+def one_process_run(tiny_data, out: Path):
+    """The reference: the same config trained in this process; (loss records, final weights)."""
+    data, tok = tiny_data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(
+            YAMLS / "bd3_tiny.yaml",
+            tiny_overrides(data, tok, out / "ckpt", *COMMON, f"callbacks.loss_log.path={out}/loss.jsonl"),
+            world_size=1,
+        )
+        trainer = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return records(out / "loss.jsonl"), trainer.state.model.model.state_dict()
+
+
+def assert_same_curve(one: list[dict], two: list[dict]) -> None:
+    assert [r["batch"] for r in one] == [r["batch"] for r in two] == list(range(1, 13))
+    print("\nbatch  1 process   2 processes  rel. diff")
+    for ra, rb in zip(one, two):
+        la, lb = ra["loss/train/total"], rb["loss/train/total"]
+        print(f"{ra['batch']:5d}  {la:.7f}  {lb:.7f}  {abs(la - lb) / la:.1e}")
+    for ra, rb in zip(one, two):
+        # (loss/train/masked_ce is a per-microbatch ratio averaged by rows: it depends on the grouping.)
+        for key in ("loss/train/total", "loss/train/nelbo"):
+            assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL), (ra["batch"], key)
+    # The curve must move: matching a flat line would prove nothing.
+    assert one[-1]["loss/train/total"] < one[0]["loss/train/total"] - 0.2

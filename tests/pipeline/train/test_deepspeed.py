@@ -1,0 +1,139 @@
+"""DeepSpeed ZeRO under the Composer Trainer, with real processes (``composer -n 2``, gloo on CPU).
+
+The 2-process DeepSpeed runs see the same data order and noise as a 1-process run, so their
+per-batch losses must equal the 1-process curve up to float summation order (ZeRO reduces
+gradients in buckets, in another order than DDP).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.export import main as export_main
+from pipeline.model import from_pretrained
+from pipeline.trainer import ConfigError, load_config
+from pipeline.trainer.ds_config import build_ds_config
+from tests.pipeline.train.conftest import YAMLS, tiny_overrides
+from tests.pipeline.train.launch import assert_same_curve, launch, one_process_run, records
+
+multiprocess = [pytest.mark.slow, pytest.mark.multiprocess]
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5  # 12 Adam steps of fp32 reductions in another order
+
+
+def ds(stage: int, *extra: str) -> list[str]:
+    return [f"parallelism.deepspeed.zero_optimization.stage={stage}", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_data, tmp_path_factory):
+    return one_process_run(tiny_data, tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero_stage_matches_one_process(tiny_data, tmp_path, one_process, stage):
+    launch(tiny_data, tmp_path, *ds(stage))
+    assert (tmp_path / "ckpt" / "deepspeed" / "ba12").is_dir()
+    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_kill_resume_export_matches_one_process(tiny_data, tmp_path, one_process):
+    """ZeRO-3: stop at batch 6, autoresume to 12; the curve and the exported weights equal 1 process."""
+    extra = ds(3, "save_interval=6ba", f"callbacks.hf_export.folder={tmp_path}/hf")
+    launch(tiny_data, tmp_path, *extra, "max_duration=6ba")
+    assert (tmp_path / "ckpt" / "deepspeed" / "ba6").is_dir()
+    launch(tiny_data, tmp_path, *extra)  # the same command, full duration: autoresume from batch 6
+    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+
+    # Export the ZeRO-3 partitions written by 2 processes, in this one process.
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")]) == 0
+    exported = from_pretrained(tmp_path / "export")
+    reference = one_process[1]
+    for k, v in reference.items():
+        torch.testing.assert_close(exported.state_dict()[k], v, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    # The callback export (gathered under ZeRO-3 at the end of training) holds the same weights.
+    gathered = from_pretrained(tmp_path / "hf")
+    for k, v in exported.state_dict().items():
+        assert torch.equal(gathered.state_dict()[k], v), k
+    # And the logits of the exported model are those of the reference model.
+    x = torch.randint(0, 50, (2, 16))
+    live = from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), live(x))
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["bd3"]["mask_token_id"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_with_cpu_optimizer_offload_runs(tiny_data, tmp_path, one_process):
+    launch(
+        tiny_data, tmp_path, *ds(3, "parallelism.deepspeed.zero_optimization.offload_optimizer.device=cpu")
+    )
+    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+
+
+def test_batch_keys_are_derived_and_checked():
+    cfg = build_ds_config(
+        {"zero_optimization": {"stage": 2}},
+        global_batch=16,
+        micro_batch=4,
+        world_size=2,
+        precision="amp_bf16",
+        grad_clip=1.0,
+    )
+    assert cfg["train_batch_size"] == 16 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["bf16"] == {"enabled": True} and cfg["gradient_clipping"] == 1.0
+    shorthand = build_ds_config(
+        {"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}},
+        global_batch=8,
+        micro_batch=4,
+        world_size=2,
+        precision="fp32",
+        grad_clip=None,
+    )
+    assert shorthand["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ("parallelism.deepspeed.train_batch_size=32", "parallelism.deepspeed.train_batch_size", "derived"),
+        (
+            "parallelism.deepspeed.gradient_accumulation_steps=3",
+            "parallelism.deepspeed.gradient_accumulation_steps",
+            "derived",
+        ),
+        (
+            "parallelism.deepspeed.zero_optimization.stage=5",
+            "parallelism.deepspeed.zero_optimization.stage",
+            "0, 1, 2 or 3",
+        ),
+        ("parallelism.deepspeed.bf16.enabled=true", "parallelism.deepspeed.bf16.enabled", "precision"),
+        (
+            "parallelism.deepspeed.gradient_clipping=5.0",
+            "parallelism.deepspeed.gradient_clipping",
+            "clipping_threshold",
+        ),
+        ("parallelism.fsdp.sharding_strategy=FULL_SHARD", "parallelism", "not both"),
+        ("callbacks.ema.half_life=10ba", "callbacks.ema", "EMA"),
+    ],
+)
+def test_deepspeed_config_errors_name_the_key(tiny_data, tmp_path, override, key, words):
+    data, tok = tiny_data
+    base = [
+        "parallelism.deepspeed.zero_optimization.stage=2",
+        "algorithms.gradient_clipping.clipping_threshold=1.0",
+    ]
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            YAMLS / "bd3_tiny.yaml", tiny_overrides(data, tok, tmp_path, *base, override), world_size=2
+        )
+    assert e.value.key == key
+    assert words in str(e.value)
