@@ -26,9 +26,17 @@ def build_model(args) -> BD3LM:
 
         return load_for_inference(args.checkpoint)
     cfg = ModelConfig(
-        vocab_size=8256, base_vocab_size=8192, mask_token_id=8192, hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=2048, eos_token_id=0, attn_backend="sdpa",
+        vocab_size=8256,
+        base_vocab_size=8192,
+        mask_token_id=8192,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        eos_token_id=0,
+        attn_backend="sdpa",
     )
     m = BD3LM(cfg)
     m.init_weights(torch.Generator().manual_seed(0))
@@ -57,12 +65,16 @@ def main(argv=None):
     model = build_model(args)
     prompt = torch.full((args.batch, 1), model.config.eos_token_id or 0)
     n = args.new_tokens
-    print(f"model: {model.num_params(False) / 1e6:.1f}M params, batch {args.batch}, {n} new tokens, "
-          f"{torch.get_num_threads()} threads, device cpu")
+    print(
+        f"model: {model.num_params(False) / 1e6:.1f}M params, batch {args.batch}, {n} new tokens, "
+        f"{torch.get_num_threads()} threads, device cpu"
+    )
 
     print("\n(a) KV cache vs recomputing the prefix (confidence sampler, L'=4, threshold 0.9)")
     cached = run(model, prompt, block_size=4, max_new_tokens=n, sampler="confidence", seed=0)
-    nocache = run(model, prompt, block_size=4, max_new_tokens=n, sampler="confidence", seed=0, use_kv_cache=False)
+    nocache = run(
+        model, prompt, block_size=4, max_new_tokens=n, sampler="confidence", seed=0, use_kv_cache=False
+    )
     same = torch.equal(cached.tokens, nocache.tokens)
     print(f"  with cache    {cached.tokens_per_s:9.1f} tok/s  ({cached.seconds:.2f} s)")
     print(f"  without cache {nocache.tokens_per_s:9.1f} tok/s  ({nocache.seconds:.2f} s)")
@@ -72,12 +84,19 @@ def main(argv=None):
     ar = run(model, prompt, block_size=1, max_new_tokens=n, sampler="confidence", seed=0)
     rows = [("AR (L'=1)", ar)]
     for bs in (4, 16):
-        rows.append((f"BD3 L'={bs} conf 0.9", run(model, prompt, block_size=bs, max_new_tokens=n, sampler="confidence", seed=0)))
+        rows.append(
+            (
+                f"BD3 L'={bs} conf 0.9",
+                run(model, prompt, block_size=bs, max_new_tokens=n, sampler="confidence", seed=0),
+            )
+        )
     print(f"  {'decoder':22s} {'tok/s':>9s} {'vs AR':>6s} {'NFE/tok':>8s} {'writes/tok':>10s}")
     for name, r in rows:
         tokens = sum(r.lengths)
-        print(f"  {name:22s} {r.tokens_per_s:9.1f} {r.tokens_per_s / ar.tokens_per_s:6.2f} "
-              f"{r.nfe / tokens:8.3f} {r.cache_writes / tokens:10.3f}")
+        print(
+            f"  {name:22s} {r.tokens_per_s:9.1f} {r.tokens_per_s / ar.tokens_per_s:6.2f} "
+            f"{r.nfe / tokens:8.3f} {r.cache_writes / tokens:10.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def docstrings(root: Path) -> Iterator[str]:
                     yield doc
 
 
-def write_docs_corpus(out: str | os.PathLike, max_docs: int, packages: Sequence[str] = DEFAULT_PACKAGES) -> int:
+def write_docs_corpus(
+    out: str | os.PathLike, max_docs: int, packages: Sequence[str] = DEFAULT_PACKAGES
+) -> int:
     """Write up to ``max_docs`` documents as JSON lines ``{"text": ...}``; returns how many."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,19 @@ from pathlib import Path
 
 SIZES = {
     # docs, vocab, seq_len, val docs, AR batches, BD3 batches, eval rows, new tokens
-    "full": dict(docs=12000, vocab=4096, seq_len=128, val_docs=300, ar_steps=300, bd3_steps=200, eval_rows=128,
-                 new_tokens=256),
-    "quick": dict(docs=600, vocab=512, seq_len=64, val_docs=60, ar_steps=6, bd3_steps=4, eval_rows=16,
-                  new_tokens=24),
+    "full": dict(
+        docs=12000,
+        vocab=4096,
+        seq_len=128,
+        val_docs=300,
+        ar_steps=300,
+        bd3_steps=200,
+        eval_rows=128,
+        new_tokens=256,
+    ),
+    "quick": dict(
+        docs=600, vocab=512, seq_len=64, val_docs=60, ar_steps=6, bd3_steps=4, eval_rows=16, new_tokens=24
+    ),
 }
 BLOCK_SIZE = 4
 
@@ -73,8 +82,11 @@ def free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo_out"))
     ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("DEMO_SIZE", "full"))
     ap.add_argument("--corpus", choices=("auto", "openwebtext", "docstrings"), default="auto")
@@ -105,19 +117,64 @@ def main(argv: list[str] | None = None) -> int:
     tok = out / "tokenizer.json"
     data = out / "data"
     if not tok.exists():
-        sh([py, "-m", "data_prep", "tokenizer", "train", "--input", *source, "--vocab-size", str(size["vocab"]),
-            "--out", str(tok)])
-    sh([py, "-m", "data_prep", "convert", "--input", *source, "--out", str(data), "--tokenizer", str(tok),
-        "--seq-len", str(size["seq_len"]), "--val-docs", str(size["val_docs"]), "--max-docs", str(size["docs"])])
+        sh(
+            [
+                py,
+                "-m",
+                "data_prep",
+                "tokenizer",
+                "train",
+                "--input",
+                *source,
+                "--vocab-size",
+                str(size["vocab"]),
+                "--out",
+                str(tok),
+            ]
+        )
+    sh(
+        [
+            py,
+            "-m",
+            "data_prep",
+            "convert",
+            "--input",
+            *source,
+            "--out",
+            str(data),
+            "--tokenizer",
+            str(tok),
+            "--seq-len",
+            str(size["seq_len"]),
+            "--val-docs",
+            str(size["val_docs"]),
+            "--max-docs",
+            str(size["docs"]),
+        ]
+    )
 
-    common = [f"variables.data_local={data}", f"variables.tokenizer={tok}",
-              f"variables.max_seq_len={size['seq_len']}", "eval_first=false"]
+    common = [
+        f"variables.data_local={data}",
+        f"variables.tokenizer={tok}",
+        f"variables.max_seq_len={size['seq_len']}",
+        "eval_first=false",
+    ]
     header(3, "AR pretraining of a tiny LLaMA-style model (yamls/ar_tiny.yaml)")
     ar_dir = out / "runs" / "ar-tiny"
     if not (ar_dir / "hf" / "config.json").exists():
-        sh([py, "-m", "pipeline.train", str(repo / "yamls" / "ar_tiny.yaml"), *common,
-            f"variables.save_folder={ar_dir}", f"max_duration={size['ar_steps']}ba",
-            f"eval_interval={size['ar_steps']}ba", f"save_interval={size['ar_steps']}ba"])
+        sh(
+            [
+                py,
+                "-m",
+                "pipeline.train",
+                str(repo / "yamls" / "ar_tiny.yaml"),
+                *common,
+                f"variables.save_folder={ar_dir}",
+                f"max_duration={size['ar_steps']}ba",
+                f"eval_interval={size['ar_steps']}ba",
+                f"save_interval={size['ar_steps']}ba",
+            ]
+        )
     else:
         print(f"reusing {ar_dir / 'hf'}")
 
@@ -125,13 +182,28 @@ def main(argv: list[str] | None = None) -> int:
     bd3_dir = out / "runs" / "bd3-tiny"
     if not (bd3_dir / "hf" / "config.json").exists():
         launcher = str(Path(py).with_name("composer"))
-        sh([launcher, "-n", "2", "--master_port", str(free_port()), "-m", "pipeline.train",
-            str(repo / "yamls" / "bd3_tiny.yaml"), *common, f"variables.init_from={ar_dir / 'hf'}",
-            f"variables.save_folder={bd3_dir}", f"max_duration={size['bd3_steps']}ba",
-            f"diffusion.block_size={BLOCK_SIZE}", f"eval_interval={size['bd3_steps']}ba",
-            f"save_interval={size['bd3_steps']}ba", "parallelism.deepspeed.zero_optimization.stage=2",
-            f"callbacks.hf_export.folder={bd3_dir / 'hf'}"],
-           env={"OMP_NUM_THREADS": "1"})
+        sh(
+            [
+                launcher,
+                "-n",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "pipeline.train",
+                str(repo / "yamls" / "bd3_tiny.yaml"),
+                *common,
+                f"variables.init_from={ar_dir / 'hf'}",
+                f"variables.save_folder={bd3_dir}",
+                f"max_duration={size['bd3_steps']}ba",
+                f"diffusion.block_size={BLOCK_SIZE}",
+                f"eval_interval={size['bd3_steps']}ba",
+                f"save_interval={size['bd3_steps']}ba",
+                "parallelism.deepspeed.zero_optimization.stage=2",
+                f"callbacks.hf_export.folder={bd3_dir / 'hf'}",
+            ],
+            env={"OMP_NUM_THREADS": "1"},
+        )
     else:
         print(f"reusing {bd3_dir / 'hf'}")
 
@@ -140,9 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     tables = {}
     for name, ckpt in (("ar_init_baseline", ar_dir / "hf"), ("bd3_trained", bd3_dir / "hf")):
         res = out / f"eval_{name}.json"
-        sh([py, "-m", "pipeline.eval", "--checkpoint", str(ckpt), "--data", str(data), "--split", "val",
-            "--block-sizes", sizes, "--max-rows", str(size["eval_rows"]), "--out", str(res),
-            "--plot", str(out / f"ppl_{name}.png")])
+        sh(
+            [
+                py,
+                "-m",
+                "pipeline.eval",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--split",
+                "val",
+                "--block-sizes",
+                sizes,
+                "--max-rows",
+                str(size["eval_rows"]),
+                "--out",
+                str(res),
+                "--plot",
+                str(out / f"ppl_{name}.png"),
+            ]
+        )
         tables[name] = json.loads(res.read_text())["results"]
     print(f"\n{'block size':>10} {'AR-init PPL bound':>18} {'BD3 PPL bound':>14}")
     for a, b in zip(tables["ar_init_baseline"], tables["bd3_trained"]):
@@ -150,9 +240,27 @@ def main(argv: list[str] | None = None) -> int:
 
     header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
     sample = out / "sample.json"
-    sh([py, "-m", "pipeline.sample", "--checkpoint", str(bd3_dir / "hf"), "--block-size", str(BLOCK_SIZE),
-        "--max-new-tokens", str(size["new_tokens"]), "--sampler", "confidence", "--top-p", "0.9",
-        "--seed", "0", "--out", str(sample)])
+    sh(
+        [
+            py,
+            "-m",
+            "pipeline.sample",
+            "--checkpoint",
+            str(bd3_dir / "hf"),
+            "--block-size",
+            str(BLOCK_SIZE),
+            "--max-new-tokens",
+            str(size["new_tokens"]),
+            "--sampler",
+            "confidence",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "0",
+            "--out",
+            str(sample),
+        ]
+    )
 
     header(7, "summary")
     s = json.loads(sample.read_text())
@@ -160,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"""finished in {minutes:.1f} min
   corpus            {source[0]}
   shards            {data}  (manifest.json, train/, val/)
-  AR checkpoint     {ar_dir}  (Hugging Face export: {ar_dir / 'hf'})
-  BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {bd3_dir / 'deepspeed'}, export: {bd3_dir / 'hf'})
-  TensorBoard       tensorboard --logdir {out / 'runs'}
+  AR checkpoint     {ar_dir}  (Hugging Face export: {ar_dir / "hf"})
+  BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {bd3_dir / "deepspeed"}, export: {bd3_dir / "hf"})
+  TensorBoard       tensorboard --logdir {out / "runs"}
   eval tables       {out}/eval_ar_init_baseline.json, {out}/eval_bd3_trained.json
   plots             {out}/ppl_ar_init_baseline.png, {out}/ppl_bd3_trained.png
-  sample            {sample}  ({len(s['tokens'])} tokens, {s['tokens_per_s']:.1f} tokens/s, {s['nfe']} NFEs)""")
+  sample            {sample}  ({len(s["tokens"])} tokens, {s["tokens_per_s"]:.1f} tokens/s, {s["nfe"]} NFEs)""")
     (out / "summary.json").write_text(json.dumps({"minutes": minutes, "eval": tables, "sample": s}, indent=2))
     return 0
 

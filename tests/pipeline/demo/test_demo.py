@@ -15,14 +15,38 @@ REPO = Path(__file__).resolve().parents[3]
 def test_quick_demo_produces_every_artifact(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.demo", "--out", str(out), "--size", "quick", "--corpus", "docstrings"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.demo",
+            "--out",
+            str(out),
+            "--size",
+            "quick",
+            "--corpus",
+            "docstrings",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rel in ["corpus.jsonl", "tokenizer.json", "data/manifest.json", "data/train/index.json",
-                "data/val/index.json", "runs/ar-tiny/hf/model.safetensors", "runs/bd3-tiny/hf/model.safetensors",
-                "runs/bd3-tiny/deepspeed", "runs/bd3-tiny/tensorboard", "ppl_ar_init_baseline.png",
-                "ppl_bd3_trained.png", "sample.json", "summary.json"]:
+    for rel in [
+        "corpus.jsonl",
+        "tokenizer.json",
+        "data/manifest.json",
+        "data/train/index.json",
+        "data/val/index.json",
+        "runs/ar-tiny/hf/model.safetensors",
+        "runs/bd3-tiny/hf/model.safetensors",
+        "runs/bd3-tiny/deepspeed",
+        "runs/bd3-tiny/tensorboard",
+        "ppl_ar_init_baseline.png",
+        "ppl_bd3_trained.png",
+        "sample.json",
+        "summary.json",
+    ]:
         assert (out / rel).exists(), rel
     seq_len = json.loads((out / "data" / "manifest.json").read_text())["seq_len"]
     for name in ("eval_ar_init_baseline.json", "eval_bd3_trained.json"):
@@ -33,8 +57,21 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     assert "finished in" in proc.stdout
     # A rerun reuses every finished stage.
     again = subprocess.run(
-        [sys.executable, "-m", "pipeline.demo", "--out", str(out), "--size", "quick", "--corpus", "docstrings"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.demo",
+            "--out",
+            str(out),
+            "--size",
+            "quick",
+            "--corpus",
+            "docstrings",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert again.returncode == 0
     assert "reusing" in again.stdout and "already complete" in (again.stdout + again.stderr).lower()

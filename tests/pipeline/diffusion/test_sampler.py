@@ -16,9 +16,19 @@ VOCAB = 120
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=128, base_vocab_size=VOCAB, mask_token_id=VOCAB, hidden_size=48, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=2, bos_token_id=1, block_size=4, attn_backend="sdpa",
+        vocab_size=128,
+        base_vocab_size=VOCAB,
+        mask_token_id=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=2,
+        bos_token_id=1,
+        block_size=4,
+        attn_backend="sdpa",
     )
     m = BD3LM(cfg)
     m.init_weights(torch.Generator().manual_seed(0))
@@ -59,7 +69,8 @@ def test_eos_stops_generation(model):
     eos = seq[k]
     first = seq.index(eos)  # the first time that token appears is where generation must stop
     stopped = generate(
-        model, prompt,
+        model,
+        prompt,
         SamplerConfig(block_size=4, max_new_tokens=48, temperature=0, sampler="confidence", eos_token_id=eos),
     )
     assert stopped.lengths == [first + 1]
@@ -152,8 +163,22 @@ def test_sample_cli_writes_json_and_cache_matches_no_cache(model, tmp_path):
     outs = []
     for extra in ([], ["--no-kv-cache"]):
         out = tmp_path / f"out{len(extra)}.json"
-        args = ["--checkpoint", str(ckpt), "--prompt", "w5 w6 w7", "--max-new-tokens", "20", "--seed", "3",
-                "--sampler", "confidence", "--no-stop-at-eos", "--out", str(out), *extra]
+        args = [
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "w5 w6 w7",
+            "--max-new-tokens",
+            "20",
+            "--seed",
+            "3",
+            "--sampler",
+            "confidence",
+            "--no-stop-at-eos",
+            "--out",
+            str(out),
+            *extra,
+        ]
         assert main(args) == 0
         outs.append(json.loads(out.read_text()))
     assert outs[0]["tokens"] == outs[1]["tokens"]

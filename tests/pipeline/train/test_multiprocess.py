@@ -14,6 +14,7 @@ from tests.pipeline.train.launch import assert_same_curve, launch, one_process_r
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
+
 @pytest.fixture(scope="module")
 def one_process(tiny_data, tmp_path_factory):
     return one_process_run(tiny_data, tmp_path_factory.mktemp("one"))
