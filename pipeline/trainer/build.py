@@ -205,18 +205,10 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     optimizer = build_optimizer(cfg, composer_model)
     trainer_cls, extra = Trainer, {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
-        from pipeline.trainer.config import deepspeed_grad_clip
+        from pipeline.trainer.config import deepspeed_config
         from pipeline.trainer.deepspeed import DeepSpeedTrainer
-        from pipeline.trainer.ds_config import build_ds_config
 
-        ds_config = build_ds_config(
-            cfg.parallelism.deepspeed,
-            global_batch=cfg.global_train_batch_size,
-            micro_batch=cfg.device_train_microbatch_size,
-            world_size=world,
-            precision=cfg.precision,
-            grad_clip=deepspeed_grad_clip(cfg),
-        )
+        ds_config = deepspeed_config(cfg, world)
         # The engine holds bf16/fp16 weights itself; DeepSpeedTrainer runs its forward without autocast.
         trainer_cls, extra = DeepSpeedTrainer, {"ds_config": ds_config}
     return trainer_cls(

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ class GradientClipping(Callback):
 
 
 class LossLog(Callback):
-    """Rank 0 appends ``{"batch": n, "loss/train/total": ..., ...}`` (rank-averaged) per batch."""
+    """Rank 0 appends ``{"batch": n, "time": unix seconds, "loss/train/total": ..., ...}`` per batch."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -89,7 +90,7 @@ class LossLog(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
             return
-        record = {"batch": int(state.timestamp.batch), **state.total_loss_dict}
+        record = {"batch": int(state.timestamp.batch), "time": time.time(), **state.total_loss_dict}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -536,7 +536,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
     """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
-    from pipeline.trainer.ds_config import DeepSpeedConfigError, build_ds_config
+    from pipeline.trainer.ds_config import DeepSpeedConfigError
 
     if cfg.parallelism.fsdp is not None:
         raise ConfigError("parallelism", "set either fsdp or deepspeed, not both")
@@ -552,21 +552,24 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
             "local or mounted path (remote object storage is supported without DeepSpeed)",
         )
     try:
-        build_ds_config(
-            cfg.parallelism.deepspeed,
-            global_batch=cfg.global_train_batch_size,
-            micro_batch=cfg.device_train_microbatch_size,
-            world_size=world,
-            precision=cfg.precision,
-            grad_clip=deepspeed_grad_clip(cfg),
-        )
+        deepspeed_config(cfg, world)
     except DeepSpeedConfigError as e:
         raise ConfigError(e.key, str(e).split(": ", 1)[1]) from None
 
 
-def deepspeed_grad_clip(cfg: TrainConfig) -> float | None:
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed config of the run: ``parallelism.deepspeed`` plus the derived keys."""
+    from pipeline.trainer.ds_config import build_ds_config
+
     gc = cfg.algorithms.gradient_clipping
-    return None if gc is None else gc.clipping_threshold
+    return build_ds_config(
+        cfg.parallelism.deepspeed,
+        global_batch=cfg.global_train_batch_size,
+        micro_batch=cfg.device_train_microbatch_size,
+        world_size=world,
+        precision=cfg.precision,
+        grad_clip=None if gc is None else gc.clipping_threshold,
+    )
 
 
 def diffusion_config(cfg: TrainConfig):

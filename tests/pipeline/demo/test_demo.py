@@ -10,27 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 
 
+def _demo(out):
+    args = ["--out", str(out), "--size", "quick", "--corpus", "docstrings"]
+    cmd = [sys.executable, "-m", "pipeline.demo", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_quick_demo_produces_every_artifact(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.demo",
-            "--out",
-            str(out),
-            "--size",
-            "quick",
-            "--corpus",
-            "docstrings",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = _demo(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rel in [
         "corpus.jsonl",
@@ -56,22 +46,6 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     assert len(sample["tokens"]) > 0 and sample["tokens_per_s"] > 0
     assert "finished in" in proc.stdout
     # A rerun reuses every finished stage.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.demo",
-            "--out",
-            str(out),
-            "--size",
-            "quick",
-            "--corpus",
-            "docstrings",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    again = _demo(out)
     assert again.returncode == 0
     assert "reusing" in again.stdout and "already complete" in (again.stdout + again.stderr).lower()

@@ -208,7 +208,15 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
     assert cfg.diffusion.noise_interval == [0.3, 0.8] and cfg.diffusion.shift
     assert cfg.global_train_batch_size * cfg.max_seq_len == 524288  # 0.5M tokens per step
     assert cfg.precision == "amp_bf16" and cfg.model.activation_checkpointing
-    assert cfg.parallelism.fsdp.sharding_strategy == "SHARD_GRAD_OP"
+    assert cfg.parallelism.fsdp is None
+    assert cfg.parallelism.deepspeed["zero_optimization"]["stage"] == 2
+    from pipeline.trainer.config import deepspeed_config
+
+    ds = deepspeed_config(cfg, world=8)
+    assert (
+        ds["bf16"]["enabled"]
+        and ds["gradient_accumulation_steps"] * 8 * cfg.device_train_microbatch_size == 256
+    )
     assert res.model_config.mask_token_id == 32000 and res.model_config.vocab_size == 32064
     assert res.model_config.num_hidden_layers == 22
     # The hub name is kept as the default: nothing was downloaded here.
