@@ -82,7 +82,7 @@ def load_training_checkpoint(path: str | Path, trust_checkpoint: bool = False, b
     return model.eval(), source
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.export",
         description=__doc__,
@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow unpickling a Composer .pt checkpoint (only files your own runs wrote)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from pipeline.model import export_ar, save_pretrained
 
     try:

@@ -60,7 +60,7 @@ def one_process_run(tiny_data, out: Path):
         trainer = run(cfg)
     finally:
         torch.set_num_threads(threads)
-    return records(out / "loss.jsonl"), trainer.state.model.model.state_dict()
+    return records(out / "loss.jsonl"), trainer.state.model.model.state_dict(), out / "ckpt"
 
 
 def assert_same_curve(one: list[dict], two: list[dict]) -> None:

@@ -137,3 +137,16 @@ def test_deepspeed_config_errors_name_the_key(tiny_data, tmp_path, override, key
         )
     assert e.value.key == key
     assert words in str(e.value)
+
+
+@pytest.mark.slow
+def test_export_refuses_composer_pickles_unless_trusted(one_process, tmp_path, capsys):
+    save_folder = one_process[2]
+    assert (save_folder / "latest-rank0.pt").exists()
+    assert export_main(["--checkpoint", str(save_folder), "--out", str(tmp_path / "x")]) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    args = ["--checkpoint", str(save_folder), "--out", str(tmp_path / "x"), "--trust-checkpoint"]
+    assert export_main(args) == 0
+    exported = from_pretrained(tmp_path / "x").state_dict()
+    for k, v in one_process[1].items():
+        assert torch.equal(exported[k], v), k
