@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="Hugging Face-format folder: an export of this project or an AR checkpoint (the AR-init baseline)",
+        help="an exported or AR Hugging Face folder (an AR checkpoint is the AR-init baseline), a training "
+        "save_folder (its latest checkpoint; DeepSpeed partitions of any world size) or a Composer checkpoint",
     )
     p.add_argument(
         "--data", required=True, help="data_prep output folder (with manifest.json) or an MDS split folder"
@@ -44,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--plot", help="write a PNG plot of the PPL bound vs block size here")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow unpickling Composer .pt checkpoints (only files your own runs wrote)",
+    )
+    p.add_argument("--genppl", action="store_true", help="also sample and score the samples with --reference")
+    p.add_argument(
+        "--reference",
+        help="Hugging Face folder of the AR model that scores samples (with its tokenizer.json)",
+    )
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument(
+        "--gen-block-size", type=int, help="block size for --genppl sampling (default: the checkpoint's)"
+    )
+    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per sample for --genppl")
     return p
 
 
@@ -75,6 +91,36 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
+def _genppl(args, model) -> dict:
+    from tokenizers import Tokenizer
+
+    from pipeline.checkpoints import load_for_inference
+    from pipeline.diffusion.sampler import SamplerConfig
+    from pipeline.evaluation import generative_perplexity
+
+    def tokenizer_of(folder):
+        folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: --genppl needs the tokenizer beside each model")
+        return Tokenizer.from_file(str(path))
+
+    reference = load_for_inference(args.reference, device=args.device)
+    block = args.gen_block_size or model.config.block_size or 4
+    cfg = SamplerConfig(
+        block_size=block,
+        max_new_tokens=args.gen_tokens,
+        sampler="confidence",
+        top_p=0.9,
+        eos_token_id=model.config.eos_token_id,
+        shift=model.config.shift,
+        seed=args.seed,
+    )
+    return generative_perplexity(
+        model, tokenizer_of(args.checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.checkpoints import load_for_inference
@@ -85,10 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _init_distributed(args.device)
     try:
         reader = RowReader(args.data, args.split)
-        model = load_for_inference(args.checkpoint, device=args.device)
+        model = load_for_inference(
+            args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint
+        )
         reader.check_vocab(model.config.base_vocab_size)
         block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
-    except (FileNotFoundError, ValueError) as e:
+        if args.genppl and not args.reference:
+            raise ValueError(
+                "--genppl needs --reference PATH (an AR Hugging Face folder with tokenizer.json)"
+            )
+    except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = min(len(reader), args.max_rows or len(reader))
@@ -109,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         "shift": cfg.shift,
         "results": [r.as_dict() for r in results],
     }
+    if args.genppl:
+        payload["generation"] = _genppl(args, model)
+        g = payload["generation"]
+        print(
+            f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
+            f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

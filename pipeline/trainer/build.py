@@ -159,7 +159,7 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    from pipeline.export import MODEL_CONFIG_FILE
+    from pipeline.checkpoints import MODEL_CONFIG_FILE
 
     if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
         return

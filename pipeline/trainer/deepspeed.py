@@ -143,24 +143,3 @@ class DeepSpeedTrainer(Trainer):
         self.engine.run_event(Event.AFTER_TRAIN_BATCH)
         self.first_train_batch_complete = True
         return total
-
-
-def consolidated_state_dict(
-    save_folder: str | Path, batch: int | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Full fp32 weights from the ZeRO partitions of ``save_folder`` (one process, any world size).
-
-    Returns (the ``BD3ComposerModel`` state dict: ``model.`` + the ``BD3LM`` names, the tag used:
-    the latest when ``batch`` is None).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ds_dir = Path(save_folder) / DS_SUBDIR
-    if batch is None:
-        tags = sorted((p.name for p in ds_dir.glob("ba*") if p.name[2:].isdigit()), key=lambda n: int(n[2:]))
-        if not tags:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ds_dir}")
-        tag = tags[-1]
-    else:
-        tag = f"ba{batch}"
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag), tag

@@ -197,3 +197,51 @@ def test_two_processes_give_the_same_numbers(hf_dir, data_dir, tmp_path):
         assert ra["tokens"] == rb["tokens"]
         assert ra["nelbo"] == pytest.approx(rb["nelbo"], abs=1e-6)
         assert ra["stderr"] == pytest.approx(rb["stderr"], rel=1e-6)
+
+
+def test_generative_perplexity_matches_transformers_rescoring(hf_dir, data_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf_dir / "tokenizer.json"))
+    out = tmp_path / "g.json"
+    args = [
+        "--checkpoint",
+        str(hf_dir),
+        "--data",
+        str(data_dir),
+        "--block-sizes",
+        "4",
+        "--genppl",
+        "--reference",
+        str(hf_dir),
+        "--num-samples",
+        "2",
+        "--gen-tokens",
+        "12",
+        "--gen-block-size",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    g = json.loads(out.read_text())["generation"]
+    assert len(g["samples"]) == 2 and g["scored_tokens"] > 0 and g["unigram_entropy"] > 0
+    # Re-score the decoded samples independently with transformers.
+    hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    total, n = 0.0, 0
+    for text in g["samples"]:
+        ids = [hf.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(x).logits[:, :-1].double(), -1).gather(2, x[:, 1:, None])
+        total -= lp.sum().item()
+        n += lp.numel()
+    assert n == g["scored_tokens"]
+    assert g["gen_ppl"] == pytest.approx(math.exp(total / n), rel=1e-4)
+
+
+def test_genppl_needs_a_reference(hf_dir, data_dir, capsys):
+    assert main(["--checkpoint", str(hf_dir), "--data", str(data_dir), "--genppl"]) == 2
+    assert "--reference" in capsys.readouterr().err

@@ -27,17 +27,17 @@ def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, one_process):
 
 
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process):
-    """FSDP2 SHARD_GRAD_OP, stopped at batch 6 and autoresumed from its sharded checkpoint to 12;
+    """FSDP2 SHARD_GRAD_OP, stopped at batch 10 and autoresumed from its sharded checkpoint to 20;
     the exported Hugging Face folder (gathered full state dict) holds the 1-process weights."""
     from pipeline.model import from_pretrained
 
     fsdp = [
         "parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP",
-        "save_interval=6ba",
+        "save_interval=10ba",
         f"callbacks.hf_export.folder={tmp_path}/hf",
     ]
-    launch(tiny_data, tmp_path, *fsdp, "max_duration=6ba")
-    assert (tmp_path / "ckpt" / "ep0-ba6").is_dir()  # sharded checkpoint: one folder, a shard per rank
+    launch(tiny_data, tmp_path, *fsdp, "max_duration=10ba")
+    assert (tmp_path / "ckpt" / "ep0-ba10").is_dir()  # sharded checkpoint: one folder, a shard per rank
     launch(tiny_data, tmp_path, *fsdp)  # the same command with the full max_duration
     assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
     exported = from_pretrained(tmp_path / "hf").state_dict()
