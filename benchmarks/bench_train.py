@@ -39,6 +39,7 @@ def make_data(root: Path) -> tuple[Path, Path]:
     from data_prep.tokenizer import tokenizer_sha256
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    root.mkdir(parents=True, exist_ok=True)
     tok_path = root / "tokenizer.json"
     tok.save(str(tok_path))
     rng = np.random.default_rng(0)

@@ -81,6 +81,7 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
         HFExport,
         LossLog,
         SampleIndexer,
+        eval_callbacks,
     )
 
     c = cfg.callbacks
@@ -107,6 +108,7 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
         out.append(LossLog(c.loss_log.path))
     if c.hf_export is not None:
         out.append(HFExport(c.hf_export.folder, tokenizer_dir=res.tokenizer_file.parent))
+    out += eval_callbacks(cfg, res.tokenizer_file)
     return out
 
 

@@ -186,6 +186,58 @@ class HFExportSection:
 
 
 @dataclass
+class BlockSizeLikelihoodSection:
+    """NELBO of the current weights at several block sizes (``pipeline.evaluation.evaluate_block_sizes``)
+    on the first ``num_batches`` global eval batches, fixed noise (a row's noise id is its index in the
+    eval split), every ``interval`` (default: ``eval_interval``) and at the end of training. Logs
+    ``eval/nelbo/bs{N}``, ``eval/ppl_bound/bs{N}``, ``eval/stderr/bs{N}`` and ``eval/train_block_size``.
+    ``block_sizes``: divisors of max_seq_len; "L" is max_seq_len (MDLM)."""
+
+    block_sizes: list[int | str] = field(default_factory=lambda: [1, 4, 8, 16, "L"])
+    interval: str | int | None = None
+    num_batches: int = 4
+    draws: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class NoiseIntervalSearchSection:
+    """BD3-LM's data-driven clipped schedule (``pipeline.evaluation.noise_interval_search``): on every
+    ``every_n_evals``-th tick of the evaluation schedule (``interval``, default: the
+    block_size_likelihood interval, else ``eval_interval``), the interval [beta, beta + width] (widths
+    x offsets on a ``step`` grid, plus [1e-3, 1]) whose training NELBO estimator has the lowest variance
+    over the first ``num_batches`` global eval batches. ``adopt``: train with it from then on (kept in
+    the checkpoint, re-applied on resume). Logs ``eval/noise_interval/{beta,omega,variance}``."""
+
+    every_n_evals: int = 1
+    interval: str | int | None = None
+    num_batches: int = 4
+    widths: list[float] = field(default_factory=lambda: [round(0.5 + 0.05 * i, 2) for i in range(9)])
+    step: float = 0.05
+    adopt: bool = True
+
+
+@dataclass
+class GenerationSection:
+    """Samples at the training block size (KV-cache sampler, ``pipeline.diffusion.sampler``) from a
+    BOS (else EOS) prompt, on every ``every_n_evals``-th tick of the evaluation schedule and at the end
+    of training: the text goes to the console (stderr), tensorboard and ``log_traces``; logs
+    ``eval/gen/unigram_entropy`` (nats, mean over samples) and, with ``reference`` (a Hugging Face
+    folder of an AR model), the generative perplexity ``eval/gen/ppl``."""
+
+    every_n_evals: int = 1
+    interval: str | int | None = None
+    num_samples: int = 2
+    max_new_tokens: int = 64
+    sampler: Literal["first_hitting", "ddpm_cache", "confidence"] = "confidence"
+    threshold: float = 0.9
+    top_p: float = 0.9
+    seed: int = 0
+    stop_at_eos: bool = True
+    reference: str | None = None
+
+
+@dataclass
 class CallbacksSection:
     """Set a callback to null to turn it off."""
 
@@ -196,6 +248,9 @@ class CallbacksSection:
     ema: EMASection | None = None
     loss_log: LossLogSection | None = None
     hf_export: HFExportSection | None = None
+    block_size_likelihood: BlockSizeLikelihoodSection | None = None
+    noise_interval_search: NoiseIntervalSearchSection | None = None
+    generation: GenerationSection | None = None
 
 
 @dataclass
@@ -513,6 +568,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
         _check_time("callbacks.ema.half_life", cfg.callbacks.ema.half_life)
     if cfg.loggers.console is not None:
         _check_time("loggers.console.log_interval", cfg.loggers.console.log_interval)
+    check_eval_callbacks(cfg)
     if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
         raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
     if cfg.optimizer.lr <= 0:
@@ -532,6 +588,75 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
                 )
     if m.mask_token_id is not None and m.mask_token_id < 0:
         raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
+
+
+def block_size_list(cfg: TrainConfig) -> list[int]:
+    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len)."""
+    return [cfg.max_seq_len if b == "L" else b for b in cfg.callbacks.block_size_likelihood.block_sizes]
+
+
+def check_eval_callbacks(cfg: TrainConfig) -> None:
+    """The evaluation callbacks (block_size_likelihood, noise_interval_search, generation)."""
+    from pipeline.diffusion.masks import check_block_size
+
+    c = cfg.callbacks
+    on = {
+        name: getattr(c, name)
+        for name in ("block_size_likelihood", "noise_interval_search", "generation")
+        if getattr(c, name) is not None
+    }
+    for name, sec in on.items():
+        if sec.interval is not None:
+            _check_time(f"callbacks.{name}.interval", sec.interval)
+        for key in ("num_batches", "draws", "every_n_evals", "num_samples", "max_new_tokens"):
+            if getattr(sec, key, 1) < 1:
+                raise ConfigError(f"callbacks.{name}.{key}", f"must be >= 1, got {getattr(sec, key)}")
+        if name != "generation" and cfg.eval_loader is None:
+            raise ConfigError(
+                f"callbacks.{name}", "evaluates on the eval rows: set eval_loader (or remove this callback)"
+            )
+    bsl = c.block_size_likelihood
+    if bsl is not None:
+        key = "callbacks.block_size_likelihood.block_sizes"
+        if not bsl.block_sizes:
+            raise ConfigError(key, "must list at least one block size")
+        for b in bsl.block_sizes:
+            if isinstance(b, str) and b != "L":
+                raise ConfigError(key, f'{b!r} is not a block size: use integers or "L" (max_seq_len)')
+        sizes = block_size_list(cfg)
+        for b in sizes:
+            try:
+                check_block_size(cfg.max_seq_len, b)
+            except ValueError as e:
+                raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
+        if len(set(sizes)) != len(sizes):
+            raise ConfigError(
+                key, f"lists a block size twice: {bsl.block_sizes} (max_seq_len = {cfg.max_seq_len})"
+            )
+    nis = c.noise_interval_search
+    if nis is not None:
+        if not nis.widths or not all(0.0 < w <= 1.0 for w in nis.widths):
+            raise ConfigError(
+                "callbacks.noise_interval_search.widths", f"must be numbers in (0, 1], got {nis.widths}"
+            )
+        if not 0.0 < nis.step <= 1.0:
+            raise ConfigError("callbacks.noise_interval_search.step", f"must be in (0, 1], got {nis.step}")
+    gen = c.generation
+    if gen is not None:
+        if not 0.0 < gen.top_p <= 1.0:
+            raise ConfigError("callbacks.generation.top_p", f"must be in (0, 1], got {gen.top_p}")
+        if not 0.0 <= gen.threshold <= 1.0:
+            raise ConfigError("callbacks.generation.threshold", f"must be in [0, 1], got {gen.threshold}")
+    ds = cfg.parallelism.deepspeed if cfg.parallelism is not None else None
+    stage = ((ds or {}).get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
+    if on and stage == 99:
+        name = next(iter(on))
+        raise ConfigError(
+            f"callbacks.{name}",
+            "the evaluation callbacks run the plain model outside the DeepSpeed engine, which ZeRO-3 "
+            "(partitioned parameters) does not support; use ZeRO-2 or FSDP for the run, or evaluate "
+            "checkpoints offline with `python -m pipeline.eval`",
+        )
 
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
