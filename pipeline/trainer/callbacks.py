@@ -155,10 +155,11 @@ class HFExport(Callback):
 
 
 class EvalSchedule:
-    """Ticks at BATCH_END when the timestamp crosses ``interval`` and at the last batch of training.
+    """Ticks when the timestamp crosses ``interval`` (BATCH_END; EPOCH_END for epoch units) and at
+    the last batch of training; at most once per batch. ``every_n`` keeps every n-th tick.
 
-    ``every_n`` keeps every n-th tick. The tick count and the batch of the last run are part of the
-    owner's ``state_dict``, so a resumed run keeps counting where the interrupted one stopped.
+    The tick count and the batch of the last run are part of the owner's ``state_dict``, so a resumed
+    run keeps counting where the interrupted one stopped.
     """
 
     def __init__(self, interval: str | int, every_n: int = 1):
@@ -170,20 +171,26 @@ class EvalSchedule:
             interval, include_end_of_training=True, checkpoint_events=False, final_events={Event.BATCH_END}
         )
         self.ticks = 0
-        self.last_batch = -1
+        self.last_tick = -1  # batch of the last tick
+        self.last_batch = -1  # batch of the owner's last run
 
     def due(self, state: State, event: Event) -> bool:
-        """Call once per BATCH_END: True when the owner should run now."""
-        if event != Event.BATCH_END or not self._check(state, event):
+        """True when the owner should run now (call on every event)."""
+        if event not in (Event.BATCH_END, Event.EPOCH_END) or not self._check(state, event):
             return False
+        batch = int(state.timestamp.batch)
+        if batch == self.last_tick:
+            return False
+        self.last_tick = batch
         self.ticks += 1
         return self.ticks % self.every_n == 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"ticks": self.ticks, "last_batch": self.last_batch}
+        return {"ticks": self.ticks, "last_tick": self.last_tick, "last_batch": self.last_batch}
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
         self.ticks = int(sd.get("ticks", 0))
+        self.last_tick = int(sd.get("last_tick", -1))
         self.last_batch = int(sd.get("last_batch", -1))
 
 
@@ -364,15 +371,15 @@ class NoiseIntervalSearch(Callback):
         cm.diffusion.noise_interval = tuple(self.chosen)
         getattr(cm, "_flops_cache", {}).clear()  # the FLOPs estimate depends on the masked fraction
 
-    def init(self, state: State, logger: Logger) -> None:
-        self._state = state
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._state = state  # load_state_dict (autoresume) re-applies the interval through it
+        elif event == Event.FIT_START:
+            self.apply(state)
+        elif self.schedule.due(state, event):
+            self._run(state, logger)
 
-    def fit_start(self, state: State, logger: Logger) -> None:
-        self.apply(state)
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if not self.schedule.due(state, Event.BATCH_END):
-            return
+    def _run(self, state: State, logger: Logger) -> None:
         best, records = self.search(state)
         self.schedule.last_batch = int(state.timestamp.batch)
         var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))

@@ -647,16 +647,6 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
             raise ConfigError("callbacks.generation.top_p", f"must be in (0, 1], got {gen.top_p}")
         if not 0.0 <= gen.threshold <= 1.0:
             raise ConfigError("callbacks.generation.threshold", f"must be in [0, 1], got {gen.threshold}")
-    ds = cfg.parallelism.deepspeed if cfg.parallelism is not None else None
-    stage = ((ds or {}).get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
-    if on and stage == 99:
-        name = next(iter(on))
-        raise ConfigError(
-            f"callbacks.{name}",
-            "the evaluation callbacks run the plain model outside the DeepSpeed engine, which ZeRO-3 "
-            "(partitioned parameters) does not support; use ZeRO-2 or FSDP for the run, or evaluate "
-            "checkpoints offline with `python -m pipeline.eval`",
-        )
 
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
