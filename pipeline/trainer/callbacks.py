@@ -269,7 +269,28 @@ class EvalRows:
             }
 
 
-class BlockSizeLikelihood(Callback):
+class ScheduledEval(Callback):
+    """Runs ``_run`` on each tick of ``self.schedule`` and at FIT_END when the last batch was not evaluated."""
+
+    schedule: EvalSchedule
+
+    def _run(self, state: State, logger: Logger) -> None:
+        raise NotImplementedError
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if self.schedule.due(state, event):
+            self._run(state, logger)
+        elif event == Event.FIT_END and self.schedule.last_batch != int(state.timestamp.batch):
+            self._run(state, logger)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state)
+
+
+class BlockSizeLikelihood(ScheduledEval):
     """``evaluate_block_sizes`` of the current weights on fixed eval rows, every ``interval``.
 
     Logs ``eval/nelbo/bs{N}`` (nats per scored token), ``eval/ppl_bound/bs{N}`` (exp NELBO),
@@ -312,18 +333,6 @@ class BlockSizeLikelihood(Callback):
             metrics[f"eval/stderr/bs{r.block_size}"] = r.stderr
         logger.log_metrics(metrics)
         self.last_results = results
-
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if self.schedule.due(state, event):
-            self._run(state, logger)
-        elif event == Event.FIT_END and self.schedule.last_batch != int(state.timestamp.batch):
-            self._run(state, logger)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state)
 
 
 class NoiseIntervalSearch(Callback):
@@ -411,7 +420,7 @@ class NoiseIntervalSearch(Callback):
             self.apply(self._state)
 
 
-class Generation(Callback):
+class Generation(ScheduledEval):
     """Samples at the training block size with the KV-cache sampler, logged as text and statistics.
 
     The prompt is one BOS token (EOS when the tokenizer has no BOS). Logs ``eval/gen/unigram_entropy``
@@ -535,18 +544,6 @@ class Generation(Callback):
         lines = [f"[generation] batch {batch}: {stats}"]
         lines += [f"[generation] sample {i}: {t!r}" for i, t in enumerate(texts)]
         print("\n".join(lines), file=sys.stderr, flush=True)
-
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if self.schedule.due(state, event):
-            self._run(state, logger)
-        elif event == Event.FIT_END and self.schedule.last_batch != int(state.timestamp.batch):
-            self._run(state, logger)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state)
 
 
 def eval_callbacks(cfg, tokenizer_file: str | Path) -> list:
