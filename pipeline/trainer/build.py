@@ -120,16 +120,47 @@ def build_algorithms(cfg: TrainConfig) -> list:
 
 
 def build_loggers(cfg: TrainConfig) -> list:
+    """TensorBoard by default (offline); Weights & Biases and MLflow when their sections are set."""
     from composer.loggers import TensorboardLogger
 
+    out = []
     tb = cfg.loggers.tensorboard
-    if tb is None:
-        return []
-    log_dir = tb.log_dir
-    if log_dir is None:
-        local_save = cfg.save_folder is not None and "://" not in cfg.save_folder
-        log_dir = f"{cfg.save_folder}/tensorboard" if local_save else f"tensorboard/{cfg.run_name or 'run'}"
-    return [TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True)]
+    if tb is not None:
+        log_dir = tb.log_dir
+        if log_dir is None:
+            local_save = cfg.save_folder is not None and "://" not in cfg.save_folder
+            log_dir = (
+                f"{cfg.save_folder}/tensorboard" if local_save else f"tensorboard/{cfg.run_name or 'run'}"
+            )
+        out.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True))
+    for key in ("wandb", "mlflow"):  # packages checked with the config (check_consistency)
+        section = getattr(cfg.loggers, key)
+        if section is None:
+            continue
+        if key == "wandb":
+            from composer.loggers import WandBLogger
+
+            out.append(
+                WandBLogger(
+                    project=section.project,
+                    entity=section.entity,
+                    name=section.name or cfg.run_name,
+                    tags=section.tags,
+                    rank_zero_only=True,
+                )
+            )
+        else:
+            from composer.loggers import MLFlowLogger
+
+            out.append(
+                MLFlowLogger(
+                    experiment_name=section.experiment_name,
+                    run_name=section.run_name or cfg.run_name,
+                    tracking_uri=section.tracking_uri,
+                    rank_zero_only=True,
+                )
+            )
+    return out
 
 
 def build_parallelism(cfg: TrainConfig, model: BD3LM) -> dict | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import types
@@ -272,10 +273,31 @@ class TensorboardSection:
 
 
 @dataclass
+class WandBSection:
+    """Weights & Biases (``pip install wandb``; credentials from ``WANDB_API_KEY`` / ``wandb login``)."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+
+
+@dataclass
+class MLFlowSection:
+    """MLflow (``pip install mlflow``; the server from ``tracking_uri`` or ``MLFLOW_TRACKING_URI``)."""
+
+    experiment_name: str | None = None
+    run_name: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
 class LoggersSection:
     progress_bar: ProgressBarSection | None = field(default_factory=ProgressBarSection)
     console: ConsoleSection | None = None
     tensorboard: TensorboardSection | None = field(default_factory=TensorboardSection)
+    wandb: WandBSection | None = None
+    mlflow: MLFlowSection | None = None
 
 
 @dataclass
@@ -574,6 +596,11 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
     if cfg.optimizer.lr <= 0:
         raise ConfigError("optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
 
+    for key in ("wandb", "mlflow"):
+        if getattr(cfg.loggers, key) is not None and importlib.util.find_spec(key) is None:
+            raise ConfigError(
+                f"loggers.{key}", f"needs the {key} package: pip install {key}, or remove the section"
+            )
     if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
         missing = "save_folder" if not cfg.save_folder else "run_name"
         raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")

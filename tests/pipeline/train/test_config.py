@@ -221,3 +221,15 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
     assert res.model_config.num_hidden_layers == 22
     # The hub name is kept as the default: nothing was downloaded here.
     assert "TinyLlama/TinyLlama_v1.1" in (YAMLS / "bd3_1b.yaml").read_text()
+
+
+@pytest.mark.parametrize(("key", "setting"), [("wandb", "project=x"), ("mlflow", "experiment_name=x")])
+def test_optional_logger_without_its_package_is_a_config_error(
+    tiny_data, tmp_path, key, setting, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == key else real(name, *a))
+    e = _error(tiny_data, tmp_path, f"loggers.{key}.{setting}")
+    assert e.key == f"loggers.{key}" and f"pip install {key}" in str(e)
