@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_data_prep
 	$(PY) -m benchmarks.bench_model
 	$(PY) -m benchmarks.bench_sampler
+	$(PY) -m benchmarks.bench_train
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
