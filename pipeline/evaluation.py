@@ -9,6 +9,7 @@ seed, so two evaluations of the same weights see the same corruption and their c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -72,7 +73,7 @@ def evaluate_block_sizes(
     """
     was_training = model.training
     model.eval()
-    eval_cfg = DiffusionConfig(**{**cfg.__dict__, "seed": seed, "stratify_group": 1})
+    eval_cfg = dataclasses.replace(cfg, seed=seed, stratify_group=1)
     device = next(model.parameters()).device
     # per block size: [sum of row nelbo sums, sum of scored tokens, sum of row means, sum of squares, rows]
     acc = {bs: torch.zeros(5, dtype=torch.float64) for bs in block_sizes}
@@ -148,7 +149,7 @@ def noise_interval_search(
     device = next(model.parameters()).device
     records = []
     for iv in grid or interval_grid():
-        c = DiffusionConfig(**{**cfg.__dict__, "seed": seed, "stratify_group": 1, "noise_interval": iv})
+        c = dataclasses.replace(cfg, seed=seed, stratify_group=1, noise_interval=iv)
         acc = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
             x0, doc, ids = _to_model_device(batch, device)
@@ -214,12 +215,12 @@ def generative_perplexity(model, tokenizer, reference, ref_tokenizer, sampler_cf
     from pipeline.diffusion.sampler import generate
 
     c = model.config
-    start = c.bos_token_id if c.bos_token_id is not None else c.eos_token_id
+    start = c.start_token_id
     device = next(model.parameters()).device
     prompt = torch.full((num_samples, 1), start if start is not None else 0, device=device)
     result = generate(model, prompt, sampler_cfg)
     rc = reference.config
-    ref_start = rc.bos_token_id if rc.bos_token_id is not None else rc.eos_token_id
+    ref_start = rc.start_token_id
     total, count, entropies, texts = 0.0, 0, [], []
     for row, n in zip(result.tokens.tolist(), result.lengths):
         ids = row[:n]

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if block_size is None:
         print("error: the checkpoint records no block size; pass --block-size", file=sys.stderr)
         return 2
-    start = c.bos_token_id if c.bos_token_id is not None else c.eos_token_id
+    start = c.start_token_id
     prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else []
     if start is not None and (not prompt or c.bos_token_id is not None):
         prompt = [start] + prompt

@@ -172,6 +172,11 @@ class ModelConfig:
         }
         return out
 
+    @property
+    def start_token_id(self) -> int | None:
+        """The token unconditional generation starts from: BOS, else EOS (None when neither is known)."""
+        return self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

@@ -512,7 +512,7 @@ class Generation(ScheduledEval):
                 }
                 return metrics, out["samples"]
             c = bd3.config
-            start = c.bos_token_id if c.bos_token_id is not None else c.eos_token_id
+            start = c.start_token_id
             prompt = torch.full((self.num_samples, 1), start if start is not None else 0, device=device)
             result = generate(bd3, prompt, cfg)
         rows = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths)]
