@@ -102,28 +102,42 @@ def _session_processes(sid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_cli_killed_at_a_random_time_resumes_and_leaves_no_workers(corpus, clean, tokenizer_path, tmp_path):
+def test_cli_killed_at_random_times_resumes_and_leaves_no_workers(corpus, clean, tokenizer_path, tmp_path):
+    """Several trials: the real CLI SIGKILLed at a random moment, rerun, killed again; then finished."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep", "convert", "--input", str(corpus), "--out", str(out)]
     cmd += ["--tokenizer", str(tokenizer_path), "--workers", "2", "--no-progress"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
     env = dict(os.environ, DATA_PREP_TEST_BATCH_DELAY="0.25")  # about 2 s of work after the first part
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("train/part-*.done.json")):  # past the imports, some work done
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            time.sleep(0.05)
-        time.sleep(random.uniform(0, 0.8))
-        assert proc.poll() is None, "finished before it could be killed"
-        proc.kill()  # SIGKILL the main process only, as an OOM killer or a preemption would
-        proc.wait()
-        time.sleep(2.5)  # orphaned tokenizer workers notice within a second
-        assert _session_processes(proc.pid) == []
-    finally:
-        for pid in _session_processes(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-    assert not (out / MANIFEST).exists()
+    rng = random.Random()
+    kills = 0
+    for trial in range(3):
+        done_before = len(list(out.glob("train/part-*.done.json")))
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            # past the imports and one more part than last time (every trial makes progress)
+            while len(list(out.glob("train/part-*.done.json"))) <= done_before:
+                if proc.poll() is not None:
+                    break
+                assert time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.05)
+            delay = rng.uniform(0, 0.8)
+            print(f"trial {trial}: kill {delay:.2f} s after part {done_before + 1}")
+            time.sleep(delay)
+            if proc.poll() is not None:  # finished before it could be killed
+                assert proc.returncode == 0, proc.stderr.read().decode()
+                break
+            proc.kill()  # SIGKILL the main process only, as an OOM killer or a preemption would
+            proc.wait()
+            kills += 1
+            time.sleep(2.5)  # orphaned tokenizer workers notice within a second
+            assert _session_processes(proc.pid) == []
+        finally:
+            for pid in _session_processes(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        assert not (out / MANIFEST).exists()
+    assert kills >= 2
     result = convert([str(corpus)], str(out), str(tokenizer_path), workers=2, progress=False, **ARGS)
     assert not result.already_complete
     assert_same_output(out, clean)
