@@ -1,7 +1,8 @@
 """Train a BD3 model from a YAML: ``composer -n N -m pipeline.train yamls/X.yaml [key.sub=value ...]``.
 
 Also ``python -m pipeline.train yamls/X.yaml [key.sub=value ...]`` for one process. A config error
-prints one line naming the key and exits with code 2 before any model is built.
+prints one line naming the key and exits with code 2 before any model is built; a NaN/Inf loss
+(``nonfinite_loss: stop``) prints the batch and the checkpoint to resume from and exits with code 3.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.trainer import ConfigError, load_config
+    from pipeline.trainer.checkpointing import NonFiniteError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

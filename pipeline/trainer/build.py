@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.model import BD3LM, from_pretrained
-from pipeline.trainer.config import TrainConfig, diffusion_config
+from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.resources import Resources, check_resources
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,13 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
         GradientClipping,
         HFExport,
         LossLog,
+        NonFiniteLoss,
         SampleIndexer,
         eval_callbacks,
     )
 
     c = cfg.callbacks
-    out = [SampleIndexer()]
+    out = [SampleIndexer(), NonFiniteLoss(cfg.nonfinite_loss, cfg.save_folder)]  # guard before clipping
     fsdp = cfg.parallelism is not None and cfg.parallelism.fsdp is not None
     if fsdp and device_name == "cpu" and world_size > 1:
         out.append(GlooFSDPGradMean())
@@ -105,7 +106,7 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
     if c.runtime_estimator is not None:
         out.append(RuntimeEstimator(skip_batches=c.runtime_estimator.skip_batches))
     if c.loss_log is not None:
-        out.append(LossLog(c.loss_log.path))
+        out.append(LossLog(c.loss_log.path, sample_ids=c.loss_log.sample_ids))
     if c.hf_export is not None:
         out.append(HFExport(c.hf_export.folder, tokenizer_dir=res.tokenizer_file.parent))
     out += eval_callbacks(cfg, res.tokenizer_file)
@@ -203,22 +204,37 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
         shutil.copy2(res.tokenizer_file, folder / "tokenizer.json")
 
 
+def _safe_trainer_class():
+    from composer import Trainer
+
+    from pipeline.trainer.checkpointing import install_safe_saves
+
+    class SafeTrainer(Trainer):
+        """Composer's Trainer with crash-safe checkpoint writes (see ``checkpointing``)."""
+
+        def __init__(self, *, save_folder=None, **kwargs):
+            super().__init__(save_folder=save_folder, **kwargs)
+            install_safe_saves(self, save_folder)
+
+    return SafeTrainer
+
+
 def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
-    from composer import Trainer
     from composer.core import Evaluator
     from composer.utils import dist, get_device
 
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
 
-    res = res or check_resources(cfg, download=True)
     device = get_device(cfg.device)
     local_procs = dist.get_local_world_size()
     if device.name == "cpu" and local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does: N processes x all cores each oversubscribes the CPU (10-100x slower).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    res = res or resources_local_rank_zero_first(cfg)
+    prepare_node(cfg, res)
 
     model = build_model(cfg, res)
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))
@@ -236,7 +252,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
         )
     write_run_metadata(cfg, model, res)
     optimizer = build_optimizer(cfg, composer_model)
-    trainer_cls, extra = Trainer, {"parallelism_config": build_parallelism(cfg, model)}
+    trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
         from pipeline.trainer.config import deepspeed_config
         from pipeline.trainer.deepspeed import DeepSpeedTrainer
@@ -276,19 +292,64 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     )
 
 
+def resources_local_rank_zero_first(cfg: TrainConfig) -> Resources:
+    """``check_resources`` with downloads: local rank 0 of each node first, the others from its cache.
+
+    Every rank ends up with the same checks (a config error is raised on all of them, no rank waits
+    for a failed one); only one process per node talks to the hub.
+    """
+    from composer.utils import dist
+
+    res, err = None, None
+    if dist.get_local_rank() == 0:
+        try:
+            res = check_resources(cfg, download=True)
+        except ConfigError as e:
+            err = e
+    dist.barrier()
+    if err is not None:
+        raise err
+    return res or check_resources(cfg, download=True)
+
+
+def prepare_node(cfg: TrainConfig, res: Resources) -> None:
+    """Before any dataset or Trainer exists: stale shared memory, save_folder checks and repair.
+
+    Local rank 0 of each node removes Streaming's stale shared memory and probes save_folder (every
+    node writes there under DeepSpeed); global rank 0 repairs a save_folder left by a killed run.
+    Errors reach every rank (an all-gather), so none waits for a rank that failed.
+    """
+    from composer.utils import dist
+
+    from pipeline.trainer.checkpointing import check_save_folder, checkpoint_bytes, repair_save_folder
+    from pipeline.trainer.data import clean_stale_streaming_memory
+
+    local = cfg.save_folder is not None and "://" not in cfg.save_folder
+    problem = None
+    if dist.get_local_rank() == 0:
+        clean_stale_streaming_memory()
+        if local:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in BD3LM(res.model_config).parameters())
+            probe = f".write-probe-node{dist.get_node_rank()}"
+            problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
+    if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
+        repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        raise ConfigError("save_folder", problems[0])
+
+
 def run(cfg: TrainConfig):
     """Check, build and train; returns the closed ``Trainer`` (its ``state`` holds model and metrics)."""
-    res = check_resources(cfg, download=True)
-    log.info("model: %s", res.model_config)
     if cfg.save_folder and "://" not in cfg.save_folder:
-        Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
         if cfg.autoresume and any(Path(cfg.save_folder).glob("latest-rank*.pt")):
             log.warning(
                 "autoresume: loading the latest checkpoint in %s (a pickle: only resume from folders your "
                 "own runs wrote)",
                 cfg.save_folder,
             )
-    trainer = build_trainer(cfg, res)
+    trainer = build_trainer(cfg)
     try:
         if cfg.eval_first and cfg.eval_loader is not None and trainer.state.timestamp.batch.value == 0:
             trainer.eval()

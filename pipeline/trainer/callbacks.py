@@ -3,7 +3,9 @@
 - ``SampleIndexer`` (always on): writes each training sample's noise id and the step into the batch.
 - ``GradientClipping``: clips the global gradient norm (DDP and FSDP2) and logs it.
 - ``GlooFSDPGradMean``: FSDP2 on CPU (gloo) sums gradients over ranks; divide them back to the mean.
-- ``LossLog``: rank 0 appends the per-batch training losses to a JSONL file.
+- ``NonFiniteLoss`` (always on): a NaN/Inf loss on any rank stops the run before the update, or
+  drops the batch's update everywhere (``nonfinite_loss: skip``).
+- ``LossLog``: rank 0 appends the per-batch training losses (and optionally the rows) to a JSONL file.
 - ``HFExport``: writes a Hugging Face-format folder (safetensors) at the end of training.
 
 Evaluation callbacks (YAML ``callbacks.block_size_likelihood`` / ``noise_interval_search`` /
@@ -102,16 +104,93 @@ class GradientClipping(Callback):
         logger.log_metrics({"optim/grad_norm": norm.item()})
 
 
-class LossLog(Callback):
-    """Rank 0 appends ``{"batch": n, "time": unix seconds, "loss/train/total": ..., ...}`` per batch."""
+class NonFiniteLoss(Callback):
+    """Check every microbatch loss before its backward; all ranks agree (one scalar all-reduce).
 
-    def __init__(self, path: str | Path):
+    ``stop``: raise ``NonFiniteError`` on every rank with the batch and the checkpoint to resume
+    from; no update is applied and nothing is saved. ``skip``: the batch's gradients are dropped on
+    every rank before the optimizer step (params with no grad are not updated), the run goes on and
+    ``loss/train/skipped_batches`` counts them. Install before ``GradientClipping``.
+    """
+
+    def __init__(self, policy: str, save_folder: str | None):
+        self.policy = policy
+        self.save_folder = save_folder
+        self.skip_batch = False
+        self.skipped = 0
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        from pipeline.trainer.checkpointing import NonFiniteError, resume_hint, test_fault
+
+        batch = int(state.timestamp.batch) + 1  # the batch being trained, numbered as in the loss log
+        loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
+        if test_fault("nan_loss", batch, dist.get_global_rank()):
+            loss = loss * float("nan")
+            if isinstance(state.loss, dict):
+                state.loss["total"] = loss
+            else:
+                state.loss = loss
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        flag = torch.tensor([float(bad)], device=loss.device)
+        dist.all_reduce(flag, reduce_operation="MAX")
+        if flag.item() == 0:
+            return
+        ranks = [r for r, b in enumerate(dist.all_gather_object(bad)) if b]
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"the training loss is NaN/Inf at batch {batch} (rank {', '.join(map(str, ranks))}); "
+                f"stopped before applying it. {resume_hint(self.save_folder)} Or set nonfinite_loss: skip."
+            )
+        if not self.skip_batch:
+            log.warning("NaN/Inf loss at batch %d (rank %s): skipping the batch's update", batch, ranks)
+        self.skip_batch = True
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        if not self.skip_batch:
+            return
+        for p in state.model.parameters():
+            p.grad = None
+        self.skip_batch = False
+        self.skipped += 1
+        logger.log_metrics({"loss/train/skipped_batches": self.skipped})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+
+class LossLog(Callback):
+    """Rank 0 appends ``{"batch": n, "time": unix seconds, "loss/train/total": ..., ...}`` per batch.
+
+    With ``sample_ids`` the record also has ``rows``: the split indices of the global batch's rows in
+    stream order. A line cut by a kill is dropped when the file is opened again.
+    """
+
+    def __init__(self, path: str | Path, sample_ids: bool = False):
         self.path = Path(path)
+        self.sample_ids = sample_ids
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0 or not self.path.exists():
+            return
+        text = self.path.read_bytes()
+        if text and not text.endswith(b"\n"):  # torn last line of a killed run
+            self.path.write_bytes(text[: text.rfind(b"\n") + 1])
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        rows = None
+        if self.sample_ids:  # collective: every rank contributes its (stream index, row) pairs
+            b = state.batch
+            mine = list(zip(b["sample_index"].tolist(), b["dataset_index"].tolist()))
+            pairs = sorted(p for part in dist.all_gather_object(mine) for p in part)
+            rows = [row for _, row in pairs]
         if dist.get_global_rank() != 0:
             return
         record = {"batch": int(state.timestamp.batch), "time": time.time(), **state.total_loss_dict}
+        if rows is not None:
+            record["rows"] = rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -174,9 +174,14 @@ class EMASection:
 
 @dataclass
 class LossLogSection:
-    """Rank 0 appends one JSON line per batch: {"batch", "loss/train/total", ...}."""
+    """Rank 0 appends one JSON line per batch: {"batch", "loss/train/total", ...}.
+
+    ``sample_ids``: also log ``rows``, the data rows (index in the split) of the global batch in
+    stream order: checks that a resumed run sees every row once (costs one all-gather per batch).
+    """
 
     path: str
+    sample_ids: bool = False
 
 
 @dataclass
@@ -365,6 +370,9 @@ class TrainConfig:
     dist_timeout: float = 600.0
     device: Literal["cpu", "gpu"] | None = None
     python_log_level: str | None = None
+    # NaN/Inf loss on any rank: "stop" (raise before the update, name the checkpoint to resume from)
+    # or "skip" (drop the batch's update on every rank and go on).
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +536,32 @@ def _check_time(key: str, value: str | int) -> None:
         )
 
 
+# Keys that may name object storage or a hub; credentials in them would be logged and checkpointed.
+URL_KEYS = ("train_loader.remote", "eval_loader.remote", "save_folder", "model.init_from")
+
+
+def check_no_credentials(cfg: TrainConfig) -> None:
+    """Refuse URLs with embedded credentials (``scheme://user:password@host``) in ``URL_KEYS``."""
+    import urllib.parse
+
+    for key in URL_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None) if value is not None else None
+        if not isinstance(value, str) or "://" not in value:
+            continue
+        url = urllib.parse.urlsplit(value)
+        # oci://bucket@namespace/... is OCI's address form, not a credential.
+        if url.password is not None or (url.username is not None and url.scheme != "oci"):
+            shown = url._replace(netloc="***@" + url.netloc.rsplit("@", 1)[1]).geturl()
+            raise ConfigError(
+                key,
+                f"{shown} has credentials in the URL; remove them: object-store credentials come from the "
+                "environment or the provider's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                "~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ~/.oci/config, HF_TOKEN), never from the config",
+            )
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -567,10 +601,11 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
         )
     if gb % (world * mb):
         ok = [m for m in range(1, gb + 1) if gb % (world * m) == 0]
+        other = f" or a microbatch size in {ok[-4:]}" if ok else f" or a world size that divides {gb}"
         raise ConfigError(
             "global_train_batch_size",
             f"{gb} is not divisible by world size {world} x device_train_microbatch_size {mb}; "
-            f"choose a multiple of {world * mb} or a microbatch size in {ok[-4:] or '[none]'}",
+            f"choose a multiple of {world * mb}{other}",
         )
     if cfg.device_eval_batch_size is not None and cfg.device_eval_batch_size < 1:
         raise ConfigError("device_eval_batch_size", "must be >= 1")
@@ -581,6 +616,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
             "in the training stream) is the same on any number of processes",
         )
 
+    check_no_credentials(cfg)
     _check_time("max_duration", cfg.max_duration)
     _check_time("eval_interval", cfg.eval_interval)
     _check_time("save_interval", cfg.save_interval)
@@ -686,6 +722,12 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(
             "callbacks.ema",
             "EMA is not supported under DeepSpeed (ZeRO partitions the weights it averages); remove it",
+        )
+    if cfg.nonfinite_loss == "skip":
+        raise ConfigError(
+            "nonfinite_loss",
+            "skip is not supported under DeepSpeed (the engine owns the optimizer step); use stop and "
+            "resume from the last checkpoint",
         )
     if cfg.save_folder and "://" in cfg.save_folder:
         raise ConfigError(

@@ -14,6 +14,10 @@ Deterministic resumption: the DataLoader's dataset *is* the ``StreamingDataset``
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,65 @@ import torch
 
 from pipeline.rows import packed_rows_dataset_class
 
+log = logging.getLogger(__name__)
+
 TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
+_SHM_DIR = Path("/dev/shm")
+_STREAMING_SHM = re.compile(r"^(\d{6})_[a-z_]+$")
+
+
+def _mapped_shm_names() -> set[str]:
+    """Names under /dev/shm that some live process has mapped (from /proc/*/maps)."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process exited, or is not ours to read
+            continue
+        for line in text.splitlines():
+            i = line.find("/dev/shm/")
+            if i >= 0:
+                names.add(line[i + len("/dev/shm/") :].split(" ")[0])
+    return names
+
+
+def clean_stale_streaming_memory() -> list[str]:
+    """Remove Streaming's shared memory left by killed jobs; returns the names removed.
+
+    A crashed run leaves ``/dev/shm/NNNNNN_*`` segments behind, and Streaming then refuses to reuse
+    the same local cache with a remote ("Reused local directory"). A prefix is stale when no live
+    process maps any of its segments, so jobs still running on the node are never touched (unlike
+    ``streaming.base.util.clean_stale_shared_memory``, which removes everything). Linux only; call on
+    one process per node before any dataset exists.
+    """
+    if not _SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
+        return []
+    groups: dict[str, list[Path]] = {}
+    for p in _SHM_DIR.iterdir():
+        m = _STREAMING_SHM.match(p.name)
+        if m:
+            groups.setdefault(m.group(1), []).append(p)
+    if not groups:
+        return []
+    live = _mapped_shm_names()
+    removed = []
+    for prefix, files in sorted(groups.items()):
+        if any(f.name in live for f in files):
+            continue
+        locks = [
+            Path(tempfile.gettempdir()) / f"{prefix}_{n}" for n in ("barrier_filelock", "cache_filelock")
+        ]
+        for f in [*files, *locks]:
+            try:
+                os.unlink(f)
+                removed.append(f.name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # another user's segment: leave it
+                log.debug("cannot remove %s: %s", f, e)
+    if removed:
+        log.warning("removed stale Streaming shared memory of a killed run: %s", ", ".join(removed))
+    return removed
 
 
 def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, Any]:
@@ -80,8 +142,8 @@ def build_dataloader(section, *, seq_len: int, batch_size: int):
         )
     except FileExistsError as e:
         raise RuntimeError(
-            f"{e}: stale shared memory from a crashed streaming job. If no other training job runs on this "
-            "machine, clean it with: python -c 'from streaming.base.util import clean_stale_shared_memory as c; c()'"
+            f"{e}: stale shared memory from a crashed streaming job that this run could not remove; "
+            "remove the /dev/shm/NNNNNN_* files that no running job uses"
         ) from e
     workers = section.num_workers
     loader = DataLoader(

@@ -13,14 +13,14 @@ tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (compo
 - Checkpoints: Composer still writes its own state (timestamp, dataset position, RNG, callbacks,
   schedulers) without the model and optimizer (``save_ignore_keys``); right before each of those
   saves every rank writes its ZeRO partition with ``engine.save_checkpoint`` into
-  ``{save_folder}/deepspeed/ba{N}``. A crash between the two leaves the previous pair intact, and
-  autoresume restores the pair of the latest Composer checkpoint.
+  ``{save_folder}/deepspeed/ba{N}`` (through ``ba{N}.partial``, see ``checkpointing``). A crash
+  anywhere leaves the previous pair intact, and autoresume restores the pair of the latest complete
+  Composer checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from composer import Trainer
 from composer.core import Event
 
+from pipeline.trainer.checkpointing import install_safe_saves
 from pipeline.trainer.ds_config import DS_SUBDIR
 
 log = logging.getLogger(__name__)
@@ -67,35 +68,11 @@ class DeepSpeedTrainer(Trainer):
         # they are partitions it cannot map. The engine's checkpoint holds them instead.
         self.state.get_model_state_dict = dict
         self.state.get_optim_state_dict = dict
-        saver = getattr(self, "_checkpoint_saver", None)
-        if saver is not None:
-            composer_save = saver._save_checkpoint
-
-            def save_both(state, logger):
-                self.save_deepspeed_checkpoint(int(state.timestamp.batch))
-                composer_save(state, logger)
-
-            saver._save_checkpoint = save_both
-            self._keep = saver.num_checkpoints_to_keep
+        install_safe_saves(self, save_folder, ds_dir=self._ds_dir)
         if int(self.state.timestamp.batch) > 0:  # Composer's autoresume restored its part: load ours
             self.load_deepspeed_checkpoint(int(self.state.timestamp.batch))
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_deepspeed_checkpoint(self, batch: int) -> None:
-        """Every rank writes its ZeRO partition (collective)."""
-        if self._ds_dir is None:
-            return
-        self.ds_engine.save_checkpoint(str(self._ds_dir), tag=f"ba{batch}")
-        from composer.utils import dist
-
-        if dist.get_global_rank() == 0 and getattr(self, "_keep", -1) > 0:
-            tags = sorted(
-                (p for p in self._ds_dir.glob("ba*") if p.is_dir() and p.name[2:].isdigit()),
-                key=lambda p: int(p.name[2:]),
-            )
-            for old in tags[: -self._keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
     def load_deepspeed_checkpoint(self, batch: int) -> None:
         tag = f"ba{batch}"
         if self._ds_dir is None or not (self._ds_dir / tag).is_dir():

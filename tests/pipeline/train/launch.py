@@ -30,17 +30,30 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def launch(tiny_data, out: Path, *extra: str, nproc: int = 2) -> None:
-    """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl."""
+def train_command(tiny_data, out: Path, *extra: str, nproc: int = 2, common=COMMON) -> tuple[list[str], dict]:
+    """(argv, env) of ``composer -n N -m pipeline.train`` on bd3_tiny (``python -m`` when nproc is 0).
+
+    Losses go to out/loss.jsonl, checkpoints to out/ckpt, rank logs to out/rank{r}.{out,err}.
+    """
     data, tok = tiny_data
     out.mkdir(exist_ok=True)
     args = tiny_overrides(
-        data, tok, out / "ckpt", *COMMON, f"callbacks.loss_log.path={out}/loss.jsonl", *extra
+        data, tok, out / "ckpt", *common, f"callbacks.loss_log.path={out}/loss.jsonl", *extra
     )
-    launcher = str(Path(sys.executable).with_name("composer"))
-    logs = ["--stdout", f"{out}/rank{{rank}}.out", "--stderr", f"{out}/rank{{rank}}.err"]
-    cmd = [launcher, "-n", str(nproc), *logs, "-m", "pipeline.train", str(YAMLS / "bd3_tiny.yaml"), *args]
+    yaml = str(YAMLS / "bd3_tiny.yaml")
+    if nproc == 0:
+        cmd = [sys.executable, "-m", "pipeline.train", yaml, *args]
+    else:
+        launcher = str(Path(sys.executable).with_name("composer"))
+        logs = ["--stdout", f"{out}/rank{{rank}}.out", "--stderr", f"{out}/rank{{rank}}.err"]
+        cmd = [launcher, "-n", str(nproc), *logs, "-m", "pipeline.train", yaml, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return cmd, env
+
+
+def launch(tiny_data, out: Path, *extra: str, nproc: int = 2) -> None:
+    """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl."""
+    cmd, env = train_command(tiny_data, out, *extra, nproc=nproc)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
     assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"

@@ -1,0 +1,266 @@
+"""Crash-safe checkpoints: a kill at any instant leaves the latest complete checkpoint loadable.
+
+Composer 0.32.1 writes ``ep{E}-ba{N}-rank0.pt`` in place, then removes and recreates the
+``latest-rank0.pt`` symlink; a SIGKILL in between leaves a truncated file or no symlink (autoresume
+would then start from batch 0, or refuse the "conflicting" newer file). Here:
+
+- every checkpoint file is written to ``.partial.<name>`` and renamed when complete
+  (``atomic_checkpoint_files``); DeepSpeed partitions go to ``deepspeed/ba{N}.partial`` and are
+  renamed to ``ba{N}`` once every rank has written its part;
+- DeepSpeed tags are rotated only after Composer's own file of the same batch exists;
+- at start, before Composer looks for its autoresume checkpoint, rank 0 removes partial files and
+  points ``latest-rank0.pt`` at the newest *complete* checkpoint (``repair_save_folder``);
+- no checkpoint is written while any parameter is NaN/Inf (``check_finite_parameters``).
+
+``PIPELINE_TEST_FAULTS`` (tests only) kills the process at named points of a save, e.g.
+``kill@composer_tmp:10`` = SIGKILL after batch 10's file is written but before its rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+LATEST = "latest-rank0.pt"
+_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+
+
+# -- test-only fault injection --------------------------------------------------------------------
+def test_fault(point: str, batch: int, rank: int | None = None) -> bool:
+    """True when ``PIPELINE_TEST_FAULTS`` names ``point`` at ``batch`` (and rank, if given there).
+
+    Entries are comma separated ``action@point:batch[:rank]``; ``kill`` entries SIGKILL this process
+    right here, other actions are returned to the caller to act on. Unset in normal use.
+    """
+    spec = os.environ.get("PIPELINE_TEST_FAULTS")
+    if not spec:
+        return False
+    for entry in spec.split(","):
+        action, _, where = entry.strip().partition("@")
+        name, *rest = where.split(":")
+        if name != point or not rest or int(rest[0]) != batch:
+            continue
+        if len(rest) > 1 and rank is not None and int(rest[1]) != rank:
+            continue
+        if action == "kill":
+            log.warning("test fault: SIGKILL at %s, batch %d", point, batch)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+    return False
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+def atomic_checkpoint_files() -> None:
+    """Make Composer write each checkpoint file under a temporary name and rename it when complete."""
+    from composer.utils import checkpoint as ckpt
+
+    if getattr(ckpt._write_checkpoint_file, "_atomic", False):
+        return
+    write = ckpt._write_checkpoint_file
+
+    def write_then_rename(state_dict, filename: str) -> None:
+        path = Path(filename)
+        tmp = path.with_name(f"{PARTIAL}.{path.name}")
+        write(state_dict, str(tmp))  # the suffix (compression, tar) is kept
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        batch = _batch_of(path.name)
+        if batch is not None:
+            test_fault("composer_tmp", batch)
+        os.replace(tmp, path)
+
+    write_then_rename._atomic = True
+    ckpt._write_checkpoint_file = write_then_rename
+
+
+def _batch_of(name: str) -> int | None:
+    m = _CKPT_RE.match(name)
+    return int(m.group(2)) if m else None
+
+
+def composer_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """{batch: file} of the complete Composer checkpoints (rank 0 files) in ``folder``."""
+    out = {}
+    for p in Path(folder).glob("ep*-ba*-rank0.pt"):
+        batch = _batch_of(p.name)
+        if batch is not None and p.is_file():
+            out[batch] = p
+    return out
+
+
+def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
+    """Make ``latest-rank0.pt`` point at the newest complete checkpoint; drop partial writes.
+
+    Call on global rank 0 before the Trainer is built (shared filesystem). A checkpoint is complete
+    when its Composer file exists and, with ``deepspeed``, so does ``deepspeed/ba{N}``. Returns the
+    batch of that checkpoint (None: nothing to resume from).
+    """
+    from pipeline.trainer.ds_config import DS_SUBDIR
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for p in folder.glob(f"{PARTIAL}.*"):
+        log.warning("removing the partial checkpoint file %s (a run was killed while writing it)", p)
+        p.unlink(missing_ok=True)
+    ds_dir = folder / DS_SUBDIR
+    if ds_dir.is_dir():
+        for p in ds_dir.glob(f"*{PARTIAL}"):
+            log.warning("removing the partial DeepSpeed checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+    files = composer_checkpoints(folder)
+    complete = sorted(b for b in files if not deepspeed or (ds_dir / f"ba{b}").is_dir())
+    latest = folder / LATEST
+    if not complete:
+        if latest.is_symlink() or latest.exists():
+            log.warning("%s points to no complete checkpoint: removing it", latest)
+            latest.unlink()
+        return None
+    batch = complete[-1]
+    target = files[batch].name
+    if not (latest.is_symlink() and os.readlink(latest) == target):
+        log.warning("pointing %s at %s, the newest complete checkpoint", latest, target)
+        tmp = folder / f"{PARTIAL}.{LATEST}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, latest)
+    for b in files:  # newer files without their DeepSpeed half cannot be resumed from
+        if b > batch:
+            log.warning("removing %s: its DeepSpeed partitions are missing", files[b])
+            files[b].unlink()
+    return batch
+
+
+# -- DeepSpeed partitions ---------------------------------------------------------------------
+def save_deepspeed_partitions(engine, ds_dir: Path, batch: int) -> None:
+    """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective)."""
+    from composer.utils import dist
+
+    tag = f"ba{batch}"
+    engine.save_checkpoint(str(ds_dir), tag=f"{tag}{PARTIAL}", save_latest=False)
+    test_fault("deepspeed_tmp", batch, dist.get_global_rank())
+    dist.barrier()  # every partition is on disk
+    if dist.get_global_rank() == 0:
+        final = ds_dir / tag
+        if final.exists():  # left by a run killed before its Composer file was written
+            shutil.rmtree(final)
+        os.replace(ds_dir / f"{tag}{PARTIAL}", final)
+    dist.barrier()
+
+
+def rotate_deepspeed_partitions(folder: Path, ds_dir: Path, keep_batch: int) -> None:
+    """Rank 0 removes DeepSpeed tags whose Composer file is gone (Composer rotated it), keeping ``keep_batch``."""
+    alive = set(composer_checkpoints(folder)) | {keep_batch}
+    for p in ds_dir.glob("ba*"):
+        if p.is_dir() and p.name[2:].isdigit() and int(p.name[2:]) not in alive:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- never save non-finite weights ------------------------------------------------------------
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or parameter; the message says where to resume from."""
+
+
+def check_finite_parameters(model: torch.nn.Module, batch: int, save_folder: str | None) -> None:
+    """Raise ``NonFiniteError`` on every rank when any rank holds a NaN/Inf parameter (collective).
+
+    Under ZeRO-3 each rank checks its own partition (``ds_tensor``).
+    """
+    from composer.utils import dist
+
+    bad = False
+    with torch.no_grad():
+        for p in model.parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p if t is None else t
+            if hasattr(t, "to_local"):  # FSDP2 DTensor: this rank's shard
+                t = t.to_local()
+            if t.numel() and not torch.isfinite(t).all():
+                bad = True
+                break
+    flag = torch.tensor([float(bad)], device=next(model.parameters()).device)
+    dist.all_reduce(flag, reduce_operation="MAX")
+    if flag.item() > 0:
+        raise NonFiniteError(
+            f"parameters are NaN/Inf after batch {batch}: not writing a checkpoint. {resume_hint(save_folder)}"
+        )
+
+
+def resume_hint(save_folder: str | None) -> str:
+    """Where the last good checkpoint is, in words, for error messages."""
+    if not save_folder:
+        return "No save_folder is set, so there is no checkpoint to resume from."
+    files = composer_checkpoints(save_folder) if "://" not in save_folder else {}
+    if not files:
+        return f"No checkpoint in {save_folder} yet."
+    batch = max(files)
+    return (
+        f"The last good checkpoint is {files[batch]} (batch {batch}); rerun with autoresume: true to "
+        "continue from it (lower optimizer.lr or check the data first)."
+    )
+
+
+def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = None) -> None:
+    """Wrap the Trainer's checkpoint saver: finite check, DeepSpeed partitions first, rotation last."""
+    from composer.utils import dist
+
+    saver = getattr(trainer, "_checkpoint_saver", None)
+    if saver is None:
+        return
+    atomic_checkpoint_files()
+    composer_save = saver._save_checkpoint
+    local = save_folder is not None and "://" not in save_folder
+
+    def save(state, logger):
+        batch = int(state.timestamp.batch)
+        check_finite_parameters(state.model, batch, save_folder)
+        if ds_dir is not None:
+            save_deepspeed_partitions(trainer.ds_engine, ds_dir, batch)
+        composer_save(state, logger)
+        test_fault("after_save", batch)
+        if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:
+            rotate_deepspeed_partitions(Path(save_folder), ds_dir, batch)
+
+    saver._save_checkpoint = save
+
+
+def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:
+    """A lower bound on one checkpoint's size: fp32 weights + Adam's two moments (+ bf16 copy, DS)."""
+    return num_params * (14 if deepspeed else 12)
+
+
+def check_save_folder(folder: str | Path, need_bytes: int, probe_name: str = ".write-probe") -> str | None:
+    """None when ``folder`` can be created and written and has room for ``need_bytes``; else what is wrong.
+
+    Writes and removes a small probe file (so a read-only mount, a missing permission or a full
+    disk shows up before training, not at the first checkpoint hours later).
+    """
+    import shutil as _shutil
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / probe_name
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror or e}): choose a folder this job can write, or fix its permissions"
+    free = _shutil.disk_usage(folder).free
+    if free < need_bytes:
+        return (
+            f"{folder} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
+            f"{need_bytes / 2**20:.1f} MiB: free space there or point save_folder elsewhere"
+        )
+    return None

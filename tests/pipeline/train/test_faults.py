@@ -1,0 +1,326 @@
+"""Faults a long run must survive, with real processes: SIGKILL at a random batch or inside a
+checkpoint write, a dying rank, NaN/Inf losses, an unwritable or full save_folder.
+
+The reference of every kill test is the same command run once without faults. A resumed run must
+log, for every batch, exactly the reference's rows (no row seen twice or skipped) and losses, and
+end with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.trainer import ConfigError, load_config, run
+from pipeline.trainer.checkpointing import NonFiniteError, composer_checkpoints
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+from tests.pipeline.train.launch import records, train_command
+
+ROWS_PER_EPOCH = 256  # the tiny_data train split; 16 rows per global batch
+FAULT_COMMON = [
+    "max_duration=20ba",
+    "scheduler.t_max=20ba",
+    "eval_loader=null",
+    "run_name=fault-test",
+    "save_interval=3ba",
+    "callbacks.loss_log.sample_ids=true",
+]
+VARIANTS = {
+    "1proc": (0, []),
+    "zero2": (2, ["parallelism.deepspeed.zero_optimization.stage=2"]),
+    "zero3": (2, ["parallelism.deepspeed.zero_optimization.stage=3"]),
+}
+
+
+def command(tiny_data, out: Path, variant: str):
+    nproc, extra = VARIANTS[variant]
+    return train_command(
+        tiny_data, out, *extra, f"callbacks.hf_export.folder={out}/hf", nproc=nproc, common=FAULT_COMMON
+    )
+
+
+def run_to_end(cmd, env, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    if fault:
+        env = {**env, "PIPELINE_TEST_FAULTS": fault}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def rank_logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name} ---\n{p.read_text()[-2000:]}" for p in sorted(out.glob("rank*.err")))
+
+
+def last_batch(loss_log: Path) -> int:
+    if not loss_log.exists():
+        return 0
+    lines = [line for line in loss_log.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["batch"] if lines else 0
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no weights in {folder}"
+    return out
+
+
+def final_records(out: Path) -> dict[int, dict]:
+    """The loss log of a run that was killed and resumed: the last record of each batch."""
+    return {r["batch"]: r for r in records(out / "loss.jsonl")}
+
+
+def assert_same_run(ref: Path, got: Path) -> None:
+    """Per-batch rows and losses, and final weights, equal to the reference run."""
+    want = final_records(ref)
+    have = final_records(got)
+    assert sorted(have) == sorted(want) == list(range(1, 21))
+    for b in want:
+        assert have[b]["rows"] == want[b]["rows"], f"batch {b}: other rows than the uninterrupted run"
+        for key in ("loss/train/total", "loss/train/nelbo"):
+            # Exact: a resumed run replays the same arithmetic (same ranks, same order).
+            assert have[b][key] == want[b][key], (b, key, have[b][key], want[b][key])
+    # Every row once per epoch: the first 16 batches are one pass over the 256 rows.
+    first_epoch = [r for b in range(1, 17) for r in want[b]["rows"]]
+    assert sorted(first_epoch) == list(range(ROWS_PER_EPOCH))
+    w_ref, w_got = weights(ref / "hf"), weights(got / "hf")
+    assert w_ref.keys() == w_got.keys()
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_got[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """Uninterrupted runs, one per variant, made on first use."""
+    made = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"ref-{variant}")
+            cmd, env = command(tiny_data, out, variant)
+            p = run_to_end(cmd, env, out)
+            assert p.returncode == 0, p.stderr[-3000:] + rank_logs(out)
+            made[variant] = out
+        return made[variant]
+
+    return get
+
+
+def kill_at_random_batch(cmd, env, out: Path, rng: random.Random, nproc: int) -> tuple[int, float]:
+    """Start the run, SIGKILL one training process once the log passes a random batch.
+
+    Returns (the batch it had logged, seconds the launcher took to exit after the kill).
+    """
+    import psutil
+
+    target = rng.randint(2, 17)
+    log = open(out / "launcher.log", "a")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while last_batch(out / "loss.jsonl") < target:
+            assert proc.poll() is None, (out / "launcher.log").read_text()[-3000:] + rank_logs(out)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))  # anywhere inside the next batch (or its checkpoint write)
+        victim = proc.pid if nproc == 0 else rng.choice(psutil.Process(proc.pid).children()).pid
+        logged = last_batch(out / "loss.jsonl")
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        proc.wait(timeout=120)
+        return logged, time.monotonic() - t0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, reference, variant):
+    ref = reference(variant)
+    nproc = VARIANTS[variant][0]
+    rng = random.Random()
+    cmd, env = command(tiny_data, tmp_path, variant)
+    logged, exit_s = kill_at_random_batch(cmd, env, tmp_path, rng, nproc)
+    print(f"\n{variant}: killed after batch {logged}; the launcher exited {exit_s:.1f} s later")
+    assert last_batch(tmp_path / "loss.jsonl") < 20, "finished before the kill"
+    if nproc:  # the launcher notices the dead rank and stops the others: bounded, not a hang
+        assert exit_s < 60
+        assert "crashed" in (tmp_path / "launcher.log").read_text()
+    p = run_to_end(cmd, env, tmp_path)  # the same command again (autoresume: true in the YAML)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(tmp_path)
+    assert_same_run(ref, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "variant, fault, leftover",
+    [
+        # killed with the Composer file half written: latest still points at batch 6
+        ("1proc", "kill@composer_tmp:9", ".partial.ep0-ba9-rank0.pt"),
+        # killed after the file is complete, before anything else: resumes from batch 9 itself
+        ("1proc", "kill@after_save:9", "ep0-ba9-rank0.pt"),
+        # one rank killed while DeepSpeed partitions are written: ba9 stays .partial
+        ("zero2", "kill@deepspeed_tmp:9:1", "deepspeed/ba9.partial"),
+    ],
+)
+def test_sigkill_during_checkpoint_write_resumes_from_a_complete_checkpoint(
+    tiny_data, tmp_path, reference, variant, fault, leftover
+):
+    ref = reference(variant)
+    cmd, env = command(tiny_data, tmp_path, variant)
+    p = run_to_end(cmd, env, tmp_path, fault=fault)
+    assert p.returncode != 0
+    assert (tmp_path / "ckpt" / leftover).exists()  # the kill really happened inside the save
+    assert last_batch(tmp_path / "loss.jsonl") == 9
+    p = run_to_end(cmd, env, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(tmp_path)
+    assert not list((tmp_path / "ckpt").rglob(".partial*")) and not list(
+        (tmp_path / "ckpt").rglob("*.partial")
+    )
+    assert_same_run(ref, tmp_path)
+    replayed = [r["batch"] for r in records(tmp_path / "loss.jsonl")].count(7)
+    assert replayed == (2 if "tmp" in fault else 1)  # resumed from batch 6 only when batch 9 was partial
+
+
+# -- in-process faults (1 process, fast) ------------------------------------------------------------
+def tiny_cfg(tiny_data, out: Path, *extra: str):
+    data, tok = tiny_data
+    overrides = tiny_overrides(
+        data, tok, out / "ckpt", "eval_loader=null", f"callbacks.loss_log.path={out}/loss.jsonl", *extra
+    )
+    return load_config(YAMLS / "bd3_tiny.yaml", overrides, world_size=1)
+
+
+def test_missing_latest_symlink_resumes_from_the_newest_complete_checkpoint(tiny_data, tmp_path, one_thread):
+    # The state a kill leaves between Composer's removal of latest-rank0.pt and its new symlink.
+    run(tiny_cfg(tiny_data, tmp_path, "max_duration=6ba", "scheduler.t_max=9ba", "save_interval=3ba"))
+    (tmp_path / "ckpt" / "latest-rank0.pt").unlink()
+    run(tiny_cfg(tiny_data, tmp_path, "max_duration=9ba", "scheduler.t_max=9ba", "save_interval=3ba"))
+    assert [r["batch"] for r in records(tmp_path / "loss.jsonl")] == list(range(1, 10))
+
+
+def test_nan_loss_stops_before_the_update_and_names_the_checkpoint(
+    tiny_data, tmp_path, one_thread, monkeypatch
+):
+    from pipeline.train import main
+
+    monkeypatch.setenv("PIPELINE_TEST_FAULTS", "nan@nan_loss:8")
+    data, tok = tiny_data
+    args = tiny_overrides(
+        data, tok, tmp_path / "ckpt", "eval_loader=null", "save_interval=3ba", "save_num_checkpoints_to_keep=-1",
+        f"callbacks.loss_log.path={tmp_path}/loss.jsonl",
+    )  # fmt: skip
+    code = main([str(YAMLS / "bd3_tiny.yaml"), *args])
+    assert code == 3
+    ckpts = composer_checkpoints(tmp_path / "ckpt")
+    assert sorted(ckpts) == [3, 6]  # nothing written at or after the bad batch
+    assert [r["batch"] for r in records(tmp_path / "loss.jsonl")] == list(range(1, 8))
+    blob = torch.load(ckpts[6], map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in blob["state"]["model"].values())
+    with pytest.raises(NonFiniteError, match=r"batch 8 .*ep0-ba6-rank0\.pt \(batch 6\).*autoresume"):
+        run(tiny_cfg(tiny_data, tmp_path / "again", "save_interval=3ba"))
+
+
+def test_nan_loss_skip_drops_exactly_that_update(tiny_data, tmp_path, one_thread, monkeypatch):
+    common = ["nonfinite_loss=skip", "scheduler.t_max=20ba", "save_folder=null", "autoresume=false"]
+    common += ["loggers.tensorboard=null"]
+    monkeypatch.setenv("PIPELINE_TEST_FAULTS", "nan@nan_loss:5")
+    skipped = run(tiny_cfg(tiny_data, tmp_path / "a", *common, "max_duration=5ba"))
+    monkeypatch.delenv("PIPELINE_TEST_FAULTS")
+    before = run(tiny_cfg(tiny_data, tmp_path / "b", *common, "max_duration=4ba"))
+    losses = [r["loss/train/total"] for r in records(tmp_path / "a" / "loss.jsonl")]
+    assert len(losses) == 5 and math.isnan(losses[4]) and all(math.isfinite(x) for x in losses[:4])
+    got = skipped.state.model.model.state_dict()
+    want = before.state.model.model.state_dict()
+    for k in want:  # the batch with the NaN changed no weight
+        assert torch.equal(got[k], want[k]), k
+    # ... and training goes on afterwards with finite losses
+    monkeypatch.setenv("PIPELINE_TEST_FAULTS", "nan@nan_loss:5")
+    longer = run(tiny_cfg(tiny_data, tmp_path / "c", *common, "max_duration=8ba"))
+    losses = [r["loss/train/total"] for r in records(tmp_path / "c" / "loss.jsonl")]
+    assert all(math.isfinite(x) for x in losses[5:])
+    assert all(torch.isfinite(p).all() for p in longer.state.model.parameters())
+
+
+def test_nonfinite_weights_are_never_saved(tiny_data, tmp_path, one_thread):
+    from composer.core import Callback
+
+    from pipeline.trainer.build import build_trainer
+
+    class PoisonAfter6(Callback):  # a corrupted update: weights become NaN with a finite loss
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == 6:
+                with torch.no_grad():
+                    next(state.model.parameters()).fill_(float("nan"))
+
+    cfg = tiny_cfg(tiny_data, tmp_path, "save_interval=3ba", "save_num_checkpoints_to_keep=1")
+    trainer = build_trainer(cfg)
+    trainer.state.callbacks.insert(0, PoisonAfter6())
+    with pytest.raises(NonFiniteError, match=r"after batch 6.*not writing.*ep0-ba3-rank0\.pt"):
+        trainer.fit()
+    trainer.close()
+    assert sorted(composer_checkpoints(tmp_path / "ckpt")) == [3]
+    assert os.readlink(tmp_path / "ckpt" / "latest-rank0.pt") == "ep0-ba3-rank0.pt"
+
+
+def test_skip_is_refused_under_deepspeed(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="nonfinite_loss"):
+        tiny_cfg(
+            tiny_data, tmp_path, "nonfinite_loss=skip", "parallelism.deepspeed.zero_optimization.stage=2"
+        )
+
+
+def test_save_folder_under_a_file_fails_before_training(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    cfg = tiny_cfg(tiny_data, tmp_path, f"save_folder={tmp_path}/file/ckpt")
+    with pytest.raises(ConfigError, match=r"save_folder: .*file/ckpt is not writable.*choose a folder"):
+        run(cfg)
+    assert not (tmp_path / "loss.jsonl").exists()
+
+
+def _mount_tmpfs(path: Path, size: str, readonly: bool = False) -> bool:
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if readonly else "")
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["full", "read-only"])
+def test_full_or_read_only_filesystem_fails_before_training(tiny_data, tmp_path, readonly):
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "64k", readonly):
+        pytest.skip("needs permission to mount a small tmpfs (root in a container that allows it)")
+    try:
+        if not readonly:  # fill it up, as a disk with other jobs' data
+            (mnt / "other").write_bytes(b"\0" * (56 << 10))
+        cfg = tiny_cfg(tiny_data, tmp_path, f"save_folder={mnt}/ckpt")
+        words = (
+            r"not writable.*(Read-only|No space)"
+            if readonly
+            else r"(MiB free but one checkpoint needs|not writable)"
+        )
+        with pytest.raises(ConfigError, match=words):
+            run(cfg)
+        assert not (tmp_path / "loss.jsonl").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
