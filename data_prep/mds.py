@@ -177,13 +177,8 @@ def read_shard(folder: str | os.PathLike, shard: dict) -> tuple[list[np.ndarray]
 
     info = stored_file(shard)
     path = Path(folder) / info["basename"]
-    if not path.is_file():
-        raise ShardError("file is missing")
+    _check_file_size(path, info)
     data = path.read_bytes()
-    if len(data) != info["bytes"]:
-        raise ShardError(
-            f"file has {len(data)} bytes, the index says {info['bytes']} (truncated or replaced)"
-        )
     _check_hashes(data, info, get_hash, "file")
     if shard.get("zip_data"):
         try:
@@ -218,6 +213,28 @@ def read_shard(folder: str | os.PathLike, shard: dict) -> tuple[list[np.ndarray]
     except (ValueError, IndexError, KeyError) as exc:  # numpy and the decoders on malformed bytes
         raise ShardError(f"cannot decode sample {len(tokens)} ({exc})") from exc
     return tokens, doc_starts
+
+
+def check_shard_file(folder: str | os.PathLike, shard: dict) -> None:
+    """Without reading it, check that a shard's data is on disk with the size its index entry records.
+
+    The file checked is the stored one (`stored_file`); a compressed shard may instead have only its
+    decompressed file, as Streaming's cache keeps it. Raises ShardError (missing, or another size).
+    """
+    folder = Path(folder)
+    info, raw = stored_file(shard), shard["raw_data"]
+    raw_path = folder / raw["basename"]
+    if info is not raw and raw_path.is_file() and raw_path.stat().st_size == raw["bytes"]:
+        return
+    _check_file_size(folder / info["basename"], info)
+
+
+def _check_file_size(path: Path, info: dict) -> None:
+    if not path.is_file():
+        raise ShardError("file is missing")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise ShardError(f"file has {size} bytes, the index says {info['bytes']} (truncated or replaced)")
 
 
 def _check_hashes(data: bytes, info: dict, get_hash, what: str) -> None:

@@ -90,6 +90,9 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
                 raise DataPrepError(f"input glob {item!r} matched no files")
             sources.extend(_local_source(p) for p in matches)
         elif os.path.isdir(item):
+            scripts = sorted(glob.glob(os.path.join(item, "*.py")))
+            if scripts and not any(_kind_of(name) for name in os.listdir(item)):
+                raise DataPrepError(_script_refusal(f"folder {item!r}", scripts[0]))
             raise DataPrepError(
                 f"input {item!r} is a directory; pass its files or a glob such as '{item}/*.jsonl'"
             )
@@ -109,8 +112,18 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
+def _script_refusal(where: str, script: str) -> str:
+    return (
+        f"{where} holds the dataset loading script {script} and no .parquet, .jsonl or .txt files: data_prep "
+        "never runs dataset scripts (they are arbitrary code); convert the dataset to parquet or jsonl "
+        "and pass those files"
+    )
+
+
 def _local_source(path: str) -> Source:
     kind = _kind_of(path)
+    if kind is None and path.endswith(".py"):
+        raise DataPrepError(_script_refusal(f"input {path}", os.path.basename(path)))
     if kind is None:
         raise DataPrepError(
             f"input {path}: unsupported file type (expected .txt, .jsonl, .jsonl.zst or .parquet)"
@@ -146,6 +159,12 @@ def _hub_sources(name: str, split: str = "train") -> list[Source]:
             f"{type(exc).__name__}: {exc}"
         ) from exc
     if not files:
+        try:
+            scripts = sorted(fs.glob(f"datasets/{repo}/*.py"))
+        except Exception:  # only for a better message: the lookup itself may fail
+            scripts = []
+        if scripts:
+            raise DataPrepError(_script_refusal(f"hub dataset {repo!r}", scripts[0].rsplit("/", 1)[-1]))
         raise DataPrepError(f"hub dataset {repo!r} has no parquet files for split {split!r}")
     configs = sorted({f.split("/")[-3] for f in files})  # .../{config}/{split}/0000.parquet
     if len(configs) > 1:

@@ -2,7 +2,10 @@
 
 ``check_resources(cfg)`` reads manifest.json, the tokenizer and the checkpoint's config.json (never
 its weights) and returns the resolved ``ModelConfig`` the run will build, raising ``ConfigError``
-for a sequence length, vocabulary, tokenizer or mask-token mismatch before any model exists.
+for a sequence length, vocabulary, tokenizer or mask-token mismatch before any model exists. For a
+local dataset (no ``remote``) it also reads each split's index.json and checks that every shard file
+is there with the recorded size (a stat per shard, no reads), so a missing or truncated shard fails
+at start rather than hours into the run.
 """
 
 from __future__ import annotations
@@ -56,14 +59,35 @@ def check_resources(cfg: TrainConfig, download: bool = False) -> Resources:
         raise ConfigError(
             "max_seq_len", f"{L} exceeds the checkpoint's sliding_window {model_config.sliding_window}"
         )
-    if L > model_config.max_position_embeddings:
-        log.warning(
-            "max_seq_len %d exceeds the model's max_position_embeddings %d: rotary positions beyond "
-            "the trained range",
-            L,
-            model_config.max_position_embeddings,
-        )
+    _check_context(cfg, model_config, init_dir)
     return Resources(manifest, tok_file, tok_vocab, model_config, init_dir)
+
+
+def _check_context(cfg: TrainConfig, config: ModelConfig, init_dir: Path | None) -> None:
+    """Rows longer than the model's context need rope scaling (the checkpoint's ``rope_scaling``)."""
+    L, ctx = cfg.max_seq_len, config.max_position_embeddings
+    if L <= ctx:
+        return
+    if config.rope_scaling:
+        log.warning(
+            "max_seq_len %d exceeds max_position_embeddings %d; relying on the checkpoint's rope_scaling %s",
+            L,
+            ctx,
+            config.rope_scaling,
+        )
+        return
+    if init_dir is None:
+        raise ConfigError(
+            "max_seq_len",
+            f"{L} is longer than the model's context (model.max_position_embeddings {ctx}): raise "
+            f"model.max_position_embeddings to at least {L} or remove it",
+        )
+    raise ConfigError(
+        "max_seq_len",
+        f"{L} is longer than the model's context (max_position_embeddings {ctx} in {init_dir}/config.json, "
+        'no rope_scaling): set rope_scaling in that config.json (e.g. {"rope_type": "linear", "factor": '
+        f"{-(-L // ctx)}.0}}) or prepare rows of at most {ctx} tokens (data_prep convert --seq-len)",
+    )
 
 
 def _init_dir(init_from: str | None, download: bool) -> Path | None:
@@ -74,7 +98,9 @@ def _init_dir(init_from: str | None, download: bool) -> Path | None:
         return p
     if not download:
         raise ConfigError(
-            "model.init_from", f"{init_from!r} is not a local folder (hub names are resolved at launch)"
+            "model.init_from",
+            f"{init_from!r} is not a folder with config.json: give a local Hugging Face model folder, "
+            "or a hub name such as 'TinyLlama/TinyLlama_v1.1' (downloaded at launch)",
         )
     try:
         return resolve_checkpoint_dir(init_from)
@@ -145,12 +171,58 @@ def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[
     if section.split not in splits:
         raise ConfigError(f"{role}.split", f"{section.split!r} is not in {where} (splits: {sorted(splits)})")
     rows = splits[section.split].get("rows")
+    if section.remote is None:
+        rows = _checked_shards(cfg, role, dtype)
+    if rows == 0:
+        remedy = "" if role == "train_loader" else ", or remove eval_loader"
+        raise ConfigError(
+            f"{role}.local",
+            f"split {section.split!r} of {section.local} has no rows: prepare it again with more documents "
+            f"or a smaller --seq-len (python -m data_prep convert){remedy}",
+        )
     if role == "train_loader" and rows is not None and rows < cfg.global_train_batch_size:
         raise ConfigError(
             "global_train_batch_size",
             f"{cfg.global_train_batch_size} is larger than the {rows} rows of split {section.split!r}",
         )
     return manifest
+
+
+def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
+    """Rows of a local split, after checking its index.json and that every shard file is complete."""
+    from data_prep import mds
+
+    section = getattr(cfg, role)
+    split_dir = Path(section.local) / section.split
+    verify = (
+        f"check the folder with `python -m data_prep verify {section.local}` and rerun the data_prep "
+        "command that wrote it (or copy it again)"
+    )
+    try:
+        index = mds.read_index(split_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{role}.local", f"cannot read {split_dir / mds.INDEX} ({e}): {verify}") from None
+    want = f"ndarray:{dtype}:{cfg.max_seq_len}"
+    rows = 0
+    for shard in index.get("shards", []):
+        columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        tokens = columns.get("tokens", "")
+        # data_prep stores the row length in the encoding; other writers may leave the shape out.
+        if tokens not in (want, f"ndarray:{dtype}"):
+            raise ConfigError(
+                f"{role}.local",
+                f"{split_dir / mds.INDEX} stores tokens as {tokens!r}, but max_seq_len is "
+                f"{cfg.max_seq_len} and {section.local}/manifest.json says dtype {dtype} ({want!r}): this "
+                "split was prepared with other settings than the manifest; prepare the whole folder again "
+                "with one data_prep command",
+            )
+        try:
+            mds.check_shard_file(split_dir, shard)
+        except mds.ShardError as e:
+            name = mds.stored_file(shard)["basename"]
+            raise ConfigError(f"{role}.local", f"shard {split_dir / name}: {e}; {verify}") from None
+        rows += shard.get("samples", 0)
+    return rows
 
 
 def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manifest: dict) -> ModelConfig:

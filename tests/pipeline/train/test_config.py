@@ -197,6 +197,16 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
         "splits": {"train": {"rows": 100000}, "val": {"rows": 1000}},
     }
     (data / "manifest.json").write_text(json.dumps(manifest))
+    for split, rows in (("train", 100000), ("val", 1000)):  # one (empty) shard file per split
+        (data / split).mkdir()
+        (data / split / "shard.00000.mds").write_bytes(b"")
+        shard = {
+            "column_names": ["doc_starts", "tokens"],
+            "column_encodings": ["ndarray:uint32", "ndarray:uint16:2048"],
+            "raw_data": {"basename": "shard.00000.mds", "bytes": 0},
+            "samples": rows,
+        }
+        (data / split / "index.json").write_text(json.dumps({"version": 2, "shards": [shard]}))
     overrides = [
         f"variables.data_local={data}",
         f"variables.init_from={ckpt}",
