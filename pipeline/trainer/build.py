@@ -224,6 +224,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     from composer.core import Evaluator
     from composer.utils import dist, get_device
 
+    from pipeline.trainer.checkpointing import atomic_checkpoint_files, node_unique_signal_files
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
 
@@ -235,6 +236,8 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     res = res or resources_local_rank_zero_first(cfg)
     prepare_node(cfg, res)
+    atomic_checkpoint_files()
+    node_unique_signal_files()
 
     model = build_model(cfg, res)
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))

@@ -58,6 +58,28 @@ def test_fault(point: str, batch: int, rank: int | None = None) -> bool:
     return False
 
 
+# -- shared save folders across nodes --------------------------------------------------------
+def node_unique_signal_files() -> None:
+    """Give each node its own name for Composer's "local rank 0 is done" signal file.
+
+    Composer 0.32.1 broadcasts one name from rank 0 (``._signal_file_node0_XXXXXX``) and every
+    node's local rank 0 writes, waits on and deletes that file in ``save_folder``. On a folder shared
+    by several nodes the second delete fails (FileNotFoundError at autoresume), or a node stops
+    waiting early. Appending the node rank keeps the collective (the broadcast) and separates them.
+    """
+    from composer.utils import dist
+
+    if getattr(dist.get_node_signal_file_name, "_per_node", False):
+        return
+    shared_name = dist.get_node_signal_file_name
+
+    def per_node(rng=None) -> str:
+        return f"{shared_name(rng)}_of_node{dist.get_node_rank()}"
+
+    per_node._per_node = True
+    dist.get_node_signal_file_name = per_node
+
+
 # -- atomic files ---------------------------------------------------------------------------------
 def atomic_checkpoint_files() -> None:
     """Make Composer write each checkpoint file under a temporary name and rename it when complete."""
@@ -216,7 +238,6 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
     saver = getattr(trainer, "_checkpoint_saver", None)
     if saver is None:
         return
-    atomic_checkpoint_files()
     composer_save = saver._save_checkpoint
     local = save_folder is not None and "://" not in save_folder
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 _SHM_DIR = Path("/dev/shm")
 _STREAMING_SHM = re.compile(r"^(\d{6})_[a-z_]+$")
+_STREAMING_LOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")
 
 
 def _mapped_shm_names() -> set[str]:
@@ -63,26 +64,31 @@ def clean_stale_streaming_memory() -> list[str]:
         m = _STREAMING_SHM.match(p.name)
         if m:
             groups.setdefault(m.group(1), []).append(p)
-    if not groups:
-        return []
-    live = _mapped_shm_names()
+    live = _mapped_shm_names() if groups else set()
+    stale = {prefix for prefix, files in groups.items() if not any(f.name in live for f in files)}
+    doomed = [f for prefix in sorted(stale) for f in groups[prefix]]
+    # File locks Streaming leaves in the temp dir: stale with their segments, or with none left at all.
+    # (Streaming skips every prefix that has one, so they pile up over killed runs.)
+    for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock"):
+        m = _STREAMING_LOCK.match(p.name)
+        if m and (m.group(1) in stale or m.group(1) not in groups):
+            doomed.append(p)
     removed = []
-    for prefix, files in sorted(groups.items()):
-        if any(f.name in live for f in files):
-            continue
-        locks = [
-            Path(tempfile.gettempdir()) / f"{prefix}_{n}" for n in ("barrier_filelock", "cache_filelock")
-        ]
-        for f in [*files, *locks]:
-            try:
-                os.unlink(f)
-                removed.append(f.name)
-            except FileNotFoundError:
-                pass
-            except OSError as e:  # another user's segment: leave it
-                log.debug("cannot remove %s: %s", f, e)
+    for f in doomed:
+        try:
+            os.unlink(f)
+            removed.append(f.name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # another user's file: leave it
+            log.debug("cannot remove %s: %s", f, e)
     if removed:
-        log.warning("removed stale Streaming shared memory of a killed run: %s", ", ".join(removed))
+        log.warning(
+            "removed %d stale Streaming shared-memory segments / locks of killed runs (%s%s)",
+            len(removed),
+            ", ".join(removed[:4]),
+            ", ..." if len(removed) > 4 else "",
+        )
     return removed
 
 

@@ -1,0 +1,131 @@
+"""A real 2-node job on one machine: two composer launchers (--world_size 4 --nproc 2 --node_rank 0/1),
+gloo, DeepSpeed ZeRO-2, one shared save_folder; and what happens when a whole node dies.
+
+Each "node" gets what a separate machine has: its own /dev/shm (a private tmpfs in its own mount
+namespace, via ``unshare``) and its own temp dir. Streaming keeps node-local state there, and two
+node leaders sharing one /dev/shm would claim the same segment names.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.trainer.checkpointing import composer_checkpoints
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+from tests.pipeline.train.launch import COMMON, assert_same_curve, free_port, launch, records
+
+ZERO2 = "parallelism.deepspeed.zero_optimization.stage=2"
+
+
+def node_command(tiny_data, out: Path, node_rank: int, port: int, *extra: str) -> list[str]:
+    """The command one node of a 2 x 2 job runs (what docker/slurm/bd3_1b.sbatch runs per node)."""
+    data, tok = tiny_data
+    args = tiny_overrides(
+        data, tok, out / "ckpt", *COMMON, f"callbacks.loss_log.path={out}/loss.jsonl", *extra
+    )
+    launcher = str(Path(sys.executable).with_name("composer"))
+    return [
+        launcher, "--world_size", "4", "--nproc", "2", "--node_rank", str(node_rank),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "--stdout", f"{out}/node{node_rank}-rank{{rank}}.out", "--stderr", f"{out}/node{node_rank}-rank{{rank}}.err",
+        "-m", "pipeline.train", str(YAMLS / "bd3_tiny.yaml"), *args,
+    ]  # fmt: skip
+
+
+PRIVATE_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+MOUNT_AND_RUN = 'mount -t tmpfs -o size=512m tmpfs /dev/shm && exec "$@"'
+
+
+@pytest.fixture(scope="module")
+def private_shm():
+    p = subprocess.run([*PRIVATE_SHM, MOUNT_AND_RUN, "sh", "true"], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"a private /dev/shm per simulated node needs unshare + mount (root): {p.stderr.strip()}")
+
+
+def start_nodes(tiny_data, out: Path, *extra: str) -> list[subprocess.Popen]:
+    out.mkdir(exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for node in (0, 1):
+        tmp = out / f"tmp-node{node}"
+        tmp.mkdir()
+        log = open(out / f"node{node}.log", "w")
+        cmd = [*PRIVATE_SHM, MOUNT_AND_RUN, "sh", *node_command(tiny_data, out, node, port, *extra)]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env={**env, "TMPDIR": str(tmp)}, stdout=log, stderr=log, start_new_session=True
+            )
+        )
+    return procs
+
+
+def logs(out: Path) -> str:
+    return "\n".join(
+        f"--- {p.name} ---\n{p.read_text()[-1500:]}" for p in sorted(out.glob("node*")) if p.is_file()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_nodes_match_one_node_of_four_processes(tiny_data, tmp_path, private_shm):
+    one = tmp_path / "one-node"
+    launch(tiny_data, one, ZERO2, nproc=4)
+    two = tmp_path / "two-nodes"
+    procs = start_nodes(tiny_data, two, ZERO2)
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes == [0, 0], logs(two)
+    assert_same_curve(records(one / "loss.jsonl"), records(two / "loss.jsonl"))
+    # One checkpoint per save (keep 1): one Composer file written by global rank 0 and one
+    # DeepSpeed tag holding the partitions of all four ranks, in the shared save_folder.
+    ckpt = two / "ckpt"
+    assert sorted(composer_checkpoints(ckpt)) == [20]
+    assert sorted(p.name for p in (ckpt / "deepspeed").iterdir() if p.is_dir()) == ["ba20"]
+    optim = sorted(p.name for p in (ckpt / "deepspeed" / "ba20").glob("*optim_states.pt"))
+    assert len(optim) == 4, optim
+    assert not list(ckpt.rglob("*partial*")) and not list(ckpt.glob(".write-probe*"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_dead_node_stops_the_other_in_bounded_time(tiny_data, tmp_path, private_shm):
+    """SIGKILL node 1 (its launcher and ranks, as a lost machine): node 0 must exit with an error, not hang."""
+    out = tmp_path / "run"
+    timeout = 30
+    procs = start_nodes(tiny_data, out, "dist_timeout=30", "max_duration=2000ba", "scheduler.t_max=2000ba")
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "loss.jsonl").exists() or len((out / "loss.jsonl").read_text().splitlines()) < 3:
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs(out)
+            time.sleep(0.05)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        code = procs[0].wait(timeout=timeout + 90)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    print(f"\nnode 0 exited with {code} {elapsed:.1f} s after node 1 was killed")
+    assert code != 0
+    assert elapsed < timeout + 60
+    errors = "".join(p.read_text() for p in out.glob("node0-rank*.err"))
+    assert any(
+        w in errors for w in ("Connection closed", "Connection reset", "timed out", "Timeout", "Gloo")
+    ), errors[-3000:]
