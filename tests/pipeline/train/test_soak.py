@@ -1,0 +1,117 @@
+"""Soak: 2,000 steps on 2 processes with checkpoints every 50 and SIGKILLs at random moments.
+
+The killed-and-resumed run must end like the uninterrupted one: every batch's rows and losses equal,
+every row once per epoch, the same final weights. The figures (kills, replayed batches, time) are
+printed for the closing note of a change that touches training or checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.pipeline.train.conftest import REPO
+from tests.pipeline.train.launch import records, train_command
+from tests.pipeline.train.test_faults import last_batch, rank_logs, weights
+
+STEPS = 2000
+KILLS = 6
+ROWS, BATCH = 256, 16  # tiny_data: one epoch is 16 global batches
+
+
+def soak_command(tiny_data, out: Path):
+    return train_command(
+        tiny_data,
+        out,
+        f"max_duration={STEPS}ba",
+        f"scheduler.t_max={STEPS}ba",
+        "scheduler.t_warmup=20ba",
+        "optimizer.lr=1.0e-3",
+        "eval_loader=null",
+        "run_name=soak",
+        "save_interval=50ba",
+        "callbacks.loss_log.sample_ids=true",
+        f"callbacks.hf_export.folder={out}/hf",
+        "callbacks.speed_monitor=null",
+        "callbacks.runtime_estimator=null",
+        nproc=2,
+        common=[],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.soak
+def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path):
+    rng = random.Random()
+    ref = tmp_path / "reference"
+    cmd, env = soak_command(tiny_data, ref)
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(ref)
+    ref_s = time.monotonic() - t0
+
+    out = tmp_path / "killed"
+    cmd, env = soak_command(tiny_data, out)
+    kills, launches, t0 = 0, 0, time.monotonic()
+    while True:
+        launches += 1
+        assert launches <= KILLS + 3, "the run does not finish"
+        start = last_batch(out / "loss.jsonl")
+        log = open(out / "launcher.log", "a")
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            if kills < KILLS:
+                target = start + rng.randint(20, STEPS // KILLS)
+                while last_batch(out / "loss.jsonl") < target and proc.poll() is None:
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0, 0.1))
+                if proc.poll() is None:
+                    victim = rng.choice(psutil.Process(proc.pid).children())
+                    victim.send_signal(signal.SIGKILL)
+                    kills += 1
+                    print(f"kill {kills}: rank pid {victim.pid} near batch {last_batch(out / 'loss.jsonl')}")
+            code = proc.wait(timeout=900)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            log.close()
+        if code == 0:
+            break
+    soak_s = time.monotonic() - t0
+
+    got = records(out / "loss.jsonl")
+    want = records(ref / "loss.jsonl")
+    final = {r["batch"]: r for r in got}
+    assert [r["batch"] for r in want] == sorted(final) == list(range(1, STEPS + 1))
+    for r in want:
+        f = final[r["batch"]]
+        assert f["rows"] == r["rows"], r["batch"]
+        assert f["loss/train/total"] == r["loss/train/total"], r["batch"]
+    # Replayed batches (between a checkpoint and a kill) reproduce what was logged the first time.
+    seen: dict[int, float] = {}
+    for r in got:
+        assert seen.setdefault(r["batch"], r["loss/train/total"]) == r["loss/train/total"], r["batch"]
+    for epoch in range(STEPS // (ROWS // BATCH)):
+        batches = range(epoch * ROWS // BATCH + 1, (epoch + 1) * ROWS // BATCH + 1)
+        assert sorted(row for b in batches for row in final[b]["rows"]) == list(range(ROWS)), epoch
+    w_ref, w_got = weights(ref / "hf"), weights(out / "hf")
+    assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
+    assert want[-1]["loss/train/total"] < want[0]["loss/train/total"] - 0.5  # it trained
+    print(
+        f"\nsoak: {STEPS} steps, {kills} kills, {launches} launches, {len(got) - STEPS} batches replayed; "
+        f"{soak_s:.0f} s (uninterrupted: {ref_s:.0f} s)"
+    )
+    assert kills == KILLS
