@@ -51,11 +51,13 @@ def _mapped_shm_names() -> set[str]:
 def clean_stale_streaming_memory() -> list[str]:
     """Remove Streaming's shared memory left by killed jobs; returns the names removed.
 
-    A crashed run leaves ``/dev/shm/NNNNNN_*`` segments behind, and Streaming then refuses to reuse
-    the same local cache with a remote ("Reused local directory"). A prefix is stale when no live
-    process maps any of its segments, so jobs still running on the node are never touched (unlike
-    ``streaming.base.util.clean_stale_shared_memory``, which removes everything). Linux only; call on
-    one process per node before any dataset exists.
+    A job killed as a whole (preemption, the OOM killer, a lost node: Python's resource tracker dies
+    with it) leaves ``/dev/shm/NNNNNN_*`` segments and ``$TMPDIR/NNNNNN_*_filelock`` files behind.
+    Streaming skips every such prefix, so on a long-lived node they pile up in RAM, and a segment
+    whose lock file is gone makes the next job fail with FileExistsError. A prefix is stale when no
+    live process maps any of its segments, so jobs still running on the node are never touched
+    (unlike ``streaming.base.util.clean_stale_shared_memory``, which removes everything). Linux
+    only; call on one process per node before any dataset exists.
     """
     if not _SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
         return []

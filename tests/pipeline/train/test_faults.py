@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -324,3 +325,59 @@ def test_full_or_read_only_filesystem_fails_before_training(tiny_data, tmp_path,
         assert not (tmp_path / "loss.jsonl").exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# -- stale shared memory of a killed run ------------------------------------------------------------
+HOLD_DATASET = """
+import sys, time
+from pipeline.rows import packed_rows_dataset_class
+ds = packed_rows_dataset_class()(seq_len=32, local=sys.argv[1], remote=sys.argv[2], split="train", batch_size=4)
+next(iter(ds))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+HOLD_ARGV = [sys.executable, "-c", HOLD_DATASET]
+
+
+def hold_dataset(local: Path, remote: Path) -> subprocess.Popen:
+    """A process (own session) that opens the streaming dataset (remote -> local cache) and keeps it open."""
+    p = subprocess.Popen(
+        [*HOLD_ARGV, str(local), str(remote)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    line = p.stdout.readline()
+    assert line.strip() == "ready", p.stderr.read()[-3000:]
+    return p
+
+
+def streaming_shm() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name[:6].isdigit()}
+
+
+@pytest.mark.multiprocess
+def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not(tiny_data, tmp_path):
+    from pipeline.trainer.data import clean_stale_streaming_memory
+
+    data, _ = tiny_data
+    before = streaming_shm()
+    killed = hold_dataset(tmp_path / "cache-a", data)
+    killed_shm = streaming_shm() - before
+    # The whole process group dies (preemption, OOM of the job): Python's resource tracker, which
+    # would unlink the segments of a lone killed process, dies with it.
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    live = hold_dataset(tmp_path / "cache-b", data)
+    try:
+        live_shm = streaming_shm() - before - killed_shm
+        assert killed_shm and live_shm and killed_shm <= streaming_shm()  # the kill leaked its segments
+        removed = set(clean_stale_streaming_memory())
+        prefix = next(iter(killed_shm))[:6]
+        assert killed_shm <= removed  # its segments and its file locks (which make Streaming skip the prefix)
+        assert {f"{prefix}_barrier_filelock", f"{prefix}_cache_filelock"} & removed
+        assert not (live_shm & removed) and live_shm <= streaming_shm()  # the running job keeps its memory
+        hold_dataset(tmp_path / "cache-a", data).kill()  # and the restarted job starts
+    finally:
+        live.kill()
+        live.wait()
