@@ -616,6 +616,16 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
             "in the training stream) is the same on any number of processes",
         )
 
+    nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    canonical = cfg.train_loader.num_canonical_nodes
+    if canonical is not None and (canonical < 1 or (canonical % nodes and nodes % canonical)):
+        raise ConfigError(
+            "train_loader.num_canonical_nodes",
+            f"{canonical} does not fit {nodes} nodes: it must be a multiple or a divisor of the node "
+            "count (keep the value the run started with and change the node count, e.g. 8 canonical "
+            "nodes run on 1, 2, 4, 8 or 16 nodes)",
+        )
+
     check_no_credentials(cfg)
     _check_time("max_duration", cfg.max_duration)
     _check_time("eval_interval", cfg.eval_interval)

@@ -243,3 +243,18 @@ def test_optional_logger_without_its_package_is_a_config_error(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == key else real(name, *a))
     e = _error(tiny_data, tmp_path, f"loggers.{key}.{setting}")
     assert e.key == f"loggers.{key}" and f"pip install {key}" in str(e)
+
+
+@pytest.mark.parametrize(
+    "canonical, nodes, ok", [(8, 2, True), (8, 16, True), (1, 2, True), (8, 3, False), (6, 4, False)]
+)
+def test_num_canonical_nodes_must_fit_the_node_count(tiny_data, tmp_path, monkeypatch, canonical, nodes, ok):
+    data, tok = tiny_data
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: nodes == world size
+    overrides = tiny_overrides(data, tok, tmp_path, f"train_loader.num_canonical_nodes={canonical}")
+    overrides += ["global_train_batch_size=96", "device_train_microbatch_size=1"]
+    if ok:
+        load_config(YAMLS / "bd3_tiny.yaml", overrides, world_size=nodes)
+    else:
+        with pytest.raises(ConfigError, match=r"train_loader\.num_canonical_nodes.*multiple or a divisor"):
+            load_config(YAMLS / "bd3_tiny.yaml", overrides, world_size=nodes)
