@@ -129,3 +129,50 @@ def test_a_dead_node_stops_the_other_in_bounded_time(tiny_data, tmp_path, privat
     assert any(
         w in errors for w in ("Connection closed", "Connection reset", "timed out", "Timeout", "Gloo")
     ), errors[-3000:]
+
+
+DOWNLOAD_ORDER = """
+import json, sys, time
+from pathlib import Path
+
+from composer.utils import dist, get_device
+
+import pipeline.trainer.resources as resources
+from pipeline.trainer import load_config
+from pipeline.trainer.build import resources_local_rank_zero_first
+
+log, folder, yaml, *overrides = sys.argv[1:]
+
+
+def hub(name):  # stands in for the hub download: who fetched it, when
+    start = time.time()
+    if dist.get_local_rank() == 0:
+        time.sleep(2.0)  # a slow first download; the cache answers the others at once
+    with open(log, "a") as f:
+        f.write(json.dumps({"rank": dist.get_global_rank(), "start": start, "end": time.time()}) + "\\n")
+    return Path(folder)
+
+
+resources.resolve_checkpoint_dir = hub
+dist.initialize_dist(get_device("cpu"))
+res = resources_local_rank_zero_first(load_config(yaml, overrides))
+assert res.init_dir == Path(folder)
+"""
+
+
+@pytest.mark.multiprocess
+def test_local_rank_zero_downloads_first_and_the_others_wait(tiny_data, tmp_path, tiny_hf_checkpoint):
+    data, tok = tiny_data
+    ckpt, _ = tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=64, hidden_size=64, intermediate_size=176)
+    script = tmp_path / "order.py"
+    script.write_text(DOWNLOAD_ORDER)
+    log = tmp_path / "downloads.jsonl"
+    overrides = tiny_overrides(data, tok, tmp_path / "run", "variables.init_from=some-org/tiny-llama")
+    launcher = str(Path(sys.executable).with_name("composer"))
+    cmd = [launcher, "-n", "2", str(script), str(log), str(ckpt), str(YAMLS / "bd3_tiny.yaml"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    calls = sorted(records(log), key=lambda r: r["rank"])
+    assert [c["rank"] for c in calls] == [0, 1]
+    assert calls[1]["start"] >= calls[0]["end"]  # rank 1 asked only after rank 0's download finished
