@@ -1,6 +1,8 @@
 """Load any checkpoint the project writes (or a Hugging Face AR checkpoint) for inference.
 
-Only safe formats are read here: safetensors, or tensors through ``torch.load(weights_only=True)``.
+Safe formats only, unless the caller says otherwise: safetensors, DeepSpeed partitions and
+``torch.load(weights_only=True)``; a Composer ``.pt`` (a pickle) is opened only with
+``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``).
 """
 
 from __future__ import annotations

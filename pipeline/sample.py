@@ -17,7 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="Hugging Face-format folder (pipeline.export output or an AR checkpoint)",
+        help="Hugging Face-format folder (pipeline.export output or an AR checkpoint), or a training "
+        "save_folder",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow unpickling Composer .pt checkpoints (only files your own runs wrote)",
     )
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint folder)")
     p.add_argument("--block-size", type=int, help="L' (default: the block size recorded in the checkpoint)")
@@ -51,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.checkpoints import load_for_inference
 
-    model = load_for_inference(args.checkpoint, device=args.device)
+    try:
+        model = load_for_inference(
+            args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint
+        )
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
     if not tok_path.exists():
         print(f"error: no tokenizer at {tok_path}; pass --tokenizer PATH/tokenizer.json", file=sys.stderr)

@@ -2,7 +2,7 @@
 writes or prints, and no code from datasets or checkpoints is ever executed.
 
 1. ``torch.load`` (and pickle) in ``pipeline/`` and ``data_prep/`` run with ``weights_only=True``,
-   except behind an explicit ``trust_checkpoint`` refusal; ``pipeline.export`` and ``pipeline.eval``
+   except behind an explicit ``trust_checkpoint`` refusal; ``pipeline.export``, ``pipeline.eval`` and ``pipeline.sample``
    refuse a Composer ``.pt`` without ``--trust-checkpoint`` and never unpickle it.
 2. Credentials come from the environment only: URLs with credentials are config errors (see
    tests/pipeline/train/test_bad_input.py) and a real training run never writes or prints the values
@@ -149,14 +149,17 @@ def test_the_pickle_stand_in_runs_code_when_trusted(tmp_path):
     assert marker.exists()  # so its absence below means: never unpickled
 
 
-@pytest.mark.parametrize("entry", ["export", "eval"])
+@pytest.mark.parametrize("entry", ["export", "eval", "sample"])
 def test_entry_points_refuse_composer_pickles_without_trust(entry, tmp_path, tiny_data, capsys):
     from pipeline import eval as eval_cli
     from pipeline import export as export_cli
+    from pipeline import sample as sample_cli
 
     folder, marker = _pickled_save_folder(tmp_path)
     if entry == "export":
         rc = export_cli.main(["--checkpoint", str(folder), "--out", str(tmp_path / "out")])
+    elif entry == "sample":
+        rc = sample_cli.main(["--checkpoint", str(folder), "--device", "cpu"])
     else:
         rc = eval_cli.main(["--checkpoint", str(folder), "--data", str(tiny_data[0]), "--device", "cpu"])
     err = capsys.readouterr().err
