@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PARTIAL = ".partial"
 LATEST = "latest-rank0.pt"
 _CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+_SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 
 
 # -- test-only fault injection --------------------------------------------------------------------
@@ -109,13 +110,23 @@ def _batch_of(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
-def composer_checkpoints(folder: str | Path) -> dict[int, Path]:
-    """{batch: file} of the complete Composer checkpoints (rank 0 files) in ``folder``."""
+def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int, Path]:
+    """{batch: path} of the Composer checkpoints in ``folder``.
+
+    A monolithic checkpoint is the file ``ep{E}-ba{N}-rank0.pt`` (complete when it has its final
+    name); an FSDP sharded one is the folder ``ep{E}-ba{N}``, complete once torch.distributed.checkpoint
+    wrote its ``.metadata`` (last, after every shard). ``complete=False`` also lists sharded folders
+    without it.
+    """
     out = {}
-    for p in Path(folder).glob("ep*-ba*-rank0.pt"):
+    for p in Path(folder).glob("ep*-ba*"):
         batch = _batch_of(p.name)
         if batch is not None and p.is_file():
             out[batch] = p
+            continue
+        m = _SHARDED_RE.match(p.name)
+        if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
+            out[int(m.group(2))] = p
     return out
 
 
@@ -123,8 +134,9 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
     """Make ``latest-rank0.pt`` point at the newest complete checkpoint; drop partial writes.
 
     Call on global rank 0 before the Trainer is built (shared filesystem). A checkpoint is complete
-    when its Composer file exists and, with ``deepspeed``, so does ``deepspeed/ba{N}``. Returns the
-    batch of that checkpoint (None: nothing to resume from).
+    when its Composer file (or sharded folder with ``.metadata``) exists and, with ``deepspeed``, so
+    does ``deepspeed/ba{N}``. A ``latest-rank0.pt`` that points at something else that exists (a name
+    this module does not parse) is left alone. Returns the batch resumed from (None: unknown or none).
     """
     from pipeline.trainer.ds_config import DS_SUBDIR
 
@@ -142,23 +154,32 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
     files = composer_checkpoints(folder)
     complete = sorted(b for b in files if not deepspeed or (ds_dir / f"ba{b}").is_dir())
     latest = folder / LATEST
+    current = os.readlink(latest) if latest.is_symlink() else None
+    if current is not None and not latest.exists():
+        log.warning("%s points to the missing %s: removing it", latest, current)
+        latest.unlink()
+        current = None
     if not complete:
-        if latest.is_symlink() or latest.exists():
-            log.warning("%s points to no complete checkpoint: removing it", latest)
-            latest.unlink()
         return None
     batch = complete[-1]
     target = files[batch].name
-    if not (latest.is_symlink() and os.readlink(latest) == target):
+    known = {p.name: b for b, p in files.items()}
+    if current is not None and current not in known:
+        log.info("%s points to %s: left as it is", latest, current)
+        return None
+    if current != target:
         log.warning("pointing %s at %s, the newest complete checkpoint", latest, target)
         tmp = folder / f"{PARTIAL}.{LATEST}"
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, latest)
-    for b in files:  # newer files without their DeepSpeed half cannot be resumed from
-        if b > batch:
-            log.warning("removing %s: its DeepSpeed partitions are missing", files[b])
-            files[b].unlink()
+    for b, p in composer_checkpoints(folder, complete=False).items():
+        if b > batch:  # a sharded folder without .metadata, or a file without its DeepSpeed half
+            log.warning("removing %s: an incomplete checkpoint cannot be resumed from", p)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     return batch
 
 
