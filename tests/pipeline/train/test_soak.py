@@ -1,4 +1,4 @@
-"""Soak: 2,000 steps on 2 processes with checkpoints every 50 and SIGKILLs at random moments.
+"""Soak: 3,000 steps on 2 processes with checkpoints every 50 and SIGKILLs at random moments.
 
 The killed-and-resumed run must end like the uninterrupted one: every batch's rows and losses equal,
 every row once per epoch, the same final weights. The figures (kills, replayed batches, time) are
@@ -22,8 +22,8 @@ from tests.pipeline.train.conftest import REPO
 from tests.pipeline.train.launch import records, train_command
 from tests.pipeline.train.test_faults import last_batch, rank_logs, weights
 
-STEPS = 2000
-KILLS = 6
+STEPS = 3000
+KILLS = 8
 ROWS, BATCH = 256, 16  # tiny_data: one epoch is 16 global batches
 
 
