@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.diffusion.masks import AttentionMask, check_block_size, dense_mask
+from pipeline.model.masks import AttentionMask, check_block_size, dense_mask
 from pipeline.model import BD3LM, ModelConfig
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -41,10 +41,10 @@ def build_model(hidden, layers, heads, kv_heads, intermediate, base_vocab, max_l
     cfg = ModelConfig(
         vocab_size=vocab, base_vocab_size=base_vocab, mask_token_id=base_vocab, hidden_size=hidden,
         intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=max_len, attn_backend=backend,
+        num_key_value_heads=kv_heads, max_position_embeddings=max_len,
     )  # fmt: skip
     with torch.device(device):
-        model = BD3LM(cfg)
+        model = BD3LM(cfg, attn_backend=backend)
     model.init_weights(torch.Generator(device).manual_seed(seed))
     return model.train()
 

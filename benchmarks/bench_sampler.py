@@ -36,9 +36,8 @@ def build_model(args) -> BD3LM:
         num_key_value_heads=4,
         max_position_embeddings=2048,
         eos_token_id=0,
-        attn_backend="sdpa",
     )
-    m = BD3LM(cfg)
+    m = BD3LM(cfg, attn_backend="sdpa")
     m.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():
         m.lm_head.weight.mul_(args.logit_scale)

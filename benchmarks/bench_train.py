@@ -105,10 +105,10 @@ def plain_loop(data, tok, out: Path, steps: int, skip: int) -> float:
     from pipeline.trainer import load_config
     from pipeline.trainer.build import build_model
     from pipeline.trainer.config import diffusion_config
-    from pipeline.trainer.resources import check_resources
+    from pipeline.trainer.run_inputs import resolve_run_inputs
 
     cfg = load_config(REPO / "yamls" / "bd3_tiny.yaml", overrides(data, tok, out, steps), world_size=1)
-    model = build_model(cfg, check_resources(cfg))
+    model = build_model(cfg, resolve_run_inputs(cfg))
     dcfg = diffusion_config(cfg)
     opt = DecoupledAdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas))
     bsz, micro = cfg.global_train_batch_size, cfg.device_train_microbatch_size

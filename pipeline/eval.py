@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.diffusion.metrics import EVAL_SEED
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--draws", type=int, default=1, help="noise draws per row")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument(
         "--no-shift", action="store_true", help="position l predicts l (default: the checkpoint's setting)"
     )
@@ -95,8 +97,8 @@ def _genppl(args, model) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.checkpoints import load_for_inference
+    from pipeline.diffusion.metrics import generative_perplexity
     from pipeline.diffusion.sampler import SamplerConfig
-    from pipeline.evaluation import generative_perplexity
 
     def tokenizer_of(folder):
         folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
@@ -124,8 +126,8 @@ def _genppl(args, model) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.checkpoints import load_for_inference
+    from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
-    from pipeline.evaluation import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.rows import RowReader
 
     rank, world = _init_distributed(args.device)

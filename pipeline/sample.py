@@ -13,6 +13,7 @@ from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = SamplerConfig  # the defaults live on the sampler's config
     p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__)
     p.add_argument(
         "--checkpoint",
@@ -28,20 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint folder)")
     p.add_argument("--block-size", type=int, help="L' (default: the block size recorded in the checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from BOS/EOS)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument(
         "--steps-per-block", type=int, help="DDPM steps per block (ddpm_cache; default block size)"
     )
-    p.add_argument("--sampler", choices=SAMPLERS, default="confidence")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
     p.add_argument(
         "--threshold",
         type=float,
-        default=0.9,
+        default=d.threshold,
         help="confidence sampler: unmask tokens above this probability",
     )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the prefix every call (same tokens, slower)"
     )

@@ -20,17 +20,18 @@ L'=1 needs only the causal clean pass and L'=L only the bidirectional noisy pass
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.diffusion.masks import AR, AttentionMask, check_block_size, document_ids
 from pipeline.diffusion.noise import EVAL_INTERVAL, MIN_T, sample_block_times, sample_masks
+from pipeline.model.masks import AR, AttentionMask, check_block_size, document_ids
 
 
 @dataclass
 class DiffusionConfig:
-    """Switches of the BD3 objective (the ``diffusion`` section of a training YAML).
+    """Switches of the BD3 objective; this dataclass is the ``diffusion`` section of a training YAML.
 
     Attributes:
         block_size: L'. 1 is the AR model, L is MDLM.
@@ -43,11 +44,14 @@ class DiffusionConfig:
         per_document: no attention across document boundaries of packed rows; every document's first
             token is then treated like a row's first token (never masked, never scored).
         seed: noise seed; a sample's draws depend only on (seed, noise id).
-        stratify_group: samples stratified together (the trainer sets the global batch size).
+        stratify_group: samples stratified together (the trainer sets the global batch size; not a
+            YAML key).
         loss_chunk_size: positions per cross-entropy chunk (bounds the V-wide float32 logits).
     """
 
-    block_size: int = 4
+    NOT_IN_YAML: ClassVar[dict[str, str]] = {"stratify_group": "global_train_batch_size"}
+
+    block_size: int
     noise_interval: tuple[float, float] = (MIN_T, 1.0)
     shift: bool = True
     anneal_steps: int = 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.diffusion.masks import AttentionMask
+from pipeline.model.masks import AttentionMask
 
 SAMPLERS = ("first_hitting", "ddpm_cache", "confidence")
 
@@ -48,7 +48,9 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {SAMPLERS}")
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature < 0:

@@ -4,10 +4,10 @@
 and returns logits (B, L, V); other attention modes are keyword arguments.
 """
 
-from pipeline.diffusion.masks import AR, AttentionMask
 from pipeline.model.config import ModelConfig, ModelConfigError
 from pipeline.model.hf_io import export_ar, from_pretrained, save_pretrained
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.masks import AR, AttentionMask
 from pipeline.model.transformer import BD3LM
 
 __all__ = [

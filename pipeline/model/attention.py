@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pipeline.diffusion.masks import AttentionMask, dense_mask, mask_predicate
+from pipeline.model.masks import AttentionMask, dense_mask, mask_predicate
 
 try:  # optional extra `gpu`
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
 FLEX_BLOCK_SIZE = 128
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
 def flash_available() -> bool:

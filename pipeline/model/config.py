@@ -8,12 +8,11 @@ touching the ``transformers`` model classes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
 VOCAB_MULTIPLE = 64
 
 
@@ -28,6 +27,8 @@ class ModelConfig:
     ``vocab_size`` is the number of embedding rows (mask token and padding included);
     ``base_vocab_size`` is the AR checkpoint's vocabulary before the mask token was added.
     Output ids in ``[base_vocab_size, vocab_size)`` and ``mask_token_id`` are never predicted.
+    How the model runs (attention backend, activation checkpointing) is not part of the config: see
+    ``BD3LM``'s keyword arguments.
     """
 
     architecture: str = "llama"
@@ -55,10 +56,6 @@ class ModelConfig:
     mask_token_id: int | None = None
     block_size: int | None = None
     shift: bool = True
-    # Execution switches (not architecture): chosen by the training config.
-    attn_backend: str = "auto"
-    activation_checkpointing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -77,8 +74,6 @@ class ModelConfig:
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ModelConfigError(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         rope_type = rope_scaling_type(self.rope_scaling)
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelConfigError(

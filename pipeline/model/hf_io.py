@@ -87,9 +87,12 @@ def read_config(folder: Path, **overrides) -> ModelConfig:
 def from_pretrained(
     path_or_name: str | os.PathLike,
     *,
+    config: ModelConfig | None = None,
     mask_token_id: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    attn_backend: str = "auto",
+    activation_checkpointing: bool = False,
     **config_overrides,
 ) -> BD3LM:
     """Load a LLaMA-family checkpoint as a ``BD3LM`` with a mask token.
@@ -97,32 +100,30 @@ def from_pretrained(
     An AR checkpoint gets a new mask token (id = its vocabulary size, embedding and output rows set
     to the mean of the existing rows, vocabulary padded to a multiple of 64) unless ``mask_token_id``
     names an existing id to reuse. A checkpoint this project saved already has its mask token and is
-    loaded as is. ``config_overrides`` set execution fields (``attn_backend``,
-    ``activation_checkpointing``).
+    loaded as is. ``config``: the config already resolved from this folder (``resolve_config``; the
+    trainer passes it so config.json is read and the mask token added once); otherwise it is resolved
+    here with ``config_overrides`` (e.g. ``block_size``, ``shift``). ``attn_backend`` and
+    ``activation_checkpointing`` say how the model runs (``BD3LM``).
     """
     folder = resolve_checkpoint_dir(path_or_name)
-    config = read_config(folder, **config_overrides)
+    if config is None:
+        config = resolve_config(folder, mask_token_id, **config_overrides)
     state = read_state_dict(folder)
-    already_bd3 = config.mask_token_id is not None
-    if already_bd3 and mask_token_id is not None and mask_token_id != config.mask_token_id:
+    rows = state["model.embed_tokens.weight"].shape[0]
+    if rows not in (config.base_vocab_size, config.vocab_size):
         raise ModelConfigError(
-            f"{folder} already has mask token id {config.mask_token_id}; mask_token_id={mask_token_id} "
-            "cannot change it (leave mask_token_id unset)"
-        )
-    if not already_bd3:
-        config = with_mask_token(config, mask_token_id)
-    vocab_rows = state["model.embed_tokens.weight"].shape[0]
-    if vocab_rows != (config.vocab_size if already_bd3 else config.base_vocab_size):
-        raise ModelConfigError(
-            f"{folder}: embedding has {vocab_rows} rows but config.json says vocab_size "
-            f"{config.base_vocab_size if not already_bd3 else config.vocab_size}"
+            f"{folder}: embedding has {rows} rows but config.json says vocab_size {config.base_vocab_size}"
+            + (
+                f" ({config.vocab_size} with the mask token)"
+                if config.vocab_size != config.base_vocab_size
+                else ""
+            )
         )
     check_tokenizer_fits(folder, config)
 
     with torch.device("meta"):
-        model = BD3LM(config)
-    if not already_bd3:
-        state = _add_mask_rows(state, config)
+        model = BD3LM(config, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing)
+    state = _add_mask_rows(state, config)  # no-op for a checkpoint that has its mask row already
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -138,6 +139,23 @@ def from_pretrained(
     model.inv_freq = rope_inv_freq(config)  # non-persistent buffer: was built on the meta device
     model.source_dir = folder
     return model.to(device)
+
+
+def resolve_config(folder: Path, mask_token_id: int | None = None, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint folder loads as: its config.json plus the mask token.
+
+    An AR config gets the mask token (``with_mask_token``); a BD3 config keeps its own, and a
+    different ``mask_token_id`` is an error. ``overrides`` replace config fields (``block_size``...).
+    """
+    config = read_config(folder, **overrides)
+    if config.mask_token_id is None:
+        return with_mask_token(config, mask_token_id)
+    if mask_token_id is not None and mask_token_id != config.mask_token_id:
+        raise ModelConfigError(
+            f"{folder} already has mask token id {config.mask_token_id}; mask_token_id={mask_token_id} "
+            "cannot change it (leave mask_token_id unset)"
+        )
+    return config
 
 
 def with_mask_token(config: ModelConfig, reuse_id: int | None) -> ModelConfig:

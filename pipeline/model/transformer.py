@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.diffusion.masks import AR, AttentionMask
-from pipeline.model.attention import attend
+from pipeline.model.attention import ATTN_BACKENDS, attend
 from pipeline.model.config import ModelConfig, rope_scaling_type
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.masks import AR, AttentionMask
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +73,7 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.backend = "auto"  # set by BD3LM.attn_backend
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.hd = config.head_dim
@@ -96,7 +97,7 @@ class Attention(nn.Module):
             k, v = kv_cache.get(self.layer_idx, extra=T)
             if k.dtype != q.dtype:  # a cache made outside autocast, used inside it
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attend(q, k, v, mask, seq_len, self.config.attn_backend, doc_ids)
+        out = attend(q, k, v, mask, seq_len, self.backend, doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -142,7 +143,12 @@ class BD3LM(nn.Module):
     select the other modes (see ``forward``).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(
+        self, config: ModelConfig, *, attn_backend: str = "auto", activation_checkpointing: bool = False
+    ):
+        """``config`` is the architecture; the keyword arguments say how it runs and can be changed
+        later (``model.attn_backend = "flex"``): ``attn_backend`` one of ``ATTN_BACKENDS``,
+        ``activation_checkpointing`` recomputes each decoder layer in backward (training only)."""
         super().__init__()
         self.config = config
         self.model = Backbone(config)
@@ -150,6 +156,20 @@ class BD3LM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.attn_backend = attn_backend
+        self.activation_checkpointing = activation_checkpointing
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, backend: str) -> None:
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend {backend!r} is not one of {ATTN_BACKENDS}")
+        self._attn_backend = backend
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
 
     # -- construction -------------------------------------------------------------------------
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -227,7 +247,7 @@ class BD3LM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             args = (x, cos, sin, attn, L, doc_ids, kv_cache, write_cache)
-            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)

@@ -7,7 +7,7 @@ Composer is imported only here and in ``pipeline.train``; ``pipeline.model`` and
 
 from pipeline.trainer.config import ConfigError, TrainConfig, load_config
 
-__all__ = ["ConfigError", "TrainConfig", "build_trainer", "check_resources", "load_config", "run"]
+__all__ = ["ConfigError", "TrainConfig", "build_trainer", "resolve_run_inputs", "load_config", "run"]
 
 
 def __getattr__(name):
@@ -16,8 +16,8 @@ def __getattr__(name):
         from pipeline.trainer import build
 
         return getattr(build, name)
-    if name == "check_resources":
-        from pipeline.trainer.resources import check_resources
+    if name == "resolve_run_inputs":
+        from pipeline.trainer.run_inputs import resolve_run_inputs
 
-        return check_resources
+        return resolve_run_inputs
     raise AttributeError(name)

@@ -22,25 +22,19 @@ import torch
 
 from pipeline.model import BD3LM, from_pretrained
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
-from pipeline.trainer.resources import Resources, check_resources
+from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: TrainConfig, res: Resources) -> BD3LM:
-    """The BD3LM: loaded from ``model.init_from`` or initialized with ``seed`` (same on every rank)."""
+def build_model(cfg: TrainConfig, inputs: RunInputs) -> BD3LM:
+    """The BD3LM of ``inputs.model_config``: the weights of ``model.init_from``, or a random
+    initialization seeded with ``seed`` (the same on every rank)."""
     m = cfg.model
-    if res.init_dir is not None:
-        c = res.model_config
-        return from_pretrained(
-            res.init_dir,
-            mask_token_id=m.mask_token_id,
-            attn_backend=c.attn_backend,
-            activation_checkpointing=c.activation_checkpointing,
-            block_size=c.block_size,
-            shift=c.shift,
-        )
-    model = BD3LM(res.model_config)
+    run = dict(attn_backend=m.attn_backend, activation_checkpointing=m.activation_checkpointing)
+    if inputs.init_dir is not None:
+        return from_pretrained(inputs.init_dir, config=inputs.model_config, **run)
+    model = BD3LM(inputs.model_config, **run)
     model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
     return model
 
@@ -72,7 +66,9 @@ def build_scheduler(cfg: TrainConfig):
     return ConstantScheduler(t_max=s.t_max)
 
 
-def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", world_size: int = 1) -> list:
+def build_callbacks(
+    cfg: TrainConfig, inputs: RunInputs, device_name: str = "cpu", world_size: int = 1
+) -> list:
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 
     from pipeline.trainer.callbacks import (
@@ -108,8 +104,8 @@ def build_callbacks(cfg: TrainConfig, res: Resources, device_name: str = "cpu", 
     if c.loss_log is not None:
         out.append(LossLog(c.loss_log.path, sample_ids=c.loss_log.sample_ids))
     if c.hf_export is not None:
-        out.append(HFExport(c.hf_export.folder, tokenizer_dir=res.tokenizer_file.parent))
-    out += eval_callbacks(cfg, res.tokenizer_file)
+        out.append(HFExport(c.hf_export.folder, tokenizer_dir=inputs.tokenizer_file.parent))
+    out += eval_callbacks(cfg, inputs.tokenizer_file)
     return out
 
 
@@ -189,7 +185,7 @@ def _deepspeed(cfg: TrainConfig) -> bool:
     return cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
 
 
-def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
+def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
@@ -200,8 +196,8 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
     folder = Path(cfg.save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    if res.tokenizer_file is not None and res.tokenizer_file.exists():
-        shutil.copy2(res.tokenizer_file, folder / "tokenizer.json")
+    if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():
+        shutil.copy2(inputs.tokenizer_file, folder / "tokenizer.json")
 
 
 def _safe_trainer_class():
@@ -219,7 +215,7 @@ def _safe_trainer_class():
     return SafeTrainer
 
 
-def build_trainer(cfg: TrainConfig, res: Resources | None = None):
+def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
     from composer.core import Evaluator
     from composer.utils import dist, get_device
@@ -234,12 +230,12 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
         # As torchrun does: N processes x all cores each oversubscribes the CPU (10-100x slower).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
-    res = res or resources_local_rank_zero_first(cfg)
-    prepare_node(cfg, res)
+    inputs = inputs or inputs_local_rank_zero_first(cfg)
+    prepare_node(cfg, inputs)
     atomic_checkpoint_files()
     node_unique_signal_files()
 
-    model = build_model(cfg, res)
+    model = build_model(cfg, inputs)
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))
     world = dist.get_world_size()
     train = build_dataloader(
@@ -253,7 +249,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
             dataloader=build_dataloader(cfg.eval_loader, seq_len=cfg.max_seq_len, batch_size=eval_batch),
             metric_names=list(EVAL_METRICS),
         )
-    write_run_metadata(cfg, model, res)
+    write_run_metadata(cfg, model, inputs)
     optimizer = build_optimizer(cfg, composer_model)
     trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
@@ -276,7 +272,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         precision=cfg.precision,
         device=device,
-        callbacks=build_callbacks(cfg, res, device.name, world),
+        callbacks=build_callbacks(cfg, inputs, device.name, world),
         loggers=build_loggers(cfg),
         algorithms=build_algorithms(cfg),
         progress_bar=cfg.loggers.progress_bar is not None,
@@ -295,27 +291,27 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     )
 
 
-def resources_local_rank_zero_first(cfg: TrainConfig) -> Resources:
-    """``check_resources`` with downloads: local rank 0 of each node first, the others from its cache.
+def inputs_local_rank_zero_first(cfg: TrainConfig) -> RunInputs:
+    """``resolve_run_inputs`` with downloads: local rank 0 of each node first, the others from its cache.
 
     Every rank ends up with the same checks (a config error is raised on all of them, no rank waits
     for a failed one); only one process per node talks to the hub.
     """
     from composer.utils import dist
 
-    res, err = None, None
+    inputs, err = None, None
     if dist.get_local_rank() == 0:
         try:
-            res = check_resources(cfg, download=True)
+            inputs = resolve_run_inputs(cfg, download=True)
         except ConfigError as e:
             err = e
     dist.barrier()
     if err is not None:
         raise err
-    return res or check_resources(cfg, download=True)
+    return inputs or resolve_run_inputs(cfg, download=True)
 
 
-def prepare_node(cfg: TrainConfig, res: Resources) -> None:
+def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     """Before any dataset or Trainer exists: stale shared memory, save_folder checks and repair.
 
     Local rank 0 of each node removes Streaming's stale shared memory and probes save_folder (every
@@ -333,7 +329,7 @@ def prepare_node(cfg: TrainConfig, res: Resources) -> None:
         clean_stale_streaming_memory()
         if local:
             with torch.device("meta"):
-                n = sum(p.numel() for p in BD3LM(res.model_config).parameters())
+                n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
             probe = f".write-probe-node{dist.get_node_rank()}"
             problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
     if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:

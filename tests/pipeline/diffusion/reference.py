@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.diffusion.masks import AttentionMask
+from pipeline.model.masks import AttentionMask
 
 BASE_VOCAB = 250
 MASK_ID = 250  # added by from_pretrained; ids 251..255 are vocabulary padding

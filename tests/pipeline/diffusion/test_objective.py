@@ -220,7 +220,7 @@ def test_block_size_not_dividing_length_raises(model):
     with pytest.raises(ValueError, match="block_size=7"):
         compute_nelbo(model, tokens(1, L), DiffusionConfig(block_size=4), torch.arange(1), block_size=7)
     with pytest.raises(ValueError, match="block_size=64"):
-        eval_nelbo(model, tokens(1, L), 64, torch.arange(1), DiffusionConfig())
+        eval_nelbo(model, tokens(1, L), 64, torch.arange(1), DiffusionConfig(block_size=4))
 
 
 @pytest.mark.parametrize("interval", [(0.5, 0.2), (0.3, 0.3), (-0.1, 0.5), (0.2, 1.5)])

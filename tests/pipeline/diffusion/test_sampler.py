@@ -28,9 +28,8 @@ def model():
         eos_token_id=2,
         bos_token_id=1,
         block_size=4,
-        attn_backend="sdpa",
     )
-    m = BD3LM(cfg)
+    m = BD3LM(cfg, attn_backend="sdpa")
     m.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # sharper distributions than the 0.02-std init, so samplers make choices
         m.lm_head.weight.mul_(40)

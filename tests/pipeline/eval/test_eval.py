@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.checkpoints import load_for_inference
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.eval import main
-from pipeline.evaluation import evaluate_block_sizes, interval_grid, noise_interval_search
+from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
 from pipeline.rows import RowReader
 
 VOCAB, L, ROWS = 200, 16, 12

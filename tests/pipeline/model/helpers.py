@@ -23,15 +23,14 @@ def tiny_config(**overrides) -> ModelConfig:
         max_position_embeddings=256,
         # Large weights: attention is far from uniform, so a wrong mask entry moves the logits a lot.
         initializer_range=0.15,
-        attn_backend="sdpa",
     )
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
-def tiny_model(seed: int = 0, **overrides) -> BD3LM:
+def tiny_model(seed: int = 0, attn_backend: str = "sdpa", **overrides) -> BD3LM:
     """A random ``BD3LM`` in eval mode; norms perturbed away from 1 so they matter."""
-    model = BD3LM(tiny_config(**overrides))
+    model = BD3LM(tiny_config(**overrides), attn_backend=attn_backend)
     g = torch.Generator().manual_seed(seed)
     model.init_weights(generator=g)
     with torch.no_grad():
@@ -41,9 +40,13 @@ def tiny_model(seed: int = 0, **overrides) -> BD3LM:
     return model.eval()
 
 
+RUN_SWITCHES = ("attn_backend", "activation_checkpointing")
+
+
 def same_weights(model: BD3LM, **overrides) -> BD3LM:
-    """A copy of ``model`` with config fields changed (e.g. ``attn_backend``)."""
-    other = BD3LM(model.config.replace(**overrides))
+    """A copy of ``model`` with config fields or run-time switches (``attn_backend``...) changed."""
+    run = {k: overrides.pop(k, getattr(model, k)) for k in RUN_SWITCHES}
+    other = BD3LM(model.config.replace(**overrides), **run)
     other.load_state_dict(model.state_dict())
     return other.train(model.training)
 
@@ -62,7 +65,7 @@ def noised(x0: torch.Tensor, p: float = 0.5, seed: int = 1) -> torch.Tensor:
 
 def random_doc_ids(batch: int, length: int, p: float = 0.15, seed: int = 2, aligned_to: int = 1):
     """Per-document ids from random document starts (starts on multiples of ``aligned_to``)."""
-    from pipeline.diffusion.masks import document_ids
+    from pipeline.model.masks import document_ids
 
     g = torch.Generator().manual_seed(seed)
     starts = torch.rand(batch, length, generator=g) < p

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.diffusion.masks import AttentionMask
+from pipeline.model.masks import AttentionMask
 from pipeline.model.transformer import apply_rope
 from tests.pipeline.model.helpers import noised, random_tokens, tiny_model
 
@@ -191,7 +191,7 @@ def test_sliding_window_equals_windowed_history_reference(model, capacity):
 def test_reference_forward_is_the_model(model):
     # Guards the reference used above: with the block-causal mask it reproduces the model.
     ids = random_tokens(2, 12, seed=9)
-    from pipeline.diffusion.masks import dense_mask
+    from pipeline.model.masks import dense_mask
 
     allowed = dense_mask(AttentionMask("block_causal", 4), 12, 12, 12)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from pipeline.diffusion.masks import (
+from pipeline.model.masks import (
     AttentionMask,
     check_block_size,
     dense_mask,

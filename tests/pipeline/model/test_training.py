@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.diffusion.masks import AttentionMask
+from pipeline.model.masks import AttentionMask
 from tests.pipeline.model.helpers import MASK_ID, noised, random_tokens, same_weights, tiny_model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion.masks import AttentionMask
+from pipeline.model.masks import AttentionMask
 from tests.pipeline.model.helpers import noised, random_doc_ids, random_tokens, same_weights, tiny_model
 
 ATOL = 1e-5

@@ -1,6 +1,6 @@
 """README's "Bad input" table, row by row, through the real entry points.
 
-Each case provokes one row's input with ``load_config`` + ``check_resources`` (as ``pipeline.train``
+Each case provokes one row's input with ``load_config`` + ``resolve_run_inputs`` (as ``pipeline.train``
 runs them) or with ``python -m pipeline.train`` in a subprocess, and checks that the message holds the
 row's "what you see" fragment, names the offending key or file and says what to do. The table is
 parsed from README.md: a row without cases, or a fragment no case produces, fails
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from pipeline.trainer import ConfigError, load_config
-from pipeline.trainer.resources import check_resources
+from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
 
 TINY = YAMLS / "bd3_tiny.yaml"
@@ -50,7 +50,7 @@ def config_error(tiny_data, tmp_path, *extra, world_size=1, download=False) -> s
     data, tok = tiny_data
     with pytest.raises(ConfigError) as info:
         cfg = load_config(TINY, tiny_overrides(data, tok, tmp_path / "run", *extra), world_size=world_size)
-        check_resources(cfg, download=download)
+        resolve_run_inputs(cfg, download=download)
     return str(info.value)
 
 
@@ -80,7 +80,7 @@ def cli_error(tiny_data, tmp_path, *extra, env=None) -> str:
 
 
 def checkpoint_config(tmp_path, **fields) -> Path:
-    """An init checkpoint folder with only config.json (check_resources never reads weights), shaped
+    """An init checkpoint folder with only config.json (resolve_run_inputs never reads weights), shaped
     like bd3_tiny.yaml's model."""
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -369,7 +369,7 @@ def test_rope_scaling_allows_rows_longer_than_the_context(tiny_data, tmp_path):
         tmp_path, max_position_embeddings=16, rope_scaling={"type": "linear", "factor": 2.0}
     )
     cfg = load_config(TINY, tiny_overrides(data, tok, tmp_path / "run", f"variables.init_from={ckpt}"))
-    assert check_resources(cfg).model_config.max_position_embeddings == 16
+    assert resolve_run_inputs(cfg).model_config.max_position_embeddings == 16
 
 
 def test_shards_compressed_or_cached_raw_pass_the_check(tiny_data, tmp_path):

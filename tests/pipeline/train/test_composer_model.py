@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion.masks import AttentionMask, dense_mask
+from pipeline.model.masks import AttentionMask, dense_mask
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model import BD3LM, ModelConfig
 from pipeline.trainer.composer_model import BD3ComposerModel, attention_pairs, train_flops_per_sample
@@ -25,10 +25,9 @@ def _model() -> BD3LM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=L,
-        attn_backend="sdpa",
         initializer_range=0.2,
     )
-    model = BD3LM(config)
+    model = BD3LM(config, attn_backend="sdpa")
     model.init_weights(torch.Generator().manual_seed(0))
     return model
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline.trainer import ConfigError, load_config
-from pipeline.trainer.resources import check_resources
+from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
 
 TINY = YAMLS / "bd3_tiny.yaml"
@@ -22,7 +22,7 @@ TINY = YAMLS / "bd3_tiny.yaml"
 def _load(tiny_data, tmp_path, *extra, world_size=1, yaml=TINY):
     data, tok = tiny_data
     cfg = load_config(yaml, tiny_overrides(data, tok, tmp_path / "run", *extra), world_size=world_size)
-    return cfg, check_resources(cfg)
+    return cfg, resolve_run_inputs(cfg)
 
 
 def _error(tiny_data, tmp_path, *extra, **kw) -> ConfigError:
@@ -97,12 +97,25 @@ def test_tokenizer_larger_than_init_checkpoint_vocab(tiny_data, tmp_path, tiny_h
     assert e.key == "tokenizer.path" and "embedding table has 50" in str(e)
 
 
-def test_init_from_shape_must_match_yaml(tiny_data, tmp_path, tiny_hf_checkpoint):
-    ckpt, _ = tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=64, hidden_size=64, intermediate_size=128)
-    e = _error(tiny_data, tmp_path, f"variables.init_from={ckpt}")
-    assert e.key == "model.intermediate_size" and "176" in str(e) and "128" in str(e)
-    cfg, res = _load(tiny_data, tmp_path, f"variables.init_from={ckpt}", "model.intermediate_size=128")
-    assert res.model_config.base_vocab_size == 64 and res.model_config.mask_token_id == 64
+def test_init_from_defines_the_shape(tiny_data, tmp_path, tiny_hf_checkpoint, caplog):
+    """With init_from, the recipe's shape keys give way to the checkpoint's (one INFO line names them);
+    a shape key given on the command line that contradicts the checkpoint is still an error."""
+    ckpt, _ = tiny_hf_checkpoint(
+        tmp_path / "ckpt", vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=3
+    )
+    with caplog.at_level("INFO", logger="pipeline.trainer.config.convert"):
+        cfg, res = _load(tiny_data, tmp_path, f"variables.init_from={ckpt}")
+    c = res.model_config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (32, 96, 3)
+    assert c.base_vocab_size == 64 and c.mask_token_id == 64
+    assert cfg.model.hidden_size is None  # the recipe's 64 was not used
+    notes = [r.getMessage() for r in caplog.records if "were not used" in r.getMessage()]
+    assert len(notes) == 1 and "model.hidden_size" in notes[0] and "model.intermediate_size" in notes[0]
+
+    e = _error(tiny_data, tmp_path, f"variables.init_from={ckpt}", "model.intermediate_size=176")
+    assert e.key == "model.intermediate_size" and "176" in str(e) and "96" in str(e)
+    cfg, res = _load(tiny_data, tmp_path, f"variables.init_from={ckpt}", "model.intermediate_size=96")
+    assert res.model_config.intermediate_size == 96
 
 
 def test_manifest_seq_len_must_match_max_seq_len(tiny_data, tmp_path):
@@ -213,9 +226,9 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
         f"variables.save_folder={tmp_path}/run",
     ]
     cfg = load_config(YAMLS / "bd3_1b.yaml", overrides, world_size=8)
-    res = check_resources(cfg)
+    res = resolve_run_inputs(cfg)
     assert cfg.max_seq_len == 2048 and cfg.diffusion.block_size == 16
-    assert cfg.diffusion.noise_interval == [0.3, 0.8] and cfg.diffusion.shift
+    assert cfg.diffusion.noise_interval == (0.3, 0.8) and cfg.diffusion.shift
     assert cfg.global_train_batch_size * cfg.max_seq_len == 524288  # 0.5M tokens per step
     assert cfg.precision == "amp_bf16" and cfg.model.activation_checkpointing
     assert cfg.parallelism.fsdp is None

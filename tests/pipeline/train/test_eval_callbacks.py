@@ -85,10 +85,10 @@ def logged(capture, key: str) -> dict[int, float]:
 def reference_dir(tiny_data, tmp_path_factory) -> Path:
     """A Hugging Face folder of a (random) model with the run's tokenizer, as the genppl reference."""
     from pipeline.model import BD3LM, save_pretrained
-    from pipeline.trainer import check_resources
+    from pipeline.trainer import resolve_run_inputs
 
     folder = tmp_path_factory.mktemp("reference")
-    res = check_resources(config(tiny_data, folder / "unused"))
+    res = resolve_run_inputs(config(tiny_data, folder / "unused"))
     model = BD3LM(res.model_config)
     model.init_weights(generator=torch.Generator().manual_seed(3))
     return save_pretrained(model, folder / "hf", tokenizer_dir=tiny_data[1].parent)
@@ -170,6 +170,7 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
     like the uninterrupted run."""
     from pipeline.trainer import build_trainer
     from pipeline.trainer.callbacks import NoiseIntervalSearch
+    from pipeline.trainer.config import NoiseIntervalSearchSection
 
     common = [*COMMON, *callbacks_on(adopt=True), "callbacks.block_size_likelihood=null", "run_name=adopt"]
     full, _ = train(tiny_data, tmp_path / "a", *common, f"callbacks.loss_log.path={tmp_path}/a.jsonl")
@@ -195,7 +196,7 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
 
     # The state dict round trip on its own.
     sd = callback(trainer, "NoiseIntervalSearch").state_dict()
-    fresh = NoiseIntervalSearch("2ba", 8)
+    fresh = NoiseIntervalSearch(NoiseIntervalSearchSection(), "2ba", 8)
     fresh.load_state_dict(json.loads(json.dumps(sd)))
     assert fresh.chosen == callback(trainer, "NoiseIntervalSearch").chosen and fresh.schedule.ticks == 2
 
@@ -204,7 +205,7 @@ def test_evaluation_functions_leave_the_global_rng_alone():
     """evaluate_block_sizes, noise_interval_search and generate draw only from seeded generators."""
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.diffusion.sampler import SamplerConfig, generate
-    from pipeline.evaluation import evaluate_block_sizes, interval_grid, noise_interval_search
+    from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
     from pipeline.model import BD3LM, ModelConfig
 
     cfg = ModelConfig(
@@ -219,9 +220,8 @@ def test_evaluation_functions_leave_the_global_rng_alone():
         base_vocab_size=61,
         mask_token_id=61,
         eos_token_id=0,
-        attn_backend="sdpa",
     )
-    model = BD3LM(cfg)
+    model = BD3LM(cfg, attn_backend="sdpa")
     model.init_weights(generator=torch.Generator().manual_seed(0))
     model.train()
     x = torch.randint(1, 61, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -267,14 +267,11 @@ def test_config_errors_name_the_key(tiny_data, tmp_path, override, key):
 
 
 def test_config_needs_eval_rows_and_a_reference_folder(tiny_data, tmp_path):
-    from pipeline.trainer.callbacks import eval_callbacks
-
     with pytest.raises(ConfigError) as e:
         config(tiny_data, tmp_path, "eval_loader=null", "callbacks.noise_interval_search.adopt=false")
     assert e.value.key == "callbacks.noise_interval_search" and "eval_loader" in str(e.value)
-    cfg = config(tiny_data, tmp_path, f"callbacks.generation.reference={tmp_path}/missing")
     with pytest.raises(ConfigError) as e:
-        eval_callbacks(cfg, tiny_data[1])
+        config(tiny_data, tmp_path, f"callbacks.generation.reference={tmp_path}/missing")
     assert e.value.key == "callbacks.generation.reference"
 
 

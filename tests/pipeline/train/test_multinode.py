@@ -137,7 +137,7 @@ from pathlib import Path
 
 from composer.utils import dist, get_device
 
-import pipeline.trainer.resources as resources
+import pipeline.trainer.run_inputs as resources
 from pipeline.trainer import load_config
 from pipeline.trainer.build import resources_local_rank_zero_first
 

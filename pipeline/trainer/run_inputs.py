@@ -1,6 +1,6 @@
-"""Checks of what a training config points to: data manifest, tokenizer, init checkpoint config.
+"""What a training config points to, resolved and checked: data manifest, tokenizer, model config.
 
-``check_resources(cfg)`` reads manifest.json, the tokenizer and the checkpoint's config.json (never
+``resolve_run_inputs(cfg)`` reads manifest.json, the tokenizer and the checkpoint's config.json (never
 its weights) and returns the resolved ``ModelConfig`` the run will build, raising ``ConfigError``
 for a sequence length, vocabulary, tokenizer or mask-token mismatch before any model exists. For a
 local dataset (no ``remote``) it also reads each split's index.json and checks that every shard file
@@ -17,7 +17,7 @@ from typing import Any
 
 from data_prep import DataPrepError
 from pipeline.model import ModelConfig, ModelConfigError
-from pipeline.model.hf_io import check_vocab, read_config, resolve_checkpoint_dir, with_mask_token
+from pipeline.model.hf_io import check_vocab, resolve_checkpoint_dir, resolve_config, with_mask_token
 from pipeline.trainer.config import SHAPE_FIELDS, ConfigError, TrainConfig
 from pipeline.trainer.data import TOKEN_DTYPES, read_manifest
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Resources:
-    """What ``check_resources`` found; ``model_config`` has the mask token and padded vocabulary."""
+class RunInputs:
+    """What ``resolve_run_inputs`` found; ``model_config`` has the mask token and padded vocabulary."""
 
     manifest: dict[str, Any]
     tokenizer_file: Path
@@ -35,8 +35,8 @@ class Resources:
     init_dir: Path | None
 
 
-def check_resources(cfg: TrainConfig, download: bool = False) -> Resources:
-    """Check data, tokenizer and model shape against each other and the config.
+def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
+    """Resolve the model config and check data, tokenizer and model shape against each other and the config.
 
     Args:
         download: resolve a hub name in ``model.init_from`` by downloading it (config, safetensors,
@@ -60,7 +60,7 @@ def check_resources(cfg: TrainConfig, download: bool = False) -> Resources:
             "max_seq_len", f"{L} exceeds the checkpoint's sliding_window {model_config.sliding_window}"
         )
     _check_context(cfg, model_config, init_dir)
-    return Resources(manifest, tok_file, tok_vocab, model_config, init_dir)
+    return RunInputs(manifest, tok_file, tok_vocab, model_config, init_dir)
 
 
 def _check_context(cfg: TrainConfig, config: ModelConfig, init_dir: Path | None) -> None:
@@ -227,15 +227,10 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
 
 def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manifest: dict) -> ModelConfig:
     m = cfg.model
-    execution = dict(
-        attn_backend=m.attn_backend,
-        activation_checkpointing=m.activation_checkpointing,
-        block_size=cfg.diffusion.block_size,
-        shift=cfg.diffusion.shift,
-    )
+    bd3 = dict(block_size=cfg.diffusion.block_size, shift=cfg.diffusion.shift)
     try:
         if init_dir is not None:
-            config = read_config(init_dir, **execution)
+            config = resolve_config(init_dir, m.mask_token_id, **bd3)
             for key in SHAPE_FIELDS:
                 want = getattr(m, key)
                 have = config.base_vocab_size if key == "vocab_size" else getattr(config, key)
@@ -245,13 +240,6 @@ def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manif
                         f"is {want} but {init_dir}/config.json has {have}: remove model.{key} (the "
                         "checkpoint defines the shape) or set model.init_from: null",
                     )
-            if config.mask_token_id is None:
-                return with_mask_token(config, m.mask_token_id)
-            if m.mask_token_id not in (None, config.mask_token_id):
-                raise ConfigError(
-                    "model.mask_token_id",
-                    f"is {m.mask_token_id} but the checkpoint already has mask token {config.mask_token_id}",
-                )
             return config
         shape = {k: getattr(m, k) for k in SHAPE_FIELDS if getattr(m, k) is not None}
         shape.setdefault("vocab_size", tok_vocab)
@@ -262,7 +250,7 @@ def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manif
             initializer_range=m.initializer_range,
             eos_token_id=tok.get("eos_id"),
             bos_token_id=tok.get("bos_id"),
-            **execution,
+            **bd3,
         )
         return with_mask_token(config, m.mask_token_id)
     except ModelConfigError as e:

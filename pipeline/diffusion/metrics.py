@@ -22,6 +22,8 @@ from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo
 
 DRAW_STRIDE = 1 << 40
 EVAL_SEED = 1234
+# BD3-LM's grid of clipped-interval widths: 0.5, 0.55, ..., 0.9.
+INTERVAL_WIDTHS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
 
 
 @dataclass
@@ -121,7 +123,7 @@ def evaluate_block_sizes(
 
 def interval_grid(widths: Sequence[float] | None = None, step: float = 0.05) -> list[tuple[float, float]]:
     """Candidate clipped intervals [beta, beta + width] (BD3-LM: widths 0.5..0.9), plus [1e-3, 1]."""
-    widths = widths or [round(0.5 + 0.05 * i, 2) for i in range(9)]
+    widths = widths or INTERVAL_WIDTHS
     grid = [EVAL_INTERVAL]
     for w in widths:
         n = int(round((1.0 - w) / step))

@@ -1,0 +1,34 @@
+"""Composer callbacks of the BD3 trainer.
+
+- ``training``: the mechanics of a run (noise ids, clipping, NaN/Inf guard, loss log, HF export);
+- ``eval_base``: the schedule, eval rows and isolation that the evaluation callbacks share;
+- ``evaluation``: likelihood across block sizes, the noise-interval search, generation.
+"""
+
+from pipeline.trainer.callbacks.evaluation import (
+    BlockSizeLikelihood,
+    Generation,
+    NoiseIntervalSearch,
+    eval_callbacks,
+)
+from pipeline.trainer.callbacks.training import (
+    GlooFSDPGradMean,
+    GradientClipping,
+    HFExport,
+    LossLog,
+    NonFiniteLoss,
+    SampleIndexer,
+)
+
+__all__ = [
+    "BlockSizeLikelihood",
+    "Generation",
+    "GlooFSDPGradMean",
+    "GradientClipping",
+    "HFExport",
+    "LossLog",
+    "NoiseIntervalSearch",
+    "NonFiniteLoss",
+    "SampleIndexer",
+    "eval_callbacks",
+]

@@ -1,0 +1,298 @@
+"""Evaluation callbacks (YAML ``callbacks.block_size_likelihood`` / ``noise_interval_search`` /
+``generation``), thin wrappers of ``pipeline.diffusion.metrics`` and ``pipeline.diffusion.sampler``:
+
+- ``BlockSizeLikelihood``: NELBO of the current weights at several block sizes on fixed eval rows.
+- ``NoiseIntervalSearch``: the lowest-variance clipped noise interval; optionally trains with it.
+- ``Generation``: samples at the training block size, their unigram entropy and generative perplexity.
+
+Each takes its YAML section (``pipeline.trainer.config.schema``), checked with the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from pipeline.trainer.callbacks.eval_base import (
+    EvalRows,
+    EvalSchedule,
+    ScheduledEval,
+    composer_model,
+    isolated_eval,
+    params_sharded,
+)
+from pipeline.trainer.config.schema import (
+    BlockSizeLikelihoodSection,
+    GenerationSection,
+    NoiseIntervalSearchSection,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BlockSizeLikelihood(ScheduledEval):
+    """``evaluate_block_sizes`` of the current weights on fixed eval rows, every ``interval``.
+
+    Logs ``eval/nelbo/bs{N}`` (nats per scored token), ``eval/ppl_bound/bs{N}`` (exp NELBO),
+    ``eval/stderr/bs{N}`` (standard error of the NELBO over rows) and ``eval/train_block_size``.
+    Runs at BATCH_END on its schedule and at FIT_END when the last batch was not evaluated yet.
+    ``last_results`` holds the latest ``BlockSizeResult`` list.
+    """
+
+    def __init__(
+        self,
+        section: BlockSizeLikelihoodSection,
+        block_sizes: list[int],
+        interval: str | int,
+        batch_size: int,
+    ):
+        """``block_sizes``: the section's sizes as integers ("L" resolved); ``interval``: the resolved
+        schedule (the section's, else ``eval_interval``); ``batch_size``: eval rows per rank and batch."""
+        self.section = section
+        self.block_sizes = list(block_sizes)
+        self.schedule = EvalSchedule(interval)
+        self.rows = EvalRows(batch_size)
+        self.last_results: list = []
+
+    def evaluate(self, state: State) -> list:
+        from pipeline.diffusion.metrics import evaluate_block_sizes
+
+        with isolated_eval(state) as bd3:
+            batches = self.rows.batches(state, self.section.num_batches)
+            diffusion = composer_model(state).diffusion
+            return evaluate_block_sizes(
+                bd3, batches, self.block_sizes, diffusion, self.section.draws, self.section.seed
+            )
+
+    def _run(self, state: State, logger: Logger) -> None:
+        results = self.evaluate(state)
+        self.schedule.last_batch = int(state.timestamp.batch)
+        metrics = {"eval/train_block_size": composer_model(state).diffusion.block_size}
+        for r in results:
+            metrics[f"eval/nelbo/bs{r.block_size}"] = r.nelbo
+            metrics[f"eval/ppl_bound/bs{r.block_size}"] = r.ppl_bound
+            metrics[f"eval/stderr/bs{r.block_size}"] = r.stderr
+        logger.log_metrics(metrics)
+        self.last_results = results
+
+
+class NoiseIntervalSearch(Callback):
+    """``noise_interval_search`` at the training block size on fixed eval rows, every n-th tick.
+
+    Logs the chosen interval and its variance (``eval/noise_interval/{beta,omega,variance}``).
+    With ``adopt`` the training objective uses it from the next batch on: the chosen interval is in
+    this callback's ``state_dict`` (Composer checkpoints it) and is re-applied when a checkpoint is
+    loaded, so a resumed run trains with the interval the interrupted run had adopted.
+    """
+
+    def __init__(self, section: NoiseIntervalSearchSection, interval: str | int, batch_size: int):
+        from pipeline.diffusion.metrics import interval_grid
+
+        self.section = section
+        self.schedule = EvalSchedule(interval, section.every_n_evals)
+        self.rows = EvalRows(batch_size)
+        self.adopt = section.adopt
+        self.grid = interval_grid(section.widths, section.step)
+        self.chosen: tuple[float, float] | None = None
+        self.last_records: list[dict] = []
+        self._state: State | None = None
+
+    def search(self, state: State) -> tuple[tuple[float, float], list[dict]]:
+        from pipeline.diffusion.metrics import noise_interval_search
+
+        cm = composer_model(state)
+        with isolated_eval(state) as bd3:
+            batches = list(self.rows.batches(state, self.section.num_batches))
+            return noise_interval_search(bd3, batches, cm.diffusion.block_size, cm.diffusion, self.grid)
+
+    def apply(self, state: State) -> None:
+        """Set the training objective's noise interval to the chosen one (when adopting)."""
+        if not (self.adopt and self.chosen is not None):
+            return
+        cm = composer_model(state)
+        cm.diffusion.noise_interval = tuple(self.chosen)
+        getattr(cm, "_flops_cache", {}).clear()  # the FLOPs estimate depends on the masked fraction
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._state = state  # load_state_dict (autoresume) re-applies the interval through it
+        elif event == Event.FIT_START:
+            self.apply(state)
+        elif self.schedule.due(state, event):
+            self._run(state, logger)
+
+    def _run(self, state: State, logger: Logger) -> None:
+        best, records = self.search(state)
+        self.schedule.last_batch = int(state.timestamp.batch)
+        var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))
+        logger.log_metrics(
+            {
+                "eval/noise_interval/beta": best[0],
+                "eval/noise_interval/omega": best[1],
+                "eval/noise_interval/variance": var,
+            }
+        )
+        self.last_records = records
+        self.chosen = (float(best[0]), float(best[1]))
+        if self.adopt:
+            before = tuple(composer_model(state).diffusion.noise_interval)
+            self.apply(state)
+            if dist.get_global_rank() == 0 and before != self.chosen:
+                log.info(
+                    "noise_interval_search: training noise interval %s -> %s", list(before), list(self.chosen)
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.schedule.state_dict(), "chosen": list(self.chosen) if self.chosen else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state)
+        chosen = state.get("chosen")
+        self.chosen = (float(chosen[0]), float(chosen[1])) if chosen else None
+        if self._state is not None:
+            self.apply(self._state)
+
+
+class Generation(ScheduledEval):
+    """Samples at the training block size with the KV-cache sampler, logged as text and statistics.
+
+    The prompt is one BOS token (EOS when the tokenizer has no BOS). Logs ``eval/gen/unigram_entropy``
+    (per-sample entropy of the token frequencies, nats, averaged), ``eval/gen/nfe_per_token`` and,
+    with a ``reference`` AR model (loaded once, on rank 0), ``eval/gen/ppl`` (its perplexity on the
+    samples, ``pipeline.diffusion.metrics.generative_perplexity``). The decoded samples go to stderr,
+    tensorboard (``add_text``) and ``logger.log_traces``; ``last_samples`` holds them.
+
+    Every rank generates when the parameters are sharded (FSDP, ZeRO-3: the forward gathers them
+    collectively); otherwise only rank 0 does.
+    """
+
+    def __init__(self, section: GenerationSection, interval: str | int, tokenizer_file: str | Path):
+        self.section = section
+        self.schedule = EvalSchedule(interval, section.every_n_evals)
+        self.tokenizer_file = Path(tokenizer_file)
+        self.reference = None if section.reference is None else Path(section.reference).expanduser()
+        self._tokenizer = None
+        self._ref: tuple[Any, Any] | None = None
+        self.last_samples: list[str] = []
+        self.last_metrics: dict[str, float] = {}
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.tokenizer_file))
+        return self._tokenizer
+
+    def reference_model(self, device):
+        """(AR model, its tokenizer), loaded once; the run's tokenizer when the folder has none."""
+        if self._ref is None:
+            from tokenizers import Tokenizer
+
+            from pipeline.checkpoints import load_for_inference
+
+            model = load_for_inference(self.reference, device=device)
+            tok_file = Path(self.reference) / "tokenizer.json"
+            tok = Tokenizer.from_file(str(tok_file)) if tok_file.exists() else self.tokenizer()
+            self._ref = (model, tok)
+        return self._ref
+
+    def sampler_config(self, state: State):
+        """The section's sampler settings at the run's block size, EOS id and shift."""
+        from pipeline.diffusion.sampler import SamplerConfig
+
+        cm = composer_model(state)
+        settings = {f.name: getattr(self.section, f.name) for f in dataclasses.fields(SamplerConfig)}
+        settings.update(
+            block_size=cm.diffusion.block_size,
+            eos_token_id=cm.model.config.eos_token_id,
+            shift=cm.diffusion.shift,
+        )
+        return SamplerConfig(**settings)
+
+    def sample(self, state: State) -> tuple[dict[str, float], list[str]]:
+        """(metrics, decoded samples) of the current weights."""
+        from pipeline.diffusion.metrics import generative_perplexity, unigram_entropy
+        from pipeline.diffusion.sampler import generate
+
+        cfg = self.sampler_config(state)
+        with isolated_eval(state) as bd3:
+            device = next(bd3.parameters()).device
+            if self.reference is not None and dist.get_global_rank() == 0:
+                ref, ref_tok = self.reference_model(device)
+                out = generative_perplexity(
+                    bd3, self.tokenizer(), ref, ref_tok, cfg, self.section.num_samples
+                )
+                metrics = {
+                    "eval/gen/ppl": out["gen_ppl"],
+                    "eval/gen/unigram_entropy": out["unigram_entropy"],
+                    "eval/gen/nfe_per_token": out["nfe_per_token"],
+                }
+                return metrics, out["samples"]
+            c = bd3.config
+            start = c.start_token_id
+            prompt = torch.full(
+                (self.section.num_samples, 1), start if start is not None else 0, device=device
+            )
+            result = generate(bd3, prompt, cfg)
+        rows = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths)]
+        texts = [self.tokenizer().decode(ids, skip_special_tokens=True) for ids in rows]
+        metrics = {
+            "eval/gen/unigram_entropy": sum(unigram_entropy(r) for r in rows) / max(len(rows), 1),
+            "eval/gen/nfe_per_token": result.nfe / max(sum(result.lengths), 1),
+        }
+        return metrics, texts
+
+    def _run(self, state: State, logger: Logger) -> None:
+        self.schedule.last_batch = int(state.timestamp.batch)
+        if dist.get_global_rank() != 0 and not params_sharded(state):
+            return
+        metrics, texts = self.sample(state)
+        if dist.get_global_rank() != 0:
+            return
+        self.last_metrics, self.last_samples = metrics, texts
+        batch = int(state.timestamp.batch)
+        logger.log_metrics(metrics)
+        logger.log_traces({f"eval/gen/sample{i}": t for i, t in enumerate(texts)})
+        from composer.loggers import TensorboardLogger
+
+        for dest in logger.destinations:
+            if isinstance(dest, TensorboardLogger) and getattr(dest, "writer", None) is not None:
+                for i, t in enumerate(texts):
+                    dest.writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
+        stats = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if math.isfinite(v))
+        lines = [f"[generation] batch {batch}: {stats}"]
+        lines += [f"[generation] sample {i}: {t!r}" for i, t in enumerate(texts)]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def eval_callbacks(cfg, tokenizer_file: str | Path) -> list:
+    """The callbacks of the ``callbacks.block_size_likelihood``, ``noise_interval_search`` and
+    ``generation`` sections of a checked ``TrainConfig`` (all off unless configured).
+
+    They share one schedule: ``callbacks.block_size_likelihood.interval`` (default ``eval_interval``);
+    noise_interval_search and generation may set their own ``interval`` and run on every
+    ``every_n_evals``-th tick of it.
+    """
+    from pipeline.trainer.config import block_size_list
+
+    c = cfg.callbacks
+    base = (c.block_size_likelihood.interval if c.block_size_likelihood else None) or cfg.eval_interval
+    eval_batch = cfg.device_eval_batch_size or cfg.device_train_microbatch_size
+    out = []
+    if c.block_size_likelihood is not None:
+        out.append(BlockSizeLikelihood(c.block_size_likelihood, block_size_list(cfg), base, eval_batch))
+    if c.noise_interval_search is not None:
+        n = c.noise_interval_search
+        out.append(NoiseIntervalSearch(n, n.interval or base, eval_batch))
+    if c.generation is not None:
+        out.append(Generation(c.generation, c.generation.interval or base, tokenizer_file))
+    return out

@@ -1,0 +1,262 @@
+"""Cross-field checks of a converted ``TrainConfig`` that need no files, and the configs derived from it.
+
+``check_consistency`` runs inside ``load_config``; ``pipeline.trainer.run_inputs`` checks what the
+config points to (data, tokenizer, checkpoint). Nothing here imports Composer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from pipeline.diffusion.objective import DiffusionConfig
+from pipeline.model.masks import check_block_size
+from pipeline.trainer.config.errors import ConfigError
+from pipeline.trainer.config.schema import REQUIRED_FROM_SCRATCH, TrainConfig
+
+_DURATION = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur)$")
+
+
+def _check_time(key: str, value: str | int) -> None:
+    # Durations are typed `str | int` only to catch bare numbers here: Composer reads them as epochs.
+    if not (isinstance(value, str) and _DURATION.match(value)):
+        raise ConfigError(
+            key,
+            f"{value!r} is not a duration: write a number with a unit (ba, ep, sp, tok, dur), e.g. '100ba'",
+        )
+
+
+# Keys that may name object storage or a hub; credentials in them would be logged and checkpointed.
+URL_KEYS = ("train_loader.remote", "eval_loader.remote", "save_folder", "model.init_from")
+
+
+def check_no_credentials(cfg: TrainConfig) -> None:
+    """Refuse URLs with embedded credentials (``scheme://user:password@host``) in ``URL_KEYS``."""
+    import urllib.parse
+
+    for key in URL_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None) if value is not None else None
+        if not isinstance(value, str) or "://" not in value:
+            continue
+        url = urllib.parse.urlsplit(value)
+        # oci://bucket@namespace/... is OCI's address form, not a credential.
+        if url.password is not None or (url.username is not None and url.scheme != "oci"):
+            shown = url._replace(netloc="***@" + url.netloc.rsplit("@", 1)[1]).geturl()
+            raise ConfigError(
+                key,
+                f"{shown} has credentials in the URL; remove them: object-store credentials come from the "
+                "environment or the provider's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                "~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ~/.oci/config, HF_TOKEN), never from the config",
+            )
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_len_source=None) -> None:
+    """Cross-field checks on the converted config (no file access).
+
+    ``max_seq_len_source``: the unresolved YAML value (e.g. "${variables.max_seq_len}") for messages.
+    """
+    world = world_size or world_size_from_env()
+    d = cfg.diffusion
+    if cfg.max_seq_len < 2:
+        raise ConfigError("max_seq_len", f"must be at least 2, got {cfg.max_seq_len}")
+    try:
+        check_block_size(cfg.max_seq_len, d.block_size)
+    except ValueError as e:
+        src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
+        raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
+    if len(d.noise_interval) != 2 or not 0.0 <= d.noise_interval[0] < d.noise_interval[1] <= 1.0:
+        raise ConfigError(
+            "diffusion.noise_interval",
+            f"must be [beta, omega] with 0 <= beta < omega <= 1, got {d.noise_interval} "
+            "(BD3-LM uses [0.3, 0.8] for block size 16, [0.45, 0.95] for 4)",
+        )
+    for key in ("anneal_steps", "loss_chunk_size"):
+        if getattr(d, key) < (1 if key == "loss_chunk_size" else 0):
+            raise ConfigError(f"diffusion.{key}", f"must be positive, got {getattr(d, key)}")
+    if d.aux_ar_weight < 0:
+        raise ConfigError("diffusion.aux_ar_weight", f"must be >= 0, got {d.aux_ar_weight}")
+
+    gb, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
+    if gb < 1 or mb < 1:
+        raise ConfigError(
+            "global_train_batch_size" if gb < 1 else "device_train_microbatch_size", "must be >= 1"
+        )
+    if gb % (world * mb):
+        ok = [m for m in range(1, gb + 1) if gb % (world * m) == 0]
+        other = f" or a microbatch size in {ok[-4:]}" if ok else f" or a world size that divides {gb}"
+        raise ConfigError(
+            "global_train_batch_size",
+            f"{gb} is not divisible by world size {world} x device_train_microbatch_size {mb}; "
+            f"choose a multiple of {world * mb}{other}",
+        )
+    if cfg.device_eval_batch_size is not None and cfg.device_eval_batch_size < 1:
+        raise ConfigError("device_eval_batch_size", "must be >= 1")
+    if not cfg.train_loader.drop_last:
+        raise ConfigError(
+            "train_loader.drop_last",
+            "must be true: every global batch must be full so that each sample's noise id (its position "
+            "in the training stream) is the same on any number of processes",
+        )
+
+    nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    canonical = cfg.train_loader.num_canonical_nodes
+    if canonical is not None and (canonical < 1 or (canonical % nodes and nodes % canonical)):
+        raise ConfigError(
+            "train_loader.num_canonical_nodes",
+            f"{canonical} does not fit {nodes} nodes: it must be a multiple or a divisor of the node "
+            "count (keep the value the run started with and change the node count, e.g. 8 canonical "
+            "nodes run on 1, 2, 4, 8 or 16 nodes)",
+        )
+
+    check_no_credentials(cfg)
+    _check_time("max_duration", cfg.max_duration)
+    _check_time("eval_interval", cfg.eval_interval)
+    _check_time("save_interval", cfg.save_interval)
+    _check_time("scheduler.t_warmup", cfg.scheduler.t_warmup)
+    _check_time("scheduler.t_max", cfg.scheduler.t_max)
+    if cfg.callbacks.ema is not None:
+        _check_time("callbacks.ema.half_life", cfg.callbacks.ema.half_life)
+    if cfg.loggers.console is not None:
+        _check_time("loggers.console.log_interval", cfg.loggers.console.log_interval)
+    check_eval_callbacks(cfg)
+    if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError("optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+
+    for key in ("wandb", "mlflow"):
+        if getattr(cfg.loggers, key) is not None and importlib.util.find_spec(key) is None:
+            raise ConfigError(
+                f"loggers.{key}", f"needs the {key} package: pip install {key}, or remove the section"
+            )
+    if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
+        missing = "save_folder" if not cfg.save_folder else "run_name"
+        raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
+    if cfg.parallelism is not None and cfg.parallelism.deepspeed is not None:
+        check_deepspeed(cfg, world)
+    m = cfg.model
+    if m.init_from is None:
+        for key in REQUIRED_FROM_SCRATCH:
+            if getattr(m, key) is None:
+                raise ConfigError(
+                    f"model.{key}", "is required to build a model from scratch (model.init_from is null)"
+                )
+    if m.mask_token_id is not None and m.mask_token_id < 0:
+        raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
+
+
+def block_size_list(cfg: TrainConfig) -> list[int]:
+    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len)."""
+    return [cfg.max_seq_len if b == "L" else b for b in cfg.callbacks.block_size_likelihood.block_sizes]
+
+
+def check_eval_callbacks(cfg: TrainConfig) -> None:
+    """The evaluation callbacks (block_size_likelihood, noise_interval_search, generation)."""
+    c = cfg.callbacks
+    on = {
+        name: getattr(c, name)
+        for name in ("block_size_likelihood", "noise_interval_search", "generation")
+        if getattr(c, name) is not None
+    }
+    for name, sec in on.items():
+        if sec.interval is not None:
+            _check_time(f"callbacks.{name}.interval", sec.interval)
+        for key in ("num_batches", "draws", "every_n_evals", "num_samples", "max_new_tokens"):
+            if getattr(sec, key, 1) < 1:
+                raise ConfigError(f"callbacks.{name}.{key}", f"must be >= 1, got {getattr(sec, key)}")
+        if name != "generation" and cfg.eval_loader is None:
+            raise ConfigError(
+                f"callbacks.{name}", "evaluates on the eval rows: set eval_loader (or remove this callback)"
+            )
+    bsl = c.block_size_likelihood
+    if bsl is not None:
+        key = "callbacks.block_size_likelihood.block_sizes"
+        if not bsl.block_sizes:
+            raise ConfigError(key, "must list at least one block size")
+        for b in bsl.block_sizes:
+            if isinstance(b, str) and b != "L":
+                raise ConfigError(key, f'{b!r} is not a block size: use integers or "L" (max_seq_len)')
+        sizes = block_size_list(cfg)
+        for b in sizes:
+            try:
+                check_block_size(cfg.max_seq_len, b)
+            except ValueError as e:
+                raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
+        if len(set(sizes)) != len(sizes):
+            raise ConfigError(
+                key, f"lists a block size twice: {bsl.block_sizes} (max_seq_len = {cfg.max_seq_len})"
+            )
+    nis = c.noise_interval_search
+    if nis is not None:
+        if not nis.widths or not all(0.0 < w <= 1.0 for w in nis.widths):
+            raise ConfigError(
+                "callbacks.noise_interval_search.widths", f"must be numbers in (0, 1], got {nis.widths}"
+            )
+        if not 0.0 < nis.step <= 1.0:
+            raise ConfigError("callbacks.noise_interval_search.step", f"must be in (0, 1], got {nis.step}")
+    gen = c.generation  # the sampler settings validate themselves (SamplerConfig.__post_init__)
+    if gen is not None:
+        if gen.reference is not None and not Path(gen.reference).expanduser().is_dir():
+            raise ConfigError(
+                "callbacks.generation.reference",
+                f"{gen.reference!r} is not a folder: give a Hugging Face-format folder of an AR model "
+                "with the run's tokenizer (config.json, model.safetensors)",
+            )
+
+
+def check_deepspeed(cfg: TrainConfig, world: int) -> None:
+    """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
+    from pipeline.trainer.ds_config import DeepSpeedConfigError
+
+    if cfg.parallelism.fsdp is not None:
+        raise ConfigError("parallelism", "set either fsdp or deepspeed, not both")
+    if cfg.callbacks.ema is not None:
+        raise ConfigError(
+            "callbacks.ema",
+            "EMA is not supported under DeepSpeed (ZeRO partitions the weights it averages); remove it",
+        )
+    if cfg.nonfinite_loss == "skip":
+        raise ConfigError(
+            "nonfinite_loss",
+            "skip is not supported under DeepSpeed (the engine owns the optimizer step); use stop and "
+            "resume from the last checkpoint",
+        )
+    if cfg.save_folder and "://" in cfg.save_folder:
+        raise ConfigError(
+            "save_folder",
+            "DeepSpeed checkpoints are written per rank to a shared local/network filesystem; use a "
+            "local or mounted path (remote object storage is supported without DeepSpeed)",
+        )
+    try:
+        deepspeed_config(cfg, world)
+    except DeepSpeedConfigError as e:
+        raise ConfigError(e.key, str(e).split(": ", 1)[1]) from None
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed config of the run: ``parallelism.deepspeed`` plus the derived keys."""
+    from pipeline.trainer.ds_config import build_ds_config
+
+    gc = cfg.algorithms.gradient_clipping
+    return build_ds_config(
+        cfg.parallelism.deepspeed,
+        global_batch=cfg.global_train_batch_size,
+        micro_batch=cfg.device_train_microbatch_size,
+        world_size=world,
+        precision=cfg.precision,
+        grad_clip=None if gc is None else gc.clipping_threshold,
+    )
+
+
+def diffusion_config(cfg: TrainConfig) -> DiffusionConfig:
+    """The objective's ``DiffusionConfig``: the YAML section, with t stratified over one global batch."""
+    return dataclasses.replace(cfg.diffusion, stratify_group=cfg.global_train_batch_size)

@@ -1,0 +1,344 @@
+"""The training YAML's schema: one dataclass per section; a field without a default is a required key.
+
+Sections that configure the plain-PyTorch layer are that layer's own dataclasses
+(``diffusion`` is ``pipeline.diffusion.objective.DiffusionConfig``; ``callbacks.generation`` extends
+``pipeline.diffusion.sampler.SamplerConfig``), so every default has one home. A class may name
+fields that are not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS
+from pipeline.diffusion.objective import DiffusionConfig
+from pipeline.diffusion.sampler import SamplerConfig
+
+# ---------------------------------------------------------------------------------------------
+# Schema. Every section is a dataclass; a field without a default is a required key.
+# ---------------------------------------------------------------------------------------------
+
+# Shape fields of a from-scratch model. With ``init_from`` they are optional assertions: any that is
+# set must match the checkpoint's config.json.
+SHAPE_FIELDS = (
+    "architecture",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+@dataclass
+class ModelSection:
+    """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from scratch
+    with the shape fields. ``vocab_size`` is the base vocabulary before the mask token (default: the
+    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token."""
+
+    init_from: str | None = None
+    architecture: Literal["llama", "qwen2", "mistral"] | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+    tie_word_embeddings: bool | None = None
+    initializer_range: float = 0.02
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    activation_checkpointing: bool = False
+    mask_token_id: int | None = None
+
+
+@dataclass
+class TokenizerSection:
+    """``path``: tokenizer.json or a folder holding one; null uses the init checkpoint's."""
+
+    path: str | None = None
+
+
+@dataclass
+class TrainLoaderSection:
+    """MDS data written by data_prep: ``local``/``split`` (or ``remote``/``split`` cached in ``local``)."""
+
+    local: str
+    remote: str | None = None
+    split: str = "train"
+    shuffle: bool = True
+    shuffle_seed: int = 9176
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    predownload: int | None = None
+    num_canonical_nodes: int | None = None
+    drop_last: bool = True
+
+
+@dataclass
+class EvalLoaderSection(TrainLoaderSection):
+    split: str = "val"
+    shuffle: bool = False
+    drop_last: bool = False
+
+
+@dataclass
+class OptimizerSection:
+    """Composer's ``DecoupledAdamW`` (the only optimizer)."""
+
+    lr: float
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerSection:
+    """``t_max`` defaults to the whole run ("1dur"); set it in batches to make the schedule independent
+    of ``max_duration`` (stopping early and resuming then follows the same learning rates)."""
+
+    name: Literal["cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"]
+    t_warmup: str | int = "0ba"
+    t_max: str | int = "1dur"
+    alpha_f: float = 0.0
+
+
+@dataclass
+class SpeedMonitorSection:
+    window_size: int = 5
+    gpu_flops_available: float | None = None
+
+
+@dataclass
+class LRMonitorSection:
+    pass
+
+
+@dataclass
+class MemoryMonitorSection:
+    pass
+
+
+@dataclass
+class RuntimeEstimatorSection:
+    skip_batches: int = 1
+
+
+@dataclass
+class EMASection:
+    half_life: str | int = "1000ba"
+
+
+@dataclass
+class LossLogSection:
+    """Rank 0 appends one JSON line per batch: {"batch", "loss/train/total", ...}.
+
+    ``sample_ids``: also log ``rows``, the data rows (index in the split) of the global batch in
+    stream order: checks that a resumed run sees every row once (costs one all-gather per batch).
+    """
+
+    path: str
+    sample_ids: bool = False
+
+
+@dataclass
+class HFExportSection:
+    """At the end of training, write a Hugging Face-format folder (safetensors) of the model."""
+
+    folder: str
+
+
+@dataclass
+class BlockSizeLikelihoodSection:
+    """NELBO of the current weights at several block sizes (``pipeline.diffusion.metrics.evaluate_block_sizes``)
+    on the first ``num_batches`` global eval batches, fixed noise (a row's noise id is its index in the
+    eval split), every ``interval`` (default: ``eval_interval``) and at the end of training. Logs
+    ``eval/nelbo/bs{N}``, ``eval/ppl_bound/bs{N}``, ``eval/stderr/bs{N}`` and ``eval/train_block_size``.
+    ``block_sizes``: divisors of max_seq_len; "L" is max_seq_len (MDLM)."""
+
+    block_sizes: list[int | str] = field(default_factory=lambda: [1, 4, 8, 16, "L"])
+    interval: str | int | None = None
+    num_batches: int = 4
+    draws: int = 1
+    seed: int = EVAL_SEED
+
+
+@dataclass
+class NoiseIntervalSearchSection:
+    """BD3-LM's data-driven clipped schedule (``pipeline.diffusion.metrics.noise_interval_search``): on every
+    ``every_n_evals``-th tick of the evaluation schedule (``interval``, default: the
+    block_size_likelihood interval, else ``eval_interval``), the interval [beta, beta + width] (widths
+    x offsets on a ``step`` grid, plus [1e-3, 1]) whose training NELBO estimator has the lowest variance
+    over the first ``num_batches`` global eval batches. ``adopt``: train with it from then on (kept in
+    the checkpoint, re-applied on resume). Logs ``eval/noise_interval/{beta,omega,variance}``."""
+
+    every_n_evals: int = 1
+    interval: str | int | None = None
+    num_batches: int = 4
+    widths: list[float] = field(default_factory=lambda: list(INTERVAL_WIDTHS))
+    step: float = 0.05
+    adopt: bool = True
+
+
+@dataclass
+class GenerationSection(SamplerConfig):
+    """Samples with the KV-cache sampler (``pipeline.diffusion.sampler``; its fields and defaults) from
+    a BOS (else EOS) prompt, on every ``every_n_evals``-th tick of the evaluation schedule and at the end
+    of training: the text goes to the console (stderr), tensorboard and ``log_traces``; logs
+    ``eval/gen/unigram_entropy`` (nats, mean over samples) and, with ``reference`` (a Hugging Face
+    folder of an AR model), the generative perplexity ``eval/gen/ppl``. The block size, EOS id and
+    shift are the run's."""
+
+    NOT_IN_YAML: ClassVar[dict[str, str]] = {
+        "block_size": "the training block size (diffusion.block_size)",
+        "eos_token_id": "the model's EOS id",
+        "shift": "diffusion.shift",
+    }
+
+    every_n_evals: int = 1
+    interval: str | int | None = None
+    num_samples: int = 2
+    reference: str | None = None
+
+
+@dataclass
+class CallbacksSection:
+    """Set a callback to null to turn it off."""
+
+    speed_monitor: SpeedMonitorSection | None = field(default_factory=SpeedMonitorSection)
+    lr_monitor: LRMonitorSection | None = field(default_factory=LRMonitorSection)
+    memory_monitor: MemoryMonitorSection | None = field(default_factory=MemoryMonitorSection)
+    runtime_estimator: RuntimeEstimatorSection | None = field(default_factory=RuntimeEstimatorSection)
+    ema: EMASection | None = None
+    loss_log: LossLogSection | None = None
+    hf_export: HFExportSection | None = None
+    block_size_likelihood: BlockSizeLikelihoodSection | None = None
+    noise_interval_search: NoiseIntervalSearchSection | None = None
+    generation: GenerationSection | None = None
+
+
+@dataclass
+class ProgressBarSection:
+    pass
+
+
+@dataclass
+class ConsoleSection:
+    log_interval: str | int = "1ba"
+
+
+@dataclass
+class TensorboardSection:
+    """``log_dir`` defaults to ``{save_folder}/tensorboard`` (``tensorboard/{run_name}`` without one)."""
+
+    log_dir: str | None = None
+    flush_interval: int = 100
+
+
+@dataclass
+class WandBSection:
+    """Weights & Biases (``pip install wandb``; credentials from ``WANDB_API_KEY`` / ``wandb login``)."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+
+
+@dataclass
+class MLFlowSection:
+    """MLflow (``pip install mlflow``; the server from ``tracking_uri`` or ``MLFLOW_TRACKING_URI``)."""
+
+    experiment_name: str | None = None
+    run_name: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
+class LoggersSection:
+    progress_bar: ProgressBarSection | None = field(default_factory=ProgressBarSection)
+    console: ConsoleSection | None = None
+    tensorboard: TensorboardSection | None = field(default_factory=TensorboardSection)
+    wandb: WandBSection | None = None
+    mlflow: MLFlowSection | None = None
+
+
+@dataclass
+class GradientClippingSection:
+    """Global L2-norm clipping of the gradients (DeepSpeed's ``gradient_clipping`` under DeepSpeed)."""
+
+    clipping_threshold: float = 1.0
+
+
+@dataclass
+class AlgorithmsSection:
+    gradient_clipping: GradientClippingSection | None = field(default_factory=GradientClippingSection)
+
+
+@dataclass
+class FSDPSection:
+    """Composer FSDP2. SHARD_GRAD_OP keeps parameters gathered after forward (ZeRO-2-like)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] = "FULL_SHARD"
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    activation_cpu_offload: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class ParallelismSection:
+    """null (the whole section) is DDP; ``fsdp`` is Composer FSDP2; ``deepspeed`` is DeepSpeed ZeRO (any
+    DeepSpeed config keys; the batch, precision and clipping keys are derived, see ``deepspeed_config``)."""
+
+    fsdp: FSDPSection | None = None
+    deepspeed: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection
+    diffusion: DiffusionConfig
+    train_loader: TrainLoaderSection
+    optimizer: OptimizerSection
+    scheduler: SchedulerSection
+    max_seq_len: int
+    global_train_batch_size: int
+    device_train_microbatch_size: int
+    max_duration: str | int
+    autoresume: bool
+    variables: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    eval_loader: EvalLoaderSection | None = None
+    device_eval_batch_size: int | None = None
+    eval_interval: str | int = "1000ba"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    precision: Literal["fp32", "amp_bf16"] = "fp32"
+    run_name: str | None = None
+    save_folder: str | None = None
+    save_interval: str | int = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    callbacks: CallbacksSection = field(default_factory=CallbacksSection)
+    loggers: LoggersSection = field(default_factory=LoggersSection)
+    algorithms: AlgorithmsSection = field(default_factory=AlgorithmsSection)
+    parallelism: ParallelismSection | None = None
+    seed: int = 17
+    dist_timeout: float = 600.0
+    device: Literal["cpu", "gpu"] | None = None
+    python_log_level: str | None = None
+    # NaN/Inf loss on any rank: "stop" (raise before the update, name the checkpoint to resume from)
+    # or "skip" (drop the batch's update on every rank and go on).
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
