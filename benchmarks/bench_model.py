@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.masks import AttentionMask, check_block_size, dense_mask
 from pipeline.model import BD3LM, ModelConfig
+from pipeline.model.masks import AttentionMask, check_block_size, dense_mask
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 TINYLLAMA = dict(

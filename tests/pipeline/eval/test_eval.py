@@ -15,9 +15,9 @@ from streaming import MDSWriter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.checkpoints import load_for_inference
+from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.eval import main
-from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
 from pipeline.rows import RowReader
 
 VOCAB, L, ROWS = 200, 16, 12

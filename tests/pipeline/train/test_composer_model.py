@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.masks import AttentionMask, dense_mask
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model import BD3LM, ModelConfig
+from pipeline.model.masks import AttentionMask, dense_mask
 from pipeline.trainer.composer_model import BD3ComposerModel, attention_pairs, train_flops_per_sample
 
 L = 16

@@ -203,9 +203,9 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
 
 def test_evaluation_functions_leave_the_global_rng_alone():
     """evaluate_block_sizes, noise_interval_search and generate draw only from seeded generators."""
+    from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.diffusion.sampler import SamplerConfig, generate
-    from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
     from pipeline.model import BD3LM, ModelConfig
 
     cfg = ModelConfig(
