@@ -219,14 +219,49 @@ def check_shard_file(folder: str | os.PathLike, shard: dict) -> None:
     """Without reading it, check that a shard's data is on disk with the size its index entry records.
 
     The file checked is the stored one (`stored_file`); a compressed shard may instead have only its
-    decompressed file, as Streaming's cache keeps it. Raises ShardError (missing, or another size).
+    decompressed file, as Streaming's cache keeps it. A decompressed copy beside a compressed shard is
+    what Streaming reads, so its size is checked too. Raises ShardError (missing, or another size).
     """
     folder = Path(folder)
-    info, raw = stored_file(shard), shard["raw_data"]
-    raw_path = folder / raw["basename"]
-    if info is not raw and raw_path.is_file() and raw_path.stat().st_size == raw["bytes"]:
+    info = stored_file(shard)
+    if decompressed_copy(folder, shard) is not None:
+        check_decompressed_copy(folder, shard, hashes=False)
         return
     _check_file_size(folder / info["basename"], info)
+
+
+def decompressed_copy(folder: str | os.PathLike, shard: dict) -> Path | None:
+    """The decompressed file Streaming keeps beside a compressed shard (and reads from then on), if any."""
+    if not shard.get("zip_data"):
+        return None
+    path = Path(folder) / shard["raw_data"]["basename"]
+    return path if path.is_file() else None
+
+
+def check_decompressed_copy(folder: str | os.PathLike, shard: dict, *, hashes: bool = True) -> None:
+    """Check a compressed shard's decompressed copy against the index's raw-data size (and hashes).
+
+    Raises ShardError naming the copy and the fix: delete it, Streaming recreates it from the
+    compressed file. A shard without a copy passes.
+    """
+    path = decompressed_copy(folder, shard)
+    if path is None:
+        return
+    raw = shard["raw_data"]
+    fix = f"delete it: Streaming recreates it from {shard['zip_data']['basename']}"
+    size = path.stat().st_size
+    if size != raw["bytes"]:
+        raise ShardError(
+            f"decompressed copy {path} has {size} bytes, the index says {raw['bytes']} (truncated or "
+            f"replaced); {fix}"
+        )
+    if hashes:
+        from streaming.base.hashing import get_hash
+
+        data = path.read_bytes()
+        for algo, expected in (raw.get("hashes") or {}).items():
+            if get_hash(algo, data) != expected:
+                raise ShardError(f"decompressed copy {path}: its {algo} hash does not match the index; {fix}")
 
 
 def _check_file_size(path: Path, info: dict) -> None:

@@ -11,6 +11,10 @@ import numpy as np
 from data_prep import mds
 from data_prep.manifest import read_manifest
 
+REWRITE = (
+    "re-run the data_prep convert command that wrote this folder with --overwrite (or copy the folder again)"
+)
+
 
 @dataclass
 class VerifyReport:
@@ -35,7 +39,8 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
     """Check a finished data_prep output; the report lists each problem with its split and shard.
 
     Checks: every shard listed in each split's index exists with the recorded size and hashes and
-    decodes; every row has tokens of shape (seq_len,) and the manifest's dtype, ids < vocab size,
+    decodes; a decompressed copy that Streaming left beside a compressed shard (and reads instead of
+    it) has the raw-data size and hashes of the index; every row has tokens of shape (seq_len,) and the manifest's dtype, ids < vocab size,
     doc_starts sorted, < seq_len and each preceded by an EOS; per split, the rows, shards and bytes
     match the manifest and rows * seq_len + dropped_tail_tokens == tokens.
     Raises DataPrepError when `folder` is not a finished output.
@@ -71,9 +76,13 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
                 problem(f"{where}: columns {columns}, the manifest says {expected_columns}")
                 continue
             try:
+                mds.check_decompressed_copy(split_dir, shard)
+            except mds.ShardError as exc:
+                problem(f"{split}: {exc}")
+            try:
                 tokens, doc_starts = mds.read_shard(split_dir, shard)
             except mds.ShardError as exc:
-                problem(f"{where}: {exc}")
+                problem(f"{where}: {exc}; {REWRITE}")
                 continue
             seen["rows"] += len(tokens)
             for i, (row, column) in enumerate(zip(tokens, doc_starts)):

@@ -8,6 +8,7 @@ in the split); ``RowReader.batches`` stacks rows into ``input_ids`` (b, L), ``do
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,28 +34,99 @@ def split_dir(data: str | Path, split: str) -> tuple[Path, dict | None]:
     )
 
 
+class ShardReadError(RuntimeError):
+    """A shard that failed while rows were read (damaged or deleted after start, a failed download).
+
+    The message is one line: the shard, what went wrong and the fix. A DataLoader worker's error comes
+    back re-raised with the worker's traceback around it; ``one_line`` recovers the line.
+    """
+
+    FIX = (
+        "check the data with `python -m data_prep verify DIR`; delete a damaged decompressed copy "
+        "(Streaming recreates it from the .zstd file) or prepare or copy the data again"
+    )
+
+    @staticmethod
+    def one_line(error: BaseException) -> str:
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        return last.split("ShardReadError: ", 1)[-1]
+
+
 def packed_rows_dataset_class():
     """``PackedRowsDataset``: a ``StreamingDataset`` of packed rows as tensors (streaming imported lazily)."""
     from streaming import StreamingDataset
+    from streaming.base.hashing import get_hash
 
     from data_prep.mds import doc_starts_from_column
 
     class PackedRowsDataset(StreamingDataset):
-        """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring)."""
+        """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring).
 
-        def __init__(self, *, seq_len: int, **kwargs):
+        A shard that cannot be read raises ``ShardReadError`` naming it. ``validate_hash`` (an
+        algorithm recorded in the index, e.g. "sha1") turns on Streaming's check of compressed and
+        downloaded files and, since Streaming never re-checks a decompressed file it finds on disk, a
+        check of each shard's decompressed file on its first read in this process.
+        """
+
+        def __init__(self, *, seq_len: int, validate_hash: str | None = None, **kwargs):
             # `orig` partitioning: the layout ``global_batch_positions`` relies on (the default
             # `relaxed` reorders samples when resuming on a different number of nodes).
-            super().__init__(partition_algo="orig", **kwargs)
+            super().__init__(partition_algo="orig", validate_hash=validate_hash, **kwargs)
             self.seq_len = seq_len
+            self.hash_algo = validate_hash
+            self._hashed: set[int] = set()  # shards whose decompressed file this process checked
+            self._prepare_error: ShardReadError | None = None
+
+        def shard_path(self, shard_id: int) -> str:
+            """The shard's stored file (its compressed file when it has one)."""
+            reader = self.shards[shard_id]
+            raw, zipped = reader.file_pairs[0]
+            return os.path.join(reader.dirname, reader.split, (zipped or raw).basename)
+
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as e:  # runs in Streaming's prefetch thread too: keep the shard's name
+                self._prepare_error = ShardReadError(
+                    f"shard {self.shard_path(shard_id)}: {type(e).__name__}: {e}; {ShardReadError.FIX}"
+                )
+                raise self._prepare_error from e
+
+        def _check_decompressed(self, shard_id: int) -> None:
+            reader = self.shards[shard_id]
+            raw = reader.file_pairs[0][0]
+            path = os.path.join(reader.dirname, reader.split, raw.basename)
+            if os.path.isfile(path):  # else Streaming makes it now, checking the file it comes from
+                with open(path, "rb") as f:
+                    digest = get_hash(self.hash_algo, f.read())
+                if digest != (raw.hashes or {}).get(self.hash_algo):
+                    raise ShardReadError(
+                        f"shard file {path}: its {self.hash_algo} hash does not match the index; "
+                        f"{ShardReadError.FIX}"
+                    )
+            self._hashed.add(shard_id)
 
         def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-            row = super().get_item(sample_id, retry)
+            shard_id = int(self.spanner[sample_id][0])
+            try:
+                if self.hash_algo and shard_id not in self._hashed:
+                    self._check_decompressed(shard_id)
+                row = super().get_item(sample_id, retry)
+            except ShardReadError:
+                raise
+            except Exception as e:
+                if self._prepare_error is not None:  # "Background thread failed": say which shard
+                    raise self._prepare_error from e
+                raise ShardReadError(
+                    f"shard {self.shard_path(shard_id)} (row {sample_id}): {type(e).__name__}: {e}; "
+                    f"{ShardReadError.FIX}"
+                ) from e
             tokens = row["tokens"]
             if tokens.shape != (self.seq_len,):
-                raise ValueError(
-                    f"row {sample_id} has {tokens.shape[0]} tokens but the manifest says seq_len {self.seq_len}; "
-                    "the shards and manifest.json disagree: re-run data_prep"
+                raise ShardReadError(
+                    f"shard {self.shard_path(shard_id)}: row {sample_id} has {tokens.shape[0]} tokens but the "
+                    f"manifest says seq_len {self.seq_len}; the shards and manifest.json disagree: re-run data_prep"
                 )
             starts = np.zeros(self.seq_len, dtype=bool)
             starts[doc_starts_from_column(row["doc_starts"], self.seq_len)] = True

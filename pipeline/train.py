@@ -2,7 +2,9 @@
 
 Also ``python -m pipeline.train yamls/X.yaml [key.sub=value ...]`` for one process. A config error
 prints one line naming the key and exits with code 2 before any model is built; a NaN/Inf loss
-(``nonfinite_loss: stop``) prints the batch and the checkpoint to resume from and exits with code 3.
+(``nonfinite_loss: stop``) prints the batch and the checkpoint to resume from and exits with code 3;
+a data shard that fails while training prints the shard, the fix and the checkpoint to resume from
+(the traceback is logged before it) and exits with code 4.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.rows import ShardReadError
     from pipeline.trainer import ConfigError, load_config
-    from pipeline.trainer.checkpointing import NonFiniteError
+    from pipeline.trainer.checkpointing import NonFiniteError, resume_hint
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    cfg = None
     try:
         cfg = load_config(args.yaml, args.overrides)
         from pipeline.trainer import run
@@ -37,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except ShardReadError as e:
+        logging.getLogger("pipeline.train").error("reading the training data failed", exc_info=True)
+        hint = resume_hint(cfg.save_folder) if cfg is not None else ""
+        print(f"training stopped: {ShardReadError.one_line(e)}. {hint}", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

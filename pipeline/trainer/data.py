@@ -147,6 +147,7 @@ def build_dataloader(section, *, seq_len: int, batch_size: int):
             num_canonical_nodes=section.num_canonical_nodes,
             batch_size=batch_size,
             seq_len=seq_len,
+            validate_hash=section.validate_hash,
         )
     except FileExistsError as e:
         raise RuntimeError(

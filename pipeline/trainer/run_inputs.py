@@ -216,9 +216,19 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
                 "split was prepared with other settings than the manifest; prepare the whole folder again "
                 "with one data_prep command",
             )
+        algo = section.validate_hash
+        if algo is not None and algo not in (mds.stored_file(shard).get("hashes") or {}):
+            recorded = sorted(mds.stored_file(shard).get("hashes") or {})
+            raise ConfigError(
+                f"{role}.validate_hash",
+                f"{algo!r} is not a hash the index records ({split_dir / mds.INDEX} has {recorded or 'none'}); "
+                "use one of those or remove validate_hash",
+            )
         try:
             mds.check_shard_file(split_dir, shard)
         except mds.ShardError as e:
+            if mds.decompressed_copy(split_dir, shard) is not None:  # the message names the copy and the fix
+                raise ConfigError(f"{role}.local", str(e)) from None
             name = mds.stored_file(shard)["basename"]
             raise ConfigError(f"{role}.local", f"shard {split_dir / name}: {e}; {verify}") from None
         rows += shard.get("samples", 0)

@@ -84,6 +84,8 @@ class TrainLoaderSection:
     predownload: int | None = None
     num_canonical_nodes: int | None = None
     drop_last: bool = True
+    # A hash the index records ("sha1" for data_prep output): check each shard file on its first read.
+    validate_hash: str | None = None
 
 
 @dataclass
