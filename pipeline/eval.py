@@ -94,7 +94,7 @@ def format_table(results) -> str:
 def _genppl(args, model) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.checkpoints import load_for_inference
+    from pipeline.save_folder import load_for_inference
     from pipeline.diffusion.sampler import SamplerConfig
     from pipeline.evaluation import generative_perplexity
 
@@ -123,7 +123,7 @@ def _genppl(args, model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.checkpoints import load_for_inference
+    from pipeline.save_folder import load_for_inference
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.evaluation import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.rows import RowReader

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.trainer import ConfigError, load_config
-    from pipeline.trainer.checkpointing import NonFiniteError
+    from pipeline.trainer.safe_saves import NonFiniteError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)

@@ -193,7 +193,7 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    from pipeline.checkpoints import MODEL_CONFIG_FILE
+    from pipeline.save_folder import MODEL_CONFIG_FILE
 
     if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
         return
@@ -207,10 +207,10 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
 def _safe_trainer_class():
     from composer import Trainer
 
-    from pipeline.trainer.checkpointing import install_safe_saves
+    from pipeline.trainer.safe_saves import install_safe_saves
 
     class SafeTrainer(Trainer):
-        """Composer's Trainer with crash-safe checkpoint writes (see ``checkpointing``)."""
+        """Composer's Trainer with crash-safe checkpoint writes (see ``safe_saves``)."""
 
         def __init__(self, *, save_folder=None, **kwargs):
             super().__init__(save_folder=save_folder, **kwargs)
@@ -224,7 +224,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     from composer.core import Evaluator
     from composer.utils import dist, get_device
 
-    from pipeline.trainer.checkpointing import atomic_checkpoint_files, node_unique_signal_files
+    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
 
@@ -258,7 +258,7 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
         from pipeline.trainer.config import deepspeed_config
-        from pipeline.trainer.deepspeed import DeepSpeedTrainer
+        from pipeline.trainer.deepspeed_trainer import DeepSpeedTrainer
 
         ds_config = deepspeed_config(cfg, world)
         # The engine holds bf16/fp16 weights itself; DeepSpeedTrainer runs its forward without autocast.
@@ -324,7 +324,7 @@ def prepare_node(cfg: TrainConfig, res: Resources) -> None:
     """
     from composer.utils import dist
 
-    from pipeline.trainer.checkpointing import check_save_folder, checkpoint_bytes, repair_save_folder
+    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
     from pipeline.trainer.data import clean_stale_streaming_memory
 
     local = cfg.save_folder is not None and "://" not in cfg.save_folder

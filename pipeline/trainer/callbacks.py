@@ -120,7 +120,7 @@ class NonFiniteLoss(Callback):
         self.skipped = 0
 
     def after_loss(self, state: State, logger: Logger) -> None:
-        from pipeline.trainer.checkpointing import NonFiniteError, resume_hint, test_fault
+        from pipeline.trainer.safe_saves import NonFiniteError, resume_hint, test_fault
 
         batch = int(state.timestamp.batch) + 1  # the batch being trained, numbered as in the loss log
         loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
@@ -549,7 +549,7 @@ class Generation(ScheduledEval):
         if self._ref is None:
             from tokenizers import Tokenizer
 
-            from pipeline.checkpoints import load_for_inference
+            from pipeline.save_folder import load_for_inference
 
             model = load_for_inference(self.reference, device=device)
             tok_file = Path(self.reference) / "tokenizer.json"

@@ -724,7 +724,7 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
     """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
-    from pipeline.trainer.ds_config import DeepSpeedConfigError
+    from pipeline.trainer.deepspeed_config import DeepSpeedConfigError
 
     if cfg.parallelism.fsdp is not None:
         raise ConfigError("parallelism", "set either fsdp or deepspeed, not both")
@@ -753,7 +753,7 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     """The DeepSpeed config of the run: ``parallelism.deepspeed`` plus the derived keys."""
-    from pipeline.trainer.ds_config import build_ds_config
+    from pipeline.trainer.deepspeed_config import build_ds_config
 
     gc = cfg.algorithms.gradient_clipping
     return build_ds_config(

@@ -14,7 +14,7 @@ import torch
 from streaming import MDSWriter
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.checkpoints import load_for_inference
+from pipeline.save_folder import load_for_inference
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.eval import main
 from pipeline.evaluation import evaluate_block_sizes, interval_grid, noise_interval_search

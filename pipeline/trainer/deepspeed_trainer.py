@@ -13,7 +13,7 @@ tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (compo
 - Checkpoints: Composer still writes its own state (timestamp, dataset position, RNG, callbacks,
   schedulers) without the model and optimizer (``save_ignore_keys``); right before each of those
   saves every rank writes its ZeRO partition with ``engine.save_checkpoint`` into
-  ``{save_folder}/deepspeed/ba{N}`` (through ``ba{N}.partial``, see ``checkpointing``). A crash
+  ``{save_folder}/deepspeed/ba{N}`` (through ``ba{N}.partial``, see ``safe_saves``). A crash
   anywhere leaves the previous pair intact, and autoresume restores the pair of the latest complete
   Composer checkpoint.
 """
@@ -28,8 +28,8 @@ import torch
 from composer import Trainer
 from composer.core import Event
 
-from pipeline.trainer.checkpointing import install_safe_saves
-from pipeline.trainer.ds_config import DS_SUBDIR
+from pipeline.trainer.safe_saves import install_safe_saves
+from pipeline.trainer.deepspeed_config import DS_SUBDIR
 
 log = logging.getLogger(__name__)
 

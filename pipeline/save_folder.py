@@ -64,7 +64,7 @@ def _config_folder(save_folder: Path) -> Path:
 def load_training_checkpoint(path: str | Path, trust_checkpoint: bool = False, batch: int | None = None):
     """A ``BD3LM`` with the weights of a training checkpoint (DeepSpeed partitions or Composer file)."""
     from pipeline.model import ModelConfig
-    from pipeline.trainer.ds_config import DS_SUBDIR, consolidated_state_dict
+    from pipeline.trainer.deepspeed_config import DS_SUBDIR, consolidated_state_dict
 
     p = Path(path)
     save_folder = p if p.is_dir() else p.parent

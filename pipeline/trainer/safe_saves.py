@@ -138,7 +138,7 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
     does ``deepspeed/ba{N}``. A ``latest-rank0.pt`` that points at something else that exists (a name
     this module does not parse) is left alone. Returns the batch resumed from (None: unknown or none).
     """
-    from pipeline.trainer.ds_config import DS_SUBDIR
+    from pipeline.trainer.deepspeed_config import DS_SUBDIR
 
     folder = Path(folder)
     if not folder.is_dir():
