@@ -94,9 +94,9 @@ def format_table(results) -> str:
 def _genppl(args, model) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.save_folder import load_for_inference
     from pipeline.diffusion.sampler import SamplerConfig
     from pipeline.evaluation import generative_perplexity
+    from pipeline.save_folder import load_for_inference
 
     def tokenizer_of(folder):
         folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
@@ -123,10 +123,10 @@ def _genppl(args, model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.save_folder import load_for_inference
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.evaluation import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.rows import RowReader
+    from pipeline.save_folder import load_for_inference
 
     rank, world = _init_distributed(args.device)
     try:

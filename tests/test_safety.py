@@ -314,8 +314,8 @@ def _checkpoint_with_code(src: Path, dst: Path, marker: Path, **config_changes) 
 
 
 def test_checkpoint_code_is_ignored_when_loading(tmp_path, tiny_llama_dir):
-    from pipeline.save_folder import load_for_inference
     from pipeline.model import from_pretrained
+    from pipeline.save_folder import load_for_inference
 
     marker = tmp_path / "ran"
     folder = _checkpoint_with_code(tiny_llama_dir, tmp_path / "ckpt", marker)

@@ -21,6 +21,14 @@ from pathlib import Path
 import torch
 
 from pipeline.model import BD3LM, from_pretrained
+from pipeline.save_folder import (
+    LATEST_ANY_RANK,
+    MODEL_CONFIG_FILE,
+    TENSORBOARD_SUBDIR,
+    TOKENIZER_FILE,
+    WRITE_PROBE,
+    is_remote,
+)
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.resources import Resources, check_resources
 
@@ -129,9 +137,11 @@ def build_loggers(cfg: TrainConfig) -> list:
     if tb is not None:
         log_dir = tb.log_dir
         if log_dir is None:
-            local_save = cfg.save_folder is not None and "://" not in cfg.save_folder
+            local_save = cfg.save_folder is not None and not is_remote(cfg.save_folder)
             log_dir = (
-                f"{cfg.save_folder}/tensorboard" if local_save else f"tensorboard/{cfg.run_name or 'run'}"
+                f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
+                if local_save
+                else f"tensorboard/{cfg.run_name or 'run'}"
             )
         out.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True))
     for key in ("wandb", "mlflow"):  # packages checked with the config (check_consistency)
@@ -193,15 +203,13 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, res: Resources) -> None:
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    from pipeline.save_folder import MODEL_CONFIG_FILE
-
-    if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
+    if not cfg.save_folder or is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
         return
     folder = Path(cfg.save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     if res.tokenizer_file is not None and res.tokenizer_file.exists():
-        shutil.copy2(res.tokenizer_file, folder / "tokenizer.json")
+        shutil.copy2(res.tokenizer_file, folder / TOKENIZER_FILE)
 
 
 def _safe_trainer_class():
@@ -224,9 +232,9 @@ def build_trainer(cfg: TrainConfig, res: Resources | None = None):
     from composer.core import Evaluator
     from composer.utils import dist, get_device
 
-    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
+    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
 
     device = get_device(cfg.device)
     local_procs = dist.get_local_world_size()
@@ -324,17 +332,17 @@ def prepare_node(cfg: TrainConfig, res: Resources) -> None:
     """
     from composer.utils import dist
 
-    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
     from pipeline.trainer.data import clean_stale_streaming_memory
+    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
 
-    local = cfg.save_folder is not None and "://" not in cfg.save_folder
+    local = cfg.save_folder is not None and not is_remote(cfg.save_folder)
     problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
         if local:
             with torch.device("meta"):
                 n = sum(p.numel() for p in BD3LM(res.model_config).parameters())
-            probe = f".write-probe-node{dist.get_node_rank()}"
+            probe = f"{WRITE_PROBE}-node{dist.get_node_rank()}"
             problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
     if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
@@ -345,8 +353,8 @@ def prepare_node(cfg: TrainConfig, res: Resources) -> None:
 
 def run(cfg: TrainConfig):
     """Check, build and train; returns the closed ``Trainer`` (its ``state`` holds model and metrics)."""
-    if cfg.save_folder and "://" not in cfg.save_folder:
-        if cfg.autoresume and any(Path(cfg.save_folder).glob("latest-rank*.pt")):
+    if cfg.save_folder and not is_remote(cfg.save_folder):
+        if cfg.autoresume and any(Path(cfg.save_folder).glob(LATEST_ANY_RANK)):
             log.warning(
                 "autoresume: loading the latest checkpoint in %s (a pickle: only resume from folders your "
                 "own runs wrote)",

@@ -724,6 +724,7 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
     """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
+    from pipeline.save_folder import is_remote
     from pipeline.trainer.deepspeed_config import DeepSpeedConfigError
 
     if cfg.parallelism.fsdp is not None:
@@ -739,7 +740,7 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
             "skip is not supported under DeepSpeed (the engine owns the optimizer step); use stop and "
             "resume from the last checkpoint",
         )
-    if cfg.save_folder and "://" in cfg.save_folder:
+    if cfg.save_folder and is_remote(cfg.save_folder):
         raise ConfigError(
             "save_folder",
             "DeepSpeed checkpoints are written per rank to a shared local/network filesystem; use a "

@@ -21,15 +21,14 @@ tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (compo
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from composer import Trainer
 from composer.core import Event
 
+from pipeline.save_folder import ds_folder, ds_tag
 from pipeline.trainer.safe_saves import install_safe_saves
-from pipeline.trainer.deepspeed_config import DS_SUBDIR
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class DeepSpeedTrainer(Trainer):
             model=model, optimizer=optimizers, config=ds_config, dist_init_required=False
         )
         self.ds_config = ds_config
-        self._ds_dir = Path(save_folder) / DS_SUBDIR if save_folder else None
+        self._ds_dir = ds_folder(save_folder) if save_folder else None
         ignore = ["state/model", "state/optimizers"]
         super().__init__(
             model=model,
@@ -74,7 +73,7 @@ class DeepSpeedTrainer(Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_deepspeed_checkpoint(self, batch: int) -> None:
-        tag = f"ba{batch}"
+        tag = ds_tag(batch)
         if self._ds_dir is None or not (self._ds_dir / tag).is_dir():
             raise FileNotFoundError(
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.save_folder import composer_checkpoints
 from pipeline.trainer import ConfigError, load_config, run
-from pipeline.trainer.safe_saves import NonFiniteError, composer_checkpoints
+from pipeline.trainer.safe_saves import NonFiniteError
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 from tests.pipeline.train.launch import records, train_command
 
