@@ -22,7 +22,7 @@ from pipeline.model import BD3LM, ModelConfig
 
 def build_model(args) -> BD3LM:
     if args.checkpoint:
-        from pipeline.checkpoints import load_for_inference
+        from pipeline.save_folder import load_for_inference
 
         return load_for_inference(args.checkpoint)
     cfg = ModelConfig(

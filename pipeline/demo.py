@@ -263,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     header(7, "summary")
+    from pipeline.save_folder import ds_folder
+
     s = json.loads(sample.read_text())
     minutes = (time.time() - start) / 60
     print(f"""finished in {minutes:.1f} min
   corpus            {source[0]}
   shards            {data}  (manifest.json, train/, val/)
   AR checkpoint     {ar_dir}  (Hugging Face export: {ar_dir / "hf"})
-  BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {bd3_dir / "deepspeed"}, export: {bd3_dir / "hf"})
+  BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {ds_folder(bd3_dir)}, export: {bd3_dir / "hf"})
   TensorBoard       tensorboard --logdir {out / "runs"}
   eval tables       {out}/eval_ar_init_baseline.json, {out}/eval_bd3_trained.json
   plots             {out}/ppl_ar_init_baseline.png, {out}/ppl_bd3_trained.png

@@ -96,9 +96,9 @@ def format_table(results) -> str:
 def _genppl(args, model) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.checkpoints import load_for_inference
     from pipeline.diffusion.metrics import generative_perplexity
     from pipeline.diffusion.sampler import SamplerConfig
+    from pipeline.save_folder import load_for_inference
 
     def tokenizer_of(folder):
         folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
@@ -125,10 +125,10 @@ def _genppl(args, model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.checkpoints import load_for_inference
     from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader
+    from pipeline.save_folder import load_for_inference
 
     rank, world = _init_distributed(args.device)
     try:

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.checkpoints import load_training_checkpoint
     from pipeline.model import export_ar, save_pretrained
+    from pipeline.save_folder import load_training_checkpoint
 
     try:
         model, source = load_training_checkpoint(args.checkpoint, args.trust_checkpoint, args.batch)

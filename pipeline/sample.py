@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenizers import Tokenizer
 
-    from pipeline.checkpoints import load_for_inference
+    from pipeline.save_folder import load_for_inference
 
     try:
         model = load_for_inference(

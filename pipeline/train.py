@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.rows import ShardReadError
     from pipeline.trainer import ConfigError, load_config
-    from pipeline.trainer.checkpointing import NonFiniteError, resume_hint
+    from pipeline.trainer.safe_saves import NonFiniteError, resume_hint
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)

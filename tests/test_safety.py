@@ -105,7 +105,7 @@ def test_every_unpickling_call_is_weights_only_or_refused_without_trust():
     assert not unsafe, f"torch.load/pickle without weights_only=True or a trust_checkpoint refusal: {unsafe}"
     # The scan sees the known call sites (else it would pass by finding nothing).
     assert any(w.startswith("pipeline/model/hf_io.py") for w in safe), safe
-    assert any(w.startswith("pipeline/checkpoints.py") for w in guarded), guarded
+    assert any(w.startswith("pipeline/save_folder.py") for w in guarded), guarded
 
 
 class _RunsCode:
@@ -120,7 +120,7 @@ class _RunsCode:
 
 def _pickled_save_folder(tmp_path: Path) -> tuple[Path, Path]:
     """A folder that looks like a save_folder of pipeline.train whose checkpoint runs code."""
-    from pipeline.checkpoints import MODEL_CONFIG_FILE
+    from pipeline.save_folder import MODEL_CONFIG_FILE
 
     folder, marker = tmp_path / "run", tmp_path / "pwned"
     folder.mkdir()
@@ -141,7 +141,7 @@ def _pickled_save_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_pickle_stand_in_runs_code_when_trusted(tmp_path):
-    from pipeline.checkpoints import load_training_checkpoint
+    from pipeline.save_folder import load_training_checkpoint
 
     folder, marker = _pickled_save_folder(tmp_path)
     with pytest.raises(Exception):  # noqa: B017 (the marker is what matters, not the error after it)
@@ -314,8 +314,8 @@ def _checkpoint_with_code(src: Path, dst: Path, marker: Path, **config_changes) 
 
 
 def test_checkpoint_code_is_ignored_when_loading(tmp_path, tiny_llama_dir):
-    from pipeline.checkpoints import load_for_inference
     from pipeline.model import from_pretrained
+    from pipeline.save_folder import load_for_inference
 
     marker = tmp_path / "ran"
     folder = _checkpoint_with_code(tiny_llama_dir, tmp_path / "ckpt", marker)

@@ -21,6 +21,14 @@ from pathlib import Path
 import torch
 
 from pipeline.model import BD3LM, from_pretrained
+from pipeline.save_folder import (
+    LATEST_ANY_RANK,
+    MODEL_CONFIG_FILE,
+    TENSORBOARD_SUBDIR,
+    TOKENIZER_FILE,
+    WRITE_PROBE,
+    is_remote,
+)
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
 
@@ -125,9 +133,11 @@ def build_loggers(cfg: TrainConfig) -> list:
     if tb is not None:
         log_dir = tb.log_dir
         if log_dir is None:
-            local_save = cfg.save_folder is not None and "://" not in cfg.save_folder
+            local_save = cfg.save_folder is not None and not is_remote(cfg.save_folder)
             log_dir = (
-                f"{cfg.save_folder}/tensorboard" if local_save else f"tensorboard/{cfg.run_name or 'run'}"
+                f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
+                if local_save
+                else f"tensorboard/{cfg.run_name or 'run'}"
             )
         out.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True))
     for key in ("wandb", "mlflow"):  # packages checked with the config (check_consistency)
@@ -189,24 +199,22 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> Non
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    from pipeline.checkpoints import MODEL_CONFIG_FILE
-
-    if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
+    if not cfg.save_folder or is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
         return
     folder = Path(cfg.save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():
-        shutil.copy2(inputs.tokenizer_file, folder / "tokenizer.json")
+        shutil.copy2(inputs.tokenizer_file, folder / TOKENIZER_FILE)
 
 
 def _safe_trainer_class():
     from composer import Trainer
 
-    from pipeline.trainer.checkpointing import install_safe_saves
+    from pipeline.trainer.safe_saves import install_safe_saves
 
     class SafeTrainer(Trainer):
-        """Composer's Trainer with crash-safe checkpoint writes (see ``checkpointing``)."""
+        """Composer's Trainer with crash-safe checkpoint writes (see ``safe_saves``)."""
 
         def __init__(self, *, save_folder=None, **kwargs):
             super().__init__(save_folder=save_folder, **kwargs)
@@ -220,9 +228,9 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     from composer.core import Evaluator
     from composer.utils import dist, get_device
 
-    from pipeline.trainer.checkpointing import atomic_checkpoint_files, node_unique_signal_files
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
+    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
 
     device = get_device(cfg.device)
     local_procs = dist.get_local_world_size()
@@ -254,7 +262,7 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
         from pipeline.trainer.config import deepspeed_config
-        from pipeline.trainer.deepspeed import DeepSpeedTrainer
+        from pipeline.trainer.deepspeed_trainer import DeepSpeedTrainer
 
         ds_config = deepspeed_config(cfg, world)
         # The engine holds bf16/fp16 weights itself; DeepSpeedTrainer runs its forward without autocast.
@@ -320,17 +328,17 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     """
     from composer.utils import dist
 
-    from pipeline.trainer.checkpointing import check_save_folder, checkpoint_bytes, repair_save_folder
     from pipeline.trainer.data import clean_stale_streaming_memory
+    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
 
-    local = cfg.save_folder is not None and "://" not in cfg.save_folder
+    local = cfg.save_folder is not None and not is_remote(cfg.save_folder)
     problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
         if local:
             with torch.device("meta"):
                 n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
-            probe = f".write-probe-node{dist.get_node_rank()}"
+            probe = f"{WRITE_PROBE}-node{dist.get_node_rank()}"
             problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
     if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
@@ -341,8 +349,8 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
 
 def run(cfg: TrainConfig):
     """Check, build and train; returns the closed ``Trainer`` (its ``state`` holds model and metrics)."""
-    if cfg.save_folder and "://" not in cfg.save_folder:
-        if cfg.autoresume and any(Path(cfg.save_folder).glob("latest-rank*.pt")):
+    if cfg.save_folder and not is_remote(cfg.save_folder):
+        if cfg.autoresume and any(Path(cfg.save_folder).glob(LATEST_ANY_RANK)):
             log.warning(
                 "autoresume: loading the latest checkpoint in %s (a pickle: only resume from folders your "
                 "own runs wrote)",

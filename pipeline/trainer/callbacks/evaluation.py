@@ -197,7 +197,7 @@ class Generation(ScheduledEval):
         if self._ref is None:
             from tokenizers import Tokenizer
 
-            from pipeline.checkpoints import load_for_inference
+            from pipeline.save_folder import load_for_inference
 
             model = load_for_inference(self.reference, device=device)
             tok_file = Path(self.reference) / "tokenizer.json"

@@ -103,7 +103,7 @@ class NonFiniteLoss(Callback):
         self.skipped = 0
 
     def after_loss(self, state: State, logger: Logger) -> None:
-        from pipeline.trainer.checkpointing import NonFiniteError, resume_hint, test_fault
+        from pipeline.trainer.safe_saves import NonFiniteError, resume_hint, test_fault
 
         batch = int(state.timestamp.batch) + 1  # the batch being trained, numbered as in the loss log
         loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss

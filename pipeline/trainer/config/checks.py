@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model.masks import check_block_size
+from pipeline.save_folder import is_remote
 from pipeline.trainer.config.errors import ConfigError
 from pipeline.trainer.config.schema import REQUIRED_FROM_SCRATCH, TrainConfig
 
@@ -215,7 +216,7 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:
     """What DeepSpeed cannot combine with, and the derived DeepSpeed config, checked at load time."""
-    from pipeline.trainer.ds_config import DeepSpeedConfigError
+    from pipeline.trainer.deepspeed_config import DeepSpeedConfigError
 
     if cfg.parallelism.fsdp is not None:
         raise ConfigError("parallelism", "set either fsdp or deepspeed, not both")
@@ -230,7 +231,7 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
             "skip is not supported under DeepSpeed (the engine owns the optimizer step); use stop and "
             "resume from the last checkpoint",
         )
-    if cfg.save_folder and "://" in cfg.save_folder:
+    if cfg.save_folder and is_remote(cfg.save_folder):
         raise ConfigError(
             "save_folder",
             "DeepSpeed checkpoints are written per rank to a shared local/network filesystem; use a "
@@ -244,7 +245,7 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     """The DeepSpeed config of the run: ``parallelism.deepspeed`` plus the derived keys."""
-    from pipeline.trainer.ds_config import build_ds_config
+    from pipeline.trainer.deepspeed_config import build_ds_config
 
     gc = cfg.algorithms.gradient_clipping
     return build_ds_config(

@@ -14,11 +14,11 @@ import torch
 from streaming import MDSWriter
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.checkpoints import load_for_inference
 from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.eval import main
 from pipeline.rows import RowReader
+from pipeline.save_folder import load_for_inference
 
 VOCAB, L, ROWS = 200, 16, 12
 REPO = Path(__file__).resolve().parents[3]

@@ -21,7 +21,7 @@ from data_prep.verify import verify
 from pipeline.rows import RowReader, ShardReadError, packed_rows_dataset_class
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.pipeline.train.conftest import EOS, N_WORDS, REPO, YAMLS, tiny_overrides, write_tokenizer
+from tests.pipeline.train.conftest import N_WORDS, REPO, YAMLS, tiny_overrides, write_tokenizer
 from tests.pipeline.train.launch import records, train_command
 
 SEQ_LEN = 32
@@ -136,7 +136,9 @@ def test_startup_check_reads_the_decompressed_copies(prepared, tmp_path):
     assert e.value.key == "train_loader.local" and str(bad) in str(e.value) and "delete it" in str(e.value)
 
     # The same through the CLI: one line, exit code 2, before any model is built.
-    cmd, env = train_command((data, prepared[1]), tmp_path / "cli", f"variables.max_seq_len={SEQ_LEN}", nproc=0)
+    cmd, env = train_command(
+        (data, prepared[1]), tmp_path / "cli", f"variables.max_seq_len={SEQ_LEN}", nproc=0
+    )
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
@@ -154,10 +156,16 @@ def test_validate_hash_catches_a_damaged_copy_the_size_check_cannot_see(prepared
     first = sum(e["samples"] for e in shards(data)[:2])  # the first row of the damaged shard
     plain = dataset_class(seq_len=SEQ_LEN, local=str(data / "train"), split=None, shuffle=False, batch_size=1)
     assert not all(  # without the check Streaming serves the damaged bytes silently
-        np.array_equal(plain[i]["input_ids"].numpy(), clean[i]) for i in range(first, first + entry["samples"])
+        np.array_equal(plain[i]["input_ids"].numpy(), clean[i])
+        for i in range(first, first + entry["samples"])
     )
     checked = dataset_class(
-        seq_len=SEQ_LEN, local=str(data / "train"), split=None, shuffle=False, batch_size=1, validate_hash="sha1"
+        seq_len=SEQ_LEN,
+        local=str(data / "train"),
+        split=None,
+        shuffle=False,
+        batch_size=1,
+        validate_hash="sha1",
     )
     assert np.array_equal(checked[0]["input_ids"].numpy(), clean[0])
     with pytest.raises(ShardReadError, match="sha1 hash does not match") as e:

@@ -15,7 +15,7 @@ import torch
 from pipeline.export import main as export_main
 from pipeline.model import from_pretrained
 from pipeline.trainer import ConfigError, load_config
-from pipeline.trainer.ds_config import build_ds_config
+from pipeline.trainer.deepspeed_config import build_ds_config
 from tests.pipeline.train.conftest import YAMLS, tiny_overrides
 from tests.pipeline.train.launch import assert_same_curve, launch, one_process_run, records
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.save_folder import composer_checkpoints
 from pipeline.trainer import ConfigError, load_config, run
-from pipeline.trainer.checkpointing import NonFiniteError, composer_checkpoints
+from pipeline.trainer.safe_saves import NonFiniteError
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 from tests.pipeline.train.launch import records, train_command
 
@@ -385,7 +386,7 @@ def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not
 
 def test_repair_save_folder_cases(tmp_path):
     """The states a kill can leave, on files made by hand (the runs above make the real ones)."""
-    from pipeline.trainer.checkpointing import repair_save_folder
+    from pipeline.trainer.safe_saves import repair_save_folder
 
     def folder(name, files=(), dirs=(), latest=None):
         f = tmp_path / name

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.trainer.checkpointing import composer_checkpoints
+from pipeline.save_folder import composer_checkpoints
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 from tests.pipeline.train.launch import COMMON, assert_same_curve, free_port, launch, records
 

@@ -13,7 +13,7 @@ tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (compo
 - Checkpoints: Composer still writes its own state (timestamp, dataset position, RNG, callbacks,
   schedulers) without the model and optimizer (``save_ignore_keys``); right before each of those
   saves every rank writes its ZeRO partition with ``engine.save_checkpoint`` into
-  ``{save_folder}/deepspeed/ba{N}`` (through ``ba{N}.partial``, see ``checkpointing``). A crash
+  ``{save_folder}/deepspeed/ba{N}`` (through ``ba{N}.partial``, see ``safe_saves``). A crash
   anywhere leaves the previous pair intact, and autoresume restores the pair of the latest complete
   Composer checkpoint.
 """
@@ -21,15 +21,14 @@ tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (compo
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from composer import Trainer
 from composer.core import Event
 
-from pipeline.trainer.checkpointing import install_safe_saves
-from pipeline.trainer.ds_config import DS_SUBDIR
+from pipeline.save_folder import ds_folder, ds_tag
+from pipeline.trainer.safe_saves import install_safe_saves
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class DeepSpeedTrainer(Trainer):
             model=model, optimizer=optimizers, config=ds_config, dist_init_required=False
         )
         self.ds_config = ds_config
-        self._ds_dir = Path(save_folder) / DS_SUBDIR if save_folder else None
+        self._ds_dir = ds_folder(save_folder) if save_folder else None
         ignore = ["state/model", "state/optimizers"]
         super().__init__(
             model=model,
@@ -74,7 +73,7 @@ class DeepSpeedTrainer(Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_deepspeed_checkpoint(self, batch: int) -> None:
-        tag = f"ba{batch}"
+        tag = ds_tag(batch)
         if self._ds_dir is None or not (self._ds_dir / tag).is_dir():
             raise FileNotFoundError(
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "

@@ -20,19 +20,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from pipeline.save_folder import (
+    LATEST,
+    WRITE_PROBE,
+    batch_of,
+    composer_checkpoints,
+    ds_checkpoints,
+    ds_folder,
+    ds_tag,
+    is_remote,
+    partial_file,
+    partial_tag,
+)
 
-PARTIAL = ".partial"
-LATEST = "latest-rank0.pt"
-_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-_SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+log = logging.getLogger(__name__)
 
 
 # -- test-only fault injection --------------------------------------------------------------------
@@ -92,11 +99,11 @@ def atomic_checkpoint_files() -> None:
 
     def write_then_rename(state_dict, filename: str) -> None:
         path = Path(filename)
-        tmp = path.with_name(f"{PARTIAL}.{path.name}")
+        tmp = path.with_name(partial_file(path.name))
         write(state_dict, str(tmp))  # the suffix (compression, tar) is kept
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        batch = _batch_of(path.name)
+        batch = batch_of(path.name)
         if batch is not None:
             test_fault("composer_tmp", batch)
         os.replace(tmp, path)
@@ -105,54 +112,27 @@ def atomic_checkpoint_files() -> None:
     ckpt._write_checkpoint_file = write_then_rename
 
 
-def _batch_of(name: str) -> int | None:
-    m = _CKPT_RE.match(name)
-    return int(m.group(2)) if m else None
-
-
-def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int, Path]:
-    """{batch: path} of the Composer checkpoints in ``folder``.
-
-    A monolithic checkpoint is the file ``ep{E}-ba{N}-rank0.pt`` (complete when it has its final
-    name); an FSDP sharded one is the folder ``ep{E}-ba{N}``, complete once torch.distributed.checkpoint
-    wrote its ``.metadata`` (last, after every shard). ``complete=False`` also lists sharded folders
-    without it.
-    """
-    out = {}
-    for p in Path(folder).glob("ep*-ba*"):
-        batch = _batch_of(p.name)
-        if batch is not None and p.is_file():
-            out[batch] = p
-            continue
-        m = _SHARDED_RE.match(p.name)
-        if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
-            out[int(m.group(2))] = p
-    return out
-
-
 def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
     """Make ``latest-rank0.pt`` point at the newest complete checkpoint; drop partial writes.
 
     Call on global rank 0 before the Trainer is built (shared filesystem). A checkpoint is complete
     when its Composer file (or sharded folder with ``.metadata``) exists and, with ``deepspeed``, so
     does ``deepspeed/ba{N}``. A ``latest-rank0.pt`` that points at something else that exists (a name
-    this module does not parse) is left alone. Returns the batch resumed from (None: unknown or none).
+    ``composer_checkpoints`` does not parse) is left alone. Returns the batch resumed from (None: unknown or none).
     """
-    from pipeline.trainer.ds_config import DS_SUBDIR
-
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    for p in folder.glob(f"{PARTIAL}.*"):
+    for p in folder.glob(partial_file("*")):
         log.warning("removing the partial checkpoint file %s (a run was killed while writing it)", p)
         p.unlink(missing_ok=True)
-    ds_dir = folder / DS_SUBDIR
+    ds_dir = ds_folder(folder)
     if ds_dir.is_dir():
-        for p in ds_dir.glob(f"*{PARTIAL}"):
+        for p in ds_dir.glob(partial_tag("*")):
             log.warning("removing the partial DeepSpeed checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
     files = composer_checkpoints(folder)
-    complete = sorted(b for b in files if not deepspeed or (ds_dir / f"ba{b}").is_dir())
+    complete = sorted(b for b in files if not deepspeed or (ds_dir / ds_tag(b)).is_dir())
     latest = folder / LATEST
     current = os.readlink(latest) if latest.is_symlink() else None
     if current is not None and not latest.exists():
@@ -169,7 +149,7 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
         return None
     if current != target:
         log.warning("pointing %s at %s, the newest complete checkpoint", latest, target)
-        tmp = folder / f"{PARTIAL}.{LATEST}"
+        tmp = folder / partial_file(LATEST)
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, latest)
@@ -188,23 +168,23 @@ def save_deepspeed_partitions(engine, ds_dir: Path, batch: int) -> None:
     """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective)."""
     from composer.utils import dist
 
-    tag = f"ba{batch}"
-    engine.save_checkpoint(str(ds_dir), tag=f"{tag}{PARTIAL}", save_latest=False)
+    tag = ds_tag(batch)
+    engine.save_checkpoint(str(ds_dir), tag=partial_tag(tag), save_latest=False)
     test_fault("deepspeed_tmp", batch, dist.get_global_rank())
     dist.barrier()  # every partition is on disk
     if dist.get_global_rank() == 0:
         final = ds_dir / tag
         if final.exists():  # left by a run killed before its Composer file was written
             shutil.rmtree(final)
-        os.replace(ds_dir / f"{tag}{PARTIAL}", final)
+        os.replace(ds_dir / partial_tag(tag), final)
     dist.barrier()
 
 
-def rotate_deepspeed_partitions(folder: Path, ds_dir: Path, keep_batch: int) -> None:
+def rotate_deepspeed_partitions(folder: Path, keep_batch: int) -> None:
     """Rank 0 removes DeepSpeed tags whose Composer file is gone (Composer rotated it), keeping ``keep_batch``."""
     alive = set(composer_checkpoints(folder)) | {keep_batch}
-    for p in ds_dir.glob("ba*"):
-        if p.is_dir() and p.name[2:].isdigit() and int(p.name[2:]) not in alive:
+    for batch, p in ds_checkpoints(folder).items():
+        if p.is_dir() and batch not in alive:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -242,7 +222,7 @@ def resume_hint(save_folder: str | None) -> str:
     """Where the last good checkpoint is, in words, for error messages."""
     if not save_folder:
         return "No save_folder is set, so there is no checkpoint to resume from."
-    files = composer_checkpoints(save_folder) if "://" not in save_folder else {}
+    files = composer_checkpoints(save_folder) if not is_remote(save_folder) else {}
     if not files:
         return f"No checkpoint in {save_folder} yet."
     batch = max(files)
@@ -260,7 +240,7 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
     if saver is None:
         return
     composer_save = saver._save_checkpoint
-    local = save_folder is not None and "://" not in save_folder
+    local = save_folder is not None and not is_remote(save_folder)
 
     def save(state, logger):
         batch = int(state.timestamp.batch)
@@ -270,7 +250,7 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         composer_save(state, logger)
         test_fault("after_save", batch)
         if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:
-            rotate_deepspeed_partitions(Path(save_folder), ds_dir, batch)
+            rotate_deepspeed_partitions(Path(save_folder), batch)
 
     saver._save_checkpoint = save
 
@@ -280,7 +260,7 @@ def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:
     return num_params * (14 if deepspeed else 12)
 
 
-def check_save_folder(folder: str | Path, need_bytes: int, probe_name: str = ".write-probe") -> str | None:
+def check_save_folder(folder: str | Path, need_bytes: int, probe_name: str = WRITE_PROBE) -> str | None:
     """None when ``folder`` can be created and written and has room for ``need_bytes``; else what is wrong.
 
     Writes and removes a small probe file (so a read-only mount, a missing permission or a full

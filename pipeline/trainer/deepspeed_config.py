@@ -1,4 +1,4 @@
-"""The DeepSpeed config of a run and its checkpoint files (imports neither Composer nor, at load, DeepSpeed).
+"""The DeepSpeed config of a run (imports neither Composer nor DeepSpeed).
 
 ``build_ds_config`` is called while the YAML is checked, so an inconsistent ``parallelism.deepspeed``
 section fails before any model is built.
@@ -7,12 +7,7 @@ section fails before any model is built.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
-
-import torch
-
-DS_SUBDIR = "deepspeed"
 
 
 class DeepSpeedConfigError(ValueError):
@@ -90,24 +85,3 @@ def build_ds_config(
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
-
-
-def consolidated_state_dict(
-    save_folder: str | Path, batch: int | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Full fp32 weights from the ZeRO partitions of ``save_folder`` (one process, any world size).
-
-    Returns (the ``BD3ComposerModel`` state dict: ``model.`` + the ``BD3LM`` names, the tag used:
-    the latest when ``batch`` is None).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ds_dir = Path(save_folder) / DS_SUBDIR
-    if batch is None:
-        tags = sorted((p.name for p in ds_dir.glob("ba*") if p.name[2:].isdigit()), key=lambda n: int(n[2:]))
-        if not tags:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ds_dir}")
-        tag = tags[-1]
-    else:
-        tag = f"ba{batch}"
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag), tag

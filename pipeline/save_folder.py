@@ -1,0 +1,222 @@
+"""A training ``save_folder``: the one home of its layout, and loading its checkpoints for inference.
+
+What the trainer writes there (every name and tag below is built by this module only)::
+
+    hf_config.json               the model config, rank 0 at start      MODEL_CONFIG_FILE
+    tokenizer.json               the run's tokenizer, beside it          TOKENIZER_FILE
+    ep{E}-ba{N}-rank0.pt         Composer's checkpoint of batch N        composer_checkpoints
+    ep{E}-ba{N}/                 the same, FSDP sharded (.metadata last)
+    latest-rank0.pt -> ...       symlink to the newest                   LATEST
+    deepspeed/ba{N}/             the ZeRO partitions of batch N          ds_checkpoints, ds_tag
+    .partial.<name>              a file still being written              partial_file
+    deepspeed/ba{N}.partial/     partitions still being written          partial_tag
+    tensorboard/                 the default TensorBoard log dir         TENSORBOARD_SUBDIR
+
+Safe formats only, unless the caller says otherwise: safetensors, DeepSpeed partitions and
+``torch.load(weights_only=True)``; a Composer ``.pt`` (a pickle) is opened only with
+``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``). Nothing here imports the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from data_prep import mds
+
+if TYPE_CHECKING:  # the model is imported by the loaders only: the layout helpers stay cheap
+    from pipeline.model import BD3LM
+
+MODEL_CONFIG_FILE = "hf_config.json"  # written into save_folder by the trainer (rank 0) at start
+TOKENIZER_FILE = "tokenizer.json"
+LATEST = "latest-rank0.pt"  # Composer's default latest_filename, for rank 0
+LATEST_ANY_RANK = "latest-rank*.pt"
+PARTIAL = ".partial"
+DS_SUBDIR = "deepspeed"
+TENSORBOARD_SUBDIR = "tensorboard"
+WRITE_PROBE = ".write-probe"
+_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+_SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+
+
+def is_remote(save_folder: str | Path) -> bool:
+    """Whether ``save_folder`` names object storage (s3://, gs://, ...) rather than a local or mounted folder."""
+    return mds.is_remote(str(save_folder))
+
+
+def partial_file(name: str) -> str:
+    """The name a checkpoint file ``name`` has while it is being written (``"*"``: a glob of them)."""
+    return f"{PARTIAL}.{name}"
+
+
+def ds_tag(batch: int) -> str:
+    """The DeepSpeed checkpoint tag (folder under ``deepspeed/``) of batch ``batch``."""
+    return f"ba{batch}"
+
+
+def partial_tag(tag: str) -> str:
+    """The DeepSpeed tag ``tag`` while its partitions are being written (``"*"``: a glob of them)."""
+    return f"{tag}{PARTIAL}"
+
+
+def ds_batch(tag: str) -> int | None:
+    """The batch of a complete DeepSpeed tag ``ba{N}``; None for any other name."""
+    return int(tag[2:]) if tag.startswith("ba") and tag[2:].isdigit() else None
+
+
+def ds_folder(save_folder: str | Path) -> Path:
+    """Where the DeepSpeed partitions of ``save_folder`` go."""
+    return Path(save_folder) / DS_SUBDIR
+
+
+def ds_checkpoints(save_folder: str | Path) -> dict[int, Path]:
+    """{batch: path} of the DeepSpeed tags ``deepspeed/ba{N}`` in ``save_folder`` (not the partial ones)."""
+    out = {}
+    for p in ds_folder(save_folder).glob("ba*"):
+        batch = ds_batch(p.name)
+        if batch is not None:
+            out[batch] = p
+    return out
+
+
+def latest_ds_tag(save_folder: str | Path) -> str | None:
+    """The tag of the newest DeepSpeed checkpoint in ``save_folder`` (None: there is none)."""
+    tags = ds_checkpoints(save_folder)
+    return tags[max(tags)].name if tags else None
+
+
+def batch_of(name: str) -> int | None:
+    """The batch of a Composer checkpoint file name ``ep{E}-ba{N}-rank0.pt``; None for any other name."""
+    m = _CKPT_RE.match(name)
+    return int(m.group(2)) if m else None
+
+
+def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int, Path]:
+    """{batch: path} of the Composer checkpoints in ``folder``.
+
+    A monolithic checkpoint is the file ``ep{E}-ba{N}-rank0.pt`` (complete when it has its final
+    name); an FSDP sharded one is the folder ``ep{E}-ba{N}``, complete once torch.distributed.checkpoint
+    wrote its ``.metadata`` (last, after every shard). ``complete=False`` also lists sharded folders
+    without it.
+    """
+    out = {}
+    for p in Path(folder).glob("ep*-ba*"):
+        batch = batch_of(p.name)
+        if batch is not None and p.is_file():
+            out[batch] = p
+            continue
+        m = _SHARDED_RE.match(p.name)
+        if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
+            out[int(m.group(2))] = p
+    return out
+
+
+def consolidated_state_dict(
+    save_folder: str | Path, batch: int | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Full fp32 weights from the ZeRO partitions of ``save_folder`` (one process, any world size).
+
+    Returns (the ``BD3ComposerModel`` state dict: ``model.`` + the ``BD3LM`` names, the tag used:
+    the latest when ``batch`` is None).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_dir = ds_folder(save_folder)
+    if batch is None:
+        tag = latest_ds_tag(save_folder)
+        if tag is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ds_dir}")
+    else:
+        tag = ds_tag(batch)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag), tag
+
+
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False, **overrides
+) -> BD3LM:
+    """A ``BD3LM`` in eval mode from any checkpoint the project writes.
+
+    ``path`` is a Hugging Face-format folder (an export, or an AR checkpoint before any diffusion
+    training), a training ``save_folder`` (its latest checkpoint: DeepSpeed partitions of any world
+    size, or Composer's file), or one Composer checkpoint file. Composer files are pickles and are
+    opened only with ``trust_checkpoint``.
+    """
+    from pipeline.model import from_pretrained
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").exists():
+        return from_pretrained(p, device=device, **overrides).eval()
+    if (p.is_dir() and (p / MODEL_CONFIG_FILE).exists()) or (
+        p.is_file() and (p.parent / MODEL_CONFIG_FILE).exists()
+    ):
+        model, _ = load_training_checkpoint(p, trust_checkpoint)
+        return model.to(device).eval()
+    raise FileNotFoundError(
+        f"{path} is neither a Hugging Face-format folder (config.json) nor a save_folder of pipeline.train "
+        f"({MODEL_CONFIG_FILE}); export a checkpoint with `python -m pipeline.export --checkpoint PATH --out DIR`"
+    )
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``BD3ComposerModel`` names (``[module.]model.<BD3LM name>``) to ``BD3LM`` names."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if not k.startswith("model."):
+            raise ValueError(f"unexpected parameter {k!r}: not a checkpoint of pipeline.train")
+        out[k.removeprefix("model.")] = v
+    return out
+
+
+def _config_folder(save_folder: Path) -> Path:
+    cfg = save_folder / MODEL_CONFIG_FILE
+    if not cfg.exists():
+        raise FileNotFoundError(
+            f"{cfg} not found: {save_folder} is not a save_folder written by pipeline.train"
+        )
+    return save_folder
+
+
+def load_training_checkpoint(path: str | Path, trust_checkpoint: bool = False, batch: int | None = None):
+    """A ``BD3LM`` with the weights of a training checkpoint (DeepSpeed partitions or Composer file)."""
+    from pipeline.model import BD3LM, ModelConfig
+
+    p = Path(path)
+    save_folder = p if p.is_dir() else p.parent
+    config = ModelConfig.from_hf_config(
+        json.loads((_config_folder(save_folder) / MODEL_CONFIG_FILE).read_text())
+    )
+    if p.is_dir() and ds_folder(p).is_dir():
+        state, tag = consolidated_state_dict(p, batch)
+        source = f"{ds_folder(p) / tag}"
+    else:
+        file = p
+        if p.is_dir():
+            files = {b: f for b, f in composer_checkpoints(p).items() if f.is_file()}
+            latest = sorted(p.glob(f"{LATEST}*"))
+            if not latest and not files:
+                raise FileNotFoundError(f"no checkpoint in {p} (expected {DS_SUBDIR}/ or {LATEST})")
+            file = latest[-1].resolve() if latest else files[max(files)]  # by batch: ba9 before ba10
+        if not trust_checkpoint:
+            raise PermissionError(
+                f"{file} is a Composer checkpoint, a pickle that can run code when loaded; pass "
+                "--trust-checkpoint only if your own run wrote it"
+            )
+        blob = torch.load(file, map_location="cpu", weights_only=False)
+        state, source = blob["state"]["model"], str(file)
+    state = _strip(state)
+    model = BD3LM(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the model config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+    model.source_dir = save_folder if (save_folder / TOKENIZER_FILE).exists() else None
+    return model.eval(), source
