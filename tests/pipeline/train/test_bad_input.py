@@ -24,7 +24,8 @@ import pytest
 
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.resources import check_resources
-from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
+from tests.factories import SEQ_LEN, tiny_data_folder, write_tokenizer
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 
 TINY = YAMLS / "bd3_tiny.yaml"
 
@@ -141,9 +142,7 @@ def truncated_shard(tiny_data, tmp_path) -> tuple[str, str]:
 
 
 def empty_split(tiny_data, tmp_path) -> str:
-    from tests.pipeline.train.conftest import write_data_folder
-
-    data = write_data_folder(tmp_path / "data", tiny_data[1], val_rows=0)
+    data = tiny_data_folder(tmp_path / "data", tiny_data[1], val_rows=0)
     return config_error(tiny_data, tmp_path, f"variables.data_local={data}")
 
 
