@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import BD3LM, ModelConfig
 from pipeline.model.masks import AttentionMask, check_block_size, dense_mask
+from tests.factories import random_model, tiny_model_config
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 TINYLLAMA = dict(
@@ -37,16 +37,11 @@ TINYLLAMA = dict(
 
 
 def build_model(hidden, layers, heads, kv_heads, intermediate, base_vocab, max_len, backend, device, seed=0):
-    vocab = -(-(base_vocab + 1) // 64) * 64  # mask token appended, padded to a multiple of 64
-    cfg = ModelConfig(
-        vocab_size=vocab, base_vocab_size=base_vocab, mask_token_id=base_vocab, hidden_size=hidden,
-        intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=max_len,
+    cfg = tiny_model_config(
+        base_vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
     )  # fmt: skip
-    with torch.device(device):
-        model = BD3LM(cfg, attn_backend=backend)
-    model.init_weights(torch.Generator(device).manual_seed(seed))
-    return model.train()
+    return random_model(cfg, seed, attn_backend=backend, device=device).train()
 
 
 def make_batch(model, batch, seq_len, device, seed=0):

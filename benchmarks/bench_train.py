@@ -25,45 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.factories import write_data_folder, write_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128
 VOCAB = 512
 
 
 def make_data(root: Path) -> tuple[Path, Path]:
-    """Random-token MDS rows + a word-level tokenizer + manifest (the data_prep contract)."""
-    from streaming import MDSWriter
-    from tokenizers import Tokenizer, models
-
-    from data_prep.mds import mds_columns
-    from data_prep.tokenizer import tokenizer_sha256
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    root.mkdir(parents=True, exist_ok=True)
-    tok_path = root / "tokenizer.json"
-    tok.save(str(tok_path))
+    """Random-token rows (one document start each) in a data_prep-style folder, and its tokenizer."""
+    tok = write_tokenizer(root / "tokenizer.json", n_words=VOCAB - 1)
     rng = np.random.default_rng(0)
     splits = {}
     for split, rows in (("train", 2048), ("val", 64)):
-        with MDSWriter(out=str(root / split), columns=mds_columns("uint16", SEQ_LEN), compression=None) as w:
-            for _ in range(rows):
-                w.write(
-                    {
-                        "tokens": rng.integers(0, VOCAB, SEQ_LEN).astype(np.uint16),
-                        "doc_starts": np.array([0], dtype=np.uint32),
-                    }
-                )
-        splits[split] = {"rows": rows, "documents": rows, "tokens": rows * SEQ_LEN, "dropped_tail_tokens": 0}
-    manifest = {
-        "format": "bd3-data-prep-mds",
-        "format_version": 1,
-        "seq_len": SEQ_LEN,
-        "dtype": "uint16",
-        "tokenizer": {"vocab_size": VOCAB, "sha256": tokenizer_sha256(tok)},
-        "splits": splits,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root, tok_path
+        splits[split] = rng.integers(0, VOCAB, (rows, SEQ_LEN)).astype(np.uint16), [[0]] * rows
+    return write_data_folder(root, splits, tok, size_limit=1 << 26), tok
 
 
 def overrides(data: Path, tok: Path, out: Path, steps: int) -> list[str]:

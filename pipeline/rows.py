@@ -56,6 +56,7 @@ class ShardReadError(RuntimeError):
 def packed_rows_dataset_class():
     """``PackedRowsDataset``: a ``StreamingDataset`` of packed rows as tensors (streaming imported lazily)."""
     from streaming import StreamingDataset
+    from streaming.base.dataset import _ShardState
     from streaming.base.hashing import get_hash
 
     from data_prep.mds import doc_starts_from_column
@@ -88,10 +89,20 @@ def packed_rows_dataset_class():
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as e:  # runs in Streaming's prefetch thread too: keep the shard's name
+                # Streaming leaves the shard PREPARING, and every later reader (another worker, the
+                # next retry) would wait for it forever: mark it missing so that they fail too.
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
                 self._prepare_error = ShardReadError(
                     f"shard {self.shard_path(shard_id)}: {type(e).__name__}: {e}; {ShardReadError.FIX}"
                 )
                 raise self._prepare_error from e
+
+        def __iter__(self):
+            yield from super().__iter__()
+            # Streaming ends the epoch early, without an error, when its prefetch thread failed.
+            if self._prepare_error is not None:
+                raise self._prepare_error
 
         def _check_decompressed(self, shard_id: int) -> None:
             reader = self.shards[shard_id]

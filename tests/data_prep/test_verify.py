@@ -67,7 +67,8 @@ def test_truncated_shard_is_named(copy, capsys):
 def test_missing_shard_is_named(copy):
     path = shard_path(copy, "val", 0)
     path.unlink()
-    assert f"val: shard {path}: file is missing" in verify(copy).errors
+    missing = f"val: shard {path}: file is missing; re-run the data_prep convert command"
+    assert any(e.startswith(missing) for e in verify(copy).errors)
 
 
 def test_corrupted_shard_fails_its_hash(copy):

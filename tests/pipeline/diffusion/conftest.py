@@ -13,46 +13,17 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.model import from_pretrained
+from tests.factories import write_tiny_hf_checkpoint
 from tests.pipeline.diffusion.reference import BASE_VOCAB
-
-TINY_LLAMA = dict(
-    vocab_size=BASE_VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def _write_checkpoint(path: Path, seed: int = 0) -> Path:
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA)).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
-    hf.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="session")
 def diffusion_ckpt_dir(tmp_path_factory) -> Path:
     """Folder of the tiny AR checkpoint (read only: copy before writing)."""
-    return _write_checkpoint(tmp_path_factory.mktemp("diffusion_tiny_llama"))
+    folder = tmp_path_factory.mktemp("diffusion_tiny_llama")
+    return write_tiny_hf_checkpoint(folder, "llama", vocab_size=BASE_VOCAB, max_position_embeddings=64)[0]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, filter_top_p, generate
-from pipeline.model import BD3LM, ModelConfig, save_pretrained
+from pipeline.model import save_pretrained
+from tests.factories import random_model, tiny_model_config
 
 VOCAB = 120
 
@@ -15,25 +16,11 @@ VOCAB = 120
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=128,
-        base_vocab_size=VOCAB,
-        mask_token_id=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=2,
-        bos_token_id=1,
-        block_size=4,
+    cfg = tiny_model_config(
+        VOCAB, hidden_size=48, max_position_embeddings=64, eos_token_id=2, bos_token_id=1, block_size=4
     )
-    m = BD3LM(cfg, attn_backend="sdpa")
-    m.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # sharper distributions than the 0.02-std init, so samplers make choices
-        m.lm_head.weight.mul_(40)
-    return m.eval()
+    # Sharper distributions than the 0.02-std init, so samplers make choices.
+    return random_model(cfg, logit_scale=40).eval()
 
 
 def _gen(model, prompt, **kw):

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streaming import MDSWriter
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.eval import main
 from pipeline.rows import RowReader
 from pipeline.save_folder import load_for_inference
+from tests.factories import write_data_folder, write_tiny_hf_checkpoint
 
 VOCAB, L, ROWS = 200, 16, 12
 REPO = Path(__file__).resolve().parents[3]
@@ -26,43 +26,17 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    d = tmp_path_factory.mktemp("ckpt") / "llama"
-    LlamaForCausalLM(cfg).eval().save_pretrained(d)
-    return d
+    folder = tmp_path_factory.mktemp("ckpt") / "llama"
+    shape = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, max_position_embeddings=64)
+    return write_tiny_hf_checkpoint(folder, "llama", weight_std=None, pad_token_id=None, **shape)[0]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (ROWS, L)).astype(np.uint16)
+    starts = [[] if i % 4 == 3 else [0, 5] for i in range(ROWS)]  # every 4th row inside one document
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    with MDSWriter(
-        out=str(root / "val"),
-        columns={"tokens": "ndarray:uint16", "doc_starts": "ndarray:uint32"},
-        compression="zstd",
-    ) as w:
-        for i in range(ROWS):
-            # data_prep stores [L] for a row inside one long document (no start in the row).
-            starts = [L] if i % 4 == 3 else [0, 5]
-            w.write(
-                {
-                    "tokens": rng.integers(0, VOCAB, L).astype(np.uint16),
-                    "doc_starts": np.array(starts, dtype=np.uint32),
-                }
-            )
-    (root / "manifest.json").write_text(
-        json.dumps({"seq_len": L, "dtype": "uint16", "tokenizer": {"vocab_size": VOCAB}})
-    )
-    return root
+    return write_data_folder(root, {"val": (tokens, starts)}, vocab_size=VOCAB, compression="zstd")
 
 
 def _hf_nll(hf_dir, data_dir):

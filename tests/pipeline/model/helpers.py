@@ -4,40 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model import BD3LM, ModelConfig
+from pipeline.model import BD3LM
+from tests.factories import TINY_HF, random_model, tiny_model_config
 
-BASE_VOCAB = 250
-MASK_ID = 250  # the added mask token; rows 251..255 are vocabulary padding
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(
-        vocab_size=256,
-        base_vocab_size=BASE_VOCAB,
-        mask_token_id=MASK_ID,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # Large weights: attention is far from uniform, so a wrong mask entry moves the logits a lot.
-        initializer_range=0.15,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+BASE_VOCAB = TINY_HF["vocab_size"]  # 250
+MASK_ID = BASE_VOCAB  # the added mask token; rows 251..255 are vocabulary padding
 
 
 def tiny_model(seed: int = 0, attn_backend: str = "sdpa", **overrides) -> BD3LM:
     """A random ``BD3LM`` in eval mode; norms perturbed away from 1 so they matter."""
-    model = BD3LM(tiny_config(**overrides), attn_backend=attn_backend)
-    g = torch.Generator().manual_seed(seed)
-    model.init_weights(generator=g)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    # Large weights: attention is far from uniform, so a wrong mask entry moves the logits a lot.
+    config = tiny_model_config(initializer_range=0.15, **overrides)
+    return random_model(config, seed, attn_backend=attn_backend, norm_std=0.2).eval()
 
 
 RUN_SWITCHES = ("attn_backend", "activation_checkpointing")

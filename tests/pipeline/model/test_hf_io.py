@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.model import ModelConfigError, export_ar, from_pretrained, save_pretrained
-from tests.conftest import TINY_HF
+from tests.factories import TINY_HF
 
 BASE = TINY_HF["vocab_size"]  # 250: mask id 250, rows padded to 256
 

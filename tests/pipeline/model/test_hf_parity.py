@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.model import from_pretrained
-from tests.conftest import TINY_HF
+from tests.factories import TINY_HF
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -25,6 +25,8 @@ LLAMA3_ROPE = {
 CASES = {
     "llama": ("llama", {}),
     "llama_head_dim": ("llama", {"head_dim": 32}),
+    # LLaMA's attention_bias puts a bias on q, k, v AND o_proj (transformers LlamaAttention).
+    "llama_attention_bias": ("llama", {"attention_bias": True}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {}),
     "llama_rope_llama3": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
@@ -60,16 +62,6 @@ def test_tied_embeddings_stay_tied(tiny_qwen2_dir):
     assert model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-def test_llama_with_attention_bias_matches_transformers(tmp_path, tiny_hf_checkpoint):
-    # LLaMA's attention_bias puts a bias on q, k, v AND o_proj (transformers LlamaAttention).
-    folder, hf_model = tiny_hf_checkpoint(tmp_path / "llama_bias", "llama", attention_bias=True)
-    ids = _input()
-    with torch.no_grad():
-        ref = hf_model(ids).logits
-        out = from_pretrained(folder)(ids)
-    torch.testing.assert_close(out[..., : TINY_HF["vocab_size"]], ref, rtol=0, atol=1e-4)
-
-
 def _decode_one_token_at_a_time(model, ids, cache):
     outs = []
     with torch.no_grad():
@@ -79,15 +71,17 @@ def _decode_one_token_at_a_time(model, ids, cache):
     return torch.cat(outs, dim=1)
 
 
-def test_cache_window_reproduces_mistral_sliding_window(tmp_path, tiny_hf_checkpoint):
-    # A cache of capacity = sliding_window, filled one token at a time, attends exactly like Mistral's
-    # sliding-window attention (keys computed once, each within its own window), past the window too.
+@pytest.mark.parametrize("capacity", [8, None], ids=["capacity_8", "default_capacity"])
+def test_cache_reproduces_mistral_sliding_window(tmp_path, tiny_hf_checkpoint, capacity):
+    # A cache filled one token at a time attends exactly like Mistral's sliding-window attention (keys
+    # computed once, each within its own window), past the window too: with capacity = sliding_window,
+    # and by default (new_kv_cache honours the checkpoint's sliding_window).
     folder, hf_model = tiny_hf_checkpoint(tmp_path / "mistral_sw", "mistral", sliding_window=8)
     ids = _input(24, batch=1)
     model = from_pretrained(folder).eval()
     with torch.no_grad():
         ref = hf_model(ids).logits
-    out = _decode_one_token_at_a_time(model, ids, model.new_kv_cache(1, capacity=8))
+    out = _decode_one_token_at_a_time(model, ids, model.new_kv_cache(1, capacity=capacity))
     torch.testing.assert_close(out[..., : TINY_HF["vocab_size"]], ref, rtol=0, atol=1e-4)
 
 
@@ -98,13 +92,3 @@ def test_training_length_beyond_sliding_window_is_refused(tmp_path, tiny_hf_chec
         model(_input(16))  # within the window: fine
         with pytest.raises(ValueError, match="sliding_window"):
             model(_input(32))
-
-
-def test_default_cache_honours_sliding_window(tmp_path, tiny_hf_checkpoint):
-    folder, hf_model = tiny_hf_checkpoint(tmp_path / "mistral_sw", "mistral", sliding_window=8)
-    ids = _input(24, batch=1)
-    model = from_pretrained(folder).eval()
-    with torch.no_grad():
-        ref = hf_model(ids).logits
-    out = _decode_one_token_at_a_time(model, ids, model.new_kv_cache(1))
-    torch.testing.assert_close(out[..., : TINY_HF["vocab_size"]], ref, rtol=0, atol=1e-4)

@@ -1,12 +1,18 @@
-"""Helpers of the multi-process training tests: the composer launcher and loss-curve checks."""
+"""Helpers of the multi-process training tests: the composer launcher, killing a run and cleaning up
+after it, and loss-curve checks."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +63,64 @@ def launch(tiny_data, out: Path, *extra: str, nproc: int = 2) -> None:
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
     assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"
+
+
+def last_batch(loss_log: Path) -> int:
+    """The last batch ``loss_log`` (a loss_log callback's JSON lines) has recorded; 0 before any."""
+    if not loss_log.exists():
+        return 0
+    lines = [line for line in loss_log.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["batch"] if lines else 0
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group ``proc`` leads (started with ``start_new_session``),
+    and reap ``proc``: no rank or launcher outlives the test holding ports, files or shared memory."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def started(cmd: list[str], env: dict, out: Path) -> Iterator[subprocess.Popen]:
+    """``cmd`` running in its own session, its output appended to out/launcher.log; on leaving, its
+    whole process group is killed (``kill_group``)."""
+    with open(out / "launcher.log", "a") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            kill_group(proc)
+
+
+def kill_a_rank_after(
+    proc: subprocess.Popen, out: Path, batch: int, rng: random.Random, max_delay: float, nproc: int = 2
+) -> int | None:
+    """SIGKILL one training process of ``proc`` once out/loss.jsonl has logged ``batch``, after a random
+    delay of up to ``max_delay`` seconds (to land anywhere inside the next batch or checkpoint write).
+
+    The victim is a random rank of the composer launcher ``proc``, or ``proc`` itself when ``nproc``
+    is 0 (``python -m``). Returns the batch logged when the signal went, None if the run ended first.
+    """
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while last_batch(out / "loss.jsonl") < batch:
+        if proc.poll() is not None:
+            return None
+        assert time.monotonic() < deadline, f"batch {batch} not logged in 300 s"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, max_delay))
+    if proc.poll() is not None:
+        return None
+    victim = proc.pid if nproc == 0 else rng.choice(psutil.Process(proc.pid).children()).pid
+    logged = last_batch(out / "loss.jsonl")
+    os.kill(victim, signal.SIGKILL)
+    return logged
 
 
 def one_process_run(tiny_data, out: Path):

@@ -24,7 +24,8 @@ import pytest
 
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
+from tests.factories import SEQ_LEN, packed_rows, tiny_data_folder, write_data_folder, write_tokenizer
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 
 TINY = YAMLS / "bd3_tiny.yaml"
 
@@ -54,8 +55,9 @@ def config_error(tiny_data, tmp_path, *extra, world_size=1, download=False) -> s
     return str(info.value)
 
 
-def cli_error(tiny_data, tmp_path, *extra, env=None) -> str:
-    """The last stderr line of ``python -m pipeline.train``, which must exit 2 without a traceback."""
+def cli_error(tiny_data, tmp_path, *extra, env=None, code=2) -> str:
+    """The last stderr line of ``python -m pipeline.train``, which must exit 2 without a traceback
+    (``code=4``: a data shard failed while training; the traceback is logged before the line)."""
     data, tok = tiny_data
     p = subprocess.run(
         [
@@ -71,10 +73,12 @@ def cli_error(tiny_data, tmp_path, *extra, env=None) -> str:
         text=True,
         timeout=300,
     )
-    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.returncode == code, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]
+    if code == 4:
+        return line
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists()  # stopped before anything was written
-    line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("config error: ")
     return line.removeprefix("config error: ")
 
@@ -141,10 +145,61 @@ def truncated_shard(tiny_data, tmp_path) -> tuple[str, str]:
 
 
 def empty_split(tiny_data, tmp_path) -> str:
-    from tests.pipeline.train.conftest import write_data_folder
-
-    data = write_data_folder(tmp_path / "data", tiny_data[1], val_rows=0)
+    data = tiny_data_folder(tmp_path / "data", tiny_data[1], val_rows=0)
     return config_error(tiny_data, tmp_path, f"variables.data_local={data}")
+
+
+def zstd_data(tiny_data, tmp_path) -> Path:
+    """The fixture's rows stored as ``data_prep convert`` stores them: zstd shards, sha1 in the index."""
+    splits = {"train": packed_rows(256, 0), "val": packed_rows(32, 1)}
+    return write_data_folder(
+        tmp_path / "zdata", splits, tiny_data[1], compression="zstd", size_limit=1 << 12, hashes=["sha1"]
+    )
+
+
+def decompressed_copies(data: Path) -> list[Path]:
+    """Read every train row once: Streaming leaves the decompressed copy of each shard beside it."""
+    from pipeline.rows import RowReader
+
+    reader = RowReader(data, "train")
+    for i in range(len(reader)):
+        reader.dataset[i]
+    return [data / "train" / s["raw_data"]["basename"] for s in mds_index(data)]
+
+
+def mds_index(data: Path) -> list[dict]:
+    from data_prep import mds
+
+    return mds.read_index(data / "train")["shards"]
+
+
+def damaged_copy(tiny_data, tmp_path) -> tuple[str, str]:
+    data = zstd_data(tiny_data, tmp_path)
+    copy = decompressed_copies(data)[1]
+    copy.write_bytes(copy.read_bytes()[:100])
+    return config_error(tiny_data, tmp_path, f"variables.data_local={data}"), str(copy)
+
+
+def shard_failing_mid_run(tiny_data, tmp_path) -> tuple[str, str]:
+    data = zstd_data(tiny_data, tmp_path)
+    zipped = data / "train" / mds_index(data)[-1]["zip_data"]["basename"]
+    zipped.write_bytes(np.random.default_rng(0).bytes(zipped.stat().st_size))  # same size, not zstd
+    return cli_error(tiny_data, tmp_path, f"variables.data_local={data}", code=4), str(zipped)
+
+
+def copy_with_other_bytes(tiny_data, tmp_path) -> tuple[str, str]:
+    data = zstd_data(tiny_data, tmp_path)
+    copy = decompressed_copies(data)[-1]
+    raw = bytearray(copy.read_bytes())
+    raw[-10] ^= 0xFF  # same size: only a hash sees it
+    copy.write_bytes(bytes(raw))
+    extra = (f"variables.data_local={data}", "train_loader.validate_hash=sha1")
+    return cli_error(tiny_data, tmp_path, *extra, code=4), str(copy)
+
+
+def unrecorded_hash(tiny_data, tmp_path) -> str:
+    data = zstd_data(tiny_data, tmp_path)
+    return config_error(tiny_data, tmp_path, f"variables.data_local={data}", "train_loader.validate_hash=md5")
 
 
 @dataclass
@@ -267,6 +322,38 @@ CASES: dict[str, list[Case]] = {
         Case(
             "truncated", truncated_shard, "the index says", "eval_loader.local", "python -m data_prep verify"
         ),
+    ],
+    "a damaged decompressed copy of a shard (the `shard.N.mds` Streaming writes beside `shard.N.mds.zstd`)": [
+        Case("damaged_copy", damaged_copy, "decompressed copy", "train_loader.local", "delete it")
+    ],
+    "a shard that fails while training (damaged after the start-up check, deleted, a failed download)": [
+        Case(
+            "mid_run",
+            shard_failing_mid_run,
+            "training stopped: shard",
+            "training stopped",
+            "data_prep verify",
+            marks=[pytest.mark.slow],
+        )
+    ],
+    "a decompressed copy with the right size but other bytes, read with `train_loader.validate_hash`": [
+        Case(
+            "hash",
+            copy_with_other_bytes,
+            "hash does not match the index",
+            "training stopped",
+            "delete a damaged decompressed copy",
+            marks=[pytest.mark.slow],
+        )
+    ],
+    "a `validate_hash` the index does not record": [
+        Case(
+            "unrecorded_hash",
+            unrecorded_hash,
+            "is not a hash the index records",
+            "train_loader.validate_hash",
+            "remove validate_hash",
+        )
     ],
     "an empty split": [
         Case("empty_val", empty_split, "has no rows", "eval_loader.local", "more documents"),

@@ -7,29 +7,18 @@ import pytest
 import torch
 
 from pipeline.diffusion.objective import DiffusionConfig
-from pipeline.model import BD3LM, ModelConfig
+from pipeline.model import BD3LM
 from pipeline.model.masks import AttentionMask, dense_mask
 from pipeline.trainer.composer_model import BD3ComposerModel, attention_pairs, train_flops_per_sample
+from tests.factories import random_model, tiny_model_config
 
 L = 16
 
 
 def _model() -> BD3LM:
-    config = ModelConfig(
-        vocab_size=64,
-        base_vocab_size=61,
-        mask_token_id=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=L,
-        initializer_range=0.2,
+    return random_model(
+        tiny_model_config(61, hidden_size=32, max_position_embeddings=L, initializer_range=0.2)
     )
-    model = BD3LM(config, attn_backend="sdpa")
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model
 
 
 def _batch(b: int = 4, offset: int = 0) -> dict[str, torch.Tensor]:

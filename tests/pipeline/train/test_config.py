@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.pipeline.train.conftest import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_tokenizer
+from tests.factories import SEQ_LEN, write_manifest, write_tokenizer
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 
 TINY = YAMLS / "bd3_tiny.yaml"
 
@@ -195,21 +196,7 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(TINYLLAMA_CONFIG))
     tok = write_tokenizer(ckpt / "tokenizer.json", n_words=31999)  # 32000 ids like LLaMA's
-    data = tmp_path / "owt"
-    data.mkdir()
-    from tokenizers import Tokenizer
-
-    from data_prep.tokenizer import tokenizer_sha256
-
-    manifest = {
-        "format": "bd3-data-prep-mds",
-        "format_version": 1,
-        "seq_len": 2048,
-        "dtype": "uint16",
-        "tokenizer": {"vocab_size": 32000, "sha256": tokenizer_sha256(Tokenizer.from_file(str(tok)))},
-        "splits": {"train": {"rows": 100000}, "val": {"rows": 1000}},
-    }
-    (data / "manifest.json").write_text(json.dumps(manifest))
+    data = write_manifest(tmp_path / "owt", 2048, {"train": 100000, "val": 1000}, tok)
     for split, rows in (("train", 100000), ("val", 1000)):  # one (empty) shard file per split
         (data / split).mkdir()
         (data / split / "shard.00000.mds").write_bytes(b"")

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.trainer.config import TrainLoaderSection
 from pipeline.trainer.data import build_dataloader, global_batch_positions
-from tests.pipeline.train.conftest import SEQ_LEN, packed_rows
+from tests.factories import SEQ_LEN, packed_rows
 
 
 def _rank_stream(partition: np.ndarray, node: int, rank: int) -> np.ndarray:

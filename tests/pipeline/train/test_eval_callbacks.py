@@ -203,27 +203,17 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
 
 def test_evaluation_functions_leave_the_global_rng_alone():
     """evaluate_block_sizes, noise_interval_search and generate draw only from seeded generators."""
+
     from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.diffusion.sampler import SamplerConfig, generate
-    from pipeline.model import BD3LM, ModelConfig
+    from tests.factories import random_model, tiny_model_config
 
-    cfg = ModelConfig(
-        architecture="llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=16,
-        base_vocab_size=61,
-        mask_token_id=61,
-        eos_token_id=0,
-    )
-    model = BD3LM(cfg, attn_backend="sdpa")
-    model.init_weights(generator=torch.Generator().manual_seed(0))
-    model.train()
+    cfg = tiny_model_config(
+        61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=16, eos_token_id=0,
+    )  # fmt: skip
+    model = random_model(cfg).train()
     x = torch.randint(1, 61, (4, 16), generator=torch.Generator().manual_seed(1))
     batches = [
         {"input_ids": x, "doc_starts": torch.zeros_like(x, dtype=torch.bool), "sample_index": torch.arange(4)}

@@ -8,11 +8,9 @@ end with the same weights.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,14 @@ from pipeline.save_folder import composer_checkpoints
 from pipeline.trainer import ConfigError, load_config, run
 from pipeline.trainer.safe_saves import NonFiniteError
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import records, train_command
+from tests.pipeline.train.launch import (
+    kill_a_rank_after,
+    kill_group,
+    last_batch,
+    records,
+    started,
+    train_command,
+)
 
 ROWS_PER_EPOCH = 256  # the tiny_data train split; 16 rows per global batch
 FAULT_COMMON = [
@@ -58,13 +63,6 @@ def run_to_end(cmd, env, out: Path, fault: str | None = None) -> subprocess.Comp
 
 def rank_logs(out: Path) -> str:
     return "\n".join(f"--- {p.name} ---\n{p.read_text()[-2000:]}" for p in sorted(out.glob("rank*.err")))
-
-
-def last_batch(loss_log: Path) -> int:
-    if not loss_log.exists():
-        return 0
-    lines = [line for line in loss_log.read_text().splitlines() if line.endswith("}")]
-    return json.loads(lines[-1])["batch"] if lines else 0
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,30 +121,14 @@ def kill_at_random_batch(cmd, env, out: Path, rng: random.Random, nproc: int) ->
 
     Returns (the batch it had logged, seconds the launcher took to exit after the kill).
     """
-    import psutil
-
     target = rng.randint(2, 15)  # leaves 5 batches (with a checkpoint write) to land the kill in
-    log = open(out / "launcher.log", "a")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while last_batch(out / "loss.jsonl") < target:
-            assert proc.poll() is None, (out / "launcher.log").read_text()[-3000:] + rank_logs(out)
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3))  # anywhere inside the next batch (or its checkpoint write)
-        victim = proc.pid if nproc == 0 else rng.choice(psutil.Process(proc.pid).children()).pid
-        logged = last_batch(out / "loss.jsonl")
-        os.kill(victim, signal.SIGKILL)
+    with started(cmd, env, out) as proc:
+        # anywhere inside the next batch (or its checkpoint write)
+        logged = kill_a_rank_after(proc, out, target, rng, max_delay=0.3, nproc=nproc)
+        assert logged is not None, (out / "launcher.log").read_text()[-3000:] + rank_logs(out)
         t0 = time.monotonic()
         proc.wait(timeout=120)
         return logged, time.monotonic() - t0
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
 
 
 @pytest.mark.slow
@@ -367,8 +349,7 @@ def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not
     killed_shm = streaming_shm() - before
     # The whole process group dies (preemption, OOM of the job): Python's resource tracker, which
     # would unlink the segments of a lone killed process, dies with it.
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_group(killed)
     live = hold_dataset(tmp_path / "cache-b", data)
     try:
         live_shm = streaming_shm() - before - killed_shm

@@ -9,7 +9,6 @@ node leaders sharing one /dev/shm would claim the same segment names.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from pipeline.save_folder import composer_checkpoints
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import COMMON, assert_same_curve, free_port, launch, records
+from tests.pipeline.train.launch import COMMON, assert_same_curve, free_port, kill_group, launch, records
 
 ZERO2 = "parallelism.deepspeed.zero_optimization.stage=2"
 
@@ -86,8 +85,7 @@ def test_two_nodes_match_one_node_of_four_processes(tiny_data, tmp_path, private
         codes = [p.wait(timeout=600) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_group(p)
     assert codes == [0, 0], logs(two)
     assert_same_curve(records(one / "loss.jsonl"), records(two / "loss.jsonl"))
     # One checkpoint per save (keep 1): one Composer file written by global rank 0 and one
@@ -112,16 +110,13 @@ def test_a_dead_node_stops_the_other_in_bounded_time(tiny_data, tmp_path, privat
         while not (out / "loss.jsonl").exists() or len((out / "loss.jsonl").read_text().splitlines()) < 3:
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs(out)
             time.sleep(0.05)
-        os.killpg(procs[1].pid, signal.SIGKILL)
+        kill_group(procs[1])
         t0 = time.monotonic()
         code = procs[0].wait(timeout=timeout + 90)
         elapsed = time.monotonic() - t0
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(p)
     print(f"\nnode 0 exited with {code} {elapsed:.1f} s after node 1 was killed")
     assert code != 0
     assert elapsed < timeout + 60

@@ -7,20 +7,17 @@ printed for the closing note of a change that touches training or checkpoints.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from tests.pipeline.train.conftest import REPO
-from tests.pipeline.train.launch import records, train_command
-from tests.pipeline.train.test_faults import last_batch, rank_logs, weights
+from tests.pipeline.train.launch import kill_a_rank_after, last_batch, records, started, train_command
+from tests.pipeline.train.test_faults import rank_logs, weights
 
 STEPS = 3000
 KILLS = 8
@@ -66,28 +63,14 @@ def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path):
         launches += 1
         assert launches <= KILLS + 3, "the run does not finish"
         start = last_batch(out / "loss.jsonl")
-        log = open(out / "launcher.log", "a")
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
+        with started(cmd, env, out) as proc:
             if kills < KILLS:
                 target = start + rng.randint(20, STEPS // KILLS)
-                while last_batch(out / "loss.jsonl") < target and proc.poll() is None:
-                    time.sleep(0.02)
-                time.sleep(rng.uniform(0, 0.1))
-                if proc.poll() is None:
-                    victim = rng.choice(psutil.Process(proc.pid).children())
-                    victim.send_signal(signal.SIGKILL)
+                logged = kill_a_rank_after(proc, out, target, rng, max_delay=0.1)
+                if logged is not None:
                     kills += 1
-                    print(f"kill {kills}: rank pid {victim.pid} near batch {last_batch(out / 'loss.jsonl')}")
+                    print(f"kill {kills}: a rank near batch {logged}")
             code = proc.wait(timeout=900)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            log.close()
         if code == 0:
             break
     soak_s = time.monotonic() - t0

@@ -1,0 +1,241 @@
+"""What the tests and benchmarks build from: one factory for each fixture, plain functions (no pytest).
+
+- ``tiny_model_config`` / ``random_model``: a random-init ``BD3LM`` (mask token appended, vocabulary
+  padded to a multiple of 64), 64 wide and 2 layers unless told otherwise.
+- ``write_tiny_hf_checkpoint``: a ``transformers`` LLaMA/Qwen2/Mistral folder written offline.
+- ``write_tokenizer``, ``packed_rows``, ``write_data_folder``, ``write_manifest``: a data_prep-style
+  output (MDS splits and manifest.json) written directly, so the training tests do not depend on
+  data_prep's code; ``tiny_data_folder`` is the training tests' (``tiny_data``).
+
+Benchmarks import them too (``python -m benchmarks.x`` from the repository root). ``streaming``,
+``tokenizers`` and ``transformers`` are imported where they are used: each costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.model import BD3LM, ModelConfig
+
+# -- models -------------------------------------------------------------------------------------
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256,
+)  # fmt: skip
+TINY_HF = dict(  # config.json fields of the tiny Hugging Face checkpoints
+    TINY_SHAPE, vocab_size=250, rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)  # fmt: skip
+
+
+def tiny_model_config(base_vocab_size: int = TINY_HF["vocab_size"], **fields) -> ModelConfig:
+    """A ``ModelConfig`` for a model trained from scratch: mask token ``base_vocab_size``, vocabulary
+    padded to a multiple of 64, ``TINY_SHAPE`` (intermediate 2 x hidden) unless ``fields`` say
+    otherwise."""
+    hidden = fields.get("hidden_size", TINY_SHAPE["hidden_size"])
+    return ModelConfig(
+        **{
+            **TINY_SHAPE,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": -(-(base_vocab_size + 1) // 64) * 64,
+            "base_vocab_size": base_vocab_size,
+            "mask_token_id": base_vocab_size,
+            **fields,
+        }
+    )
+
+
+def random_model(
+    config: ModelConfig,
+    seed: int = 0,
+    *,
+    attn_backend: str = "sdpa",
+    norm_std: float = 0.0,
+    logit_scale: float = 1.0,
+    device="cpu",
+) -> BD3LM:
+    """``BD3LM(config)`` with ``init_weights`` drawn from a generator seeded ``seed`` (train mode).
+
+    Args:
+        attn_backend: how attention runs (SDPA, exact on CPU, by default).
+        norm_std: RMSNorm weights get N(0, norm_std) added (same generator), so that norms matter.
+        logit_scale: the output layer is multiplied by it; a large scale gives peaked distributions,
+            so that confidence-based samplers make choices.
+    """
+    with torch.device(device):
+        model = BD3LM(config, attn_backend=attn_backend)
+    g = torch.Generator(device).manual_seed(seed)
+    model.init_weights(generator=g)
+    with torch.no_grad():
+        if norm_std:
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(norm_std * torch.randn(p.shape, generator=g, device=device))
+        if logit_scale != 1.0:
+            model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+def _hf_classes(arch: str):
+    import transformers as tf
+
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[arch]
+
+
+def write_tiny_hf_checkpoint(
+    path, arch: str = "llama", seed: int = 0, weight_std: float | None = 0.15, **config_overrides
+):
+    """Save a random tiny ``transformers`` model of ``arch`` (``TINY_HF`` + overrides) under ``path``.
+
+    With ``weight_std`` (the default) every weight is redrawn at that large scale and norms at
+    1 + N(0, 0.2), so that a wrong rotary frequency, a missing bias or a swapped projection moves the
+    logits far beyond a float32 tolerance; ``weight_std=None`` keeps ``transformers``' own init.
+    Returns (path, the float32 model in eval mode).
+    """
+    config_cls, model_cls = _hf_classes(arch)
+    config = config_cls(**{**TINY_HF, **config_overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    if weight_std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                else:
+                    p.copy_(weight_std * torch.randn_like(p))
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+# -- data_prep output ---------------------------------------------------------------------------
+SEQ_LEN = 32  # rows of the tiny training data
+N_WORDS = 60
+EOS = 0
+
+
+def write_tokenizer(path: Path, n_words: int = N_WORDS) -> Path:
+    """A word-level tokenizer: id 0 is <|endoftext|>, ids 1..n_words are w0..w{n-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": EOS, **{f"w{i}": i + 1 for i in range(n_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def packed_rows(n_rows: int, seed: int, seq_len: int = SEQ_LEN) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A learnable synthetic corpus packed into rows: (tokens (n_rows, seq_len) uint16, each row's
+    document start positions, some rows none).
+
+    Documents are arithmetic progressions of word ids (start a, stride d in {1, 2, 3}, mod N_WORDS),
+    each followed by EOS.
+    """
+    rng = np.random.default_rng(seed)
+    stream, starts = [], []
+    while len(stream) < n_rows * seq_len:
+        a, d, n = rng.integers(0, N_WORDS), rng.integers(1, 4), rng.integers(6, 80)
+        starts.append(len(stream))
+        stream.extend(1 + (a + d * np.arange(n)) % N_WORDS)
+        stream.append(EOS)
+    tokens = np.asarray(stream[: n_rows * seq_len], dtype=np.uint16).reshape(n_rows, seq_len)
+    starts = np.asarray(starts)
+    row_starts = [
+        starts[(starts >= r * seq_len) & (starts < (r + 1) * seq_len)] - r * seq_len for r in range(n_rows)
+    ]
+    return tokens, row_starts
+
+
+def write_mds(
+    folder: Path,
+    tokens: np.ndarray,
+    doc_starts,
+    compression: str | None = None,
+    size_limit: int = 1 << 14,
+    hashes: list[str] | None = None,
+) -> None:
+    """One MDS split in data_prep's row format: ``tokens`` (uint16) and ``doc_starts`` (uint32);
+    ``compression="zstd"`` and ``hashes=["sha1"]`` store it as ``data_prep convert`` does."""
+    from streaming import MDSWriter
+
+    # The tokens encoding leaves out the row length (data_prep writes "ndarray:uint16:<seq_len>"):
+    # the training code accepts both, and the shard bytes of the tests' data stay as they were.
+    columns = {"tokens": f"ndarray:{tokens.dtype}", "doc_starts": "ndarray:uint32"}
+    with MDSWriter(
+        out=str(folder), columns=columns, compression=compression, size_limit=size_limit, hashes=hashes
+    ) as w:
+        for row, starts in zip(tokens, doc_starts):
+            # MDS cannot store an empty array: a row inside one long document stores [seq_len].
+            stored = starts if len(starts) else [len(row)]
+            w.write({"tokens": row, "doc_starts": np.asarray(stored, dtype=np.uint32)})
+
+
+def write_manifest(
+    root: Path,
+    seq_len: int,
+    split_rows: dict[str, int],
+    tokenizer: Path | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "uint16",
+) -> Path:
+    """manifest.json of a finished data_prep output: what ``pipeline.trainer.run_inputs`` checks
+    (format, seq_len, dtype, the tokenizer's vocab_size and sha256, rows per split).
+
+    Without ``tokenizer`` only ``vocab_size`` is recorded about it.
+    """
+    recorded: dict = {"vocab_size": vocab_size}
+    if tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
+        recorded = {
+            "source": str(tokenizer),
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "sha256": hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),  # data_prep's contract
+            "eos_id": tok.token_to_id("<|endoftext|>"),
+        }
+    manifest = {
+        "format": "bd3-data-prep-mds",
+        "format_version": 1,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "tokenizer": recorded,
+        "splits": {split: {"rows": rows, "tokens": rows * seq_len} for split, rows in split_rows.items()},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+def write_data_folder(
+    root: Path,
+    splits: dict[str, tuple[np.ndarray, list]],
+    tokenizer: Path | None = None,
+    vocab_size: int | None = None,
+    **mds_options,
+) -> Path:
+    """A data_prep-style folder: one MDS dataset per split ({split: (tokens, doc_starts)}) and
+    manifest.json (see ``write_manifest``); ``mds_options`` go to ``write_mds``."""
+    for split, (tokens, doc_starts) in splits.items():
+        write_mds(root / split, tokens, doc_starts, **mds_options)
+    rows = {split: len(tokens) for split, (tokens, _) in splits.items()}
+    return write_manifest(root, tokens.shape[1], rows, tokenizer, vocab_size, dtype=str(tokens.dtype))
+
+
+def tiny_data_folder(
+    root: Path, tokenizer: Path, train_rows: int = 256, val_rows: int = 32, seq_len: int = SEQ_LEN
+) -> Path:
+    """The training tests' data: ``packed_rows`` with seed 0 in train/ and seed 1 in val/."""
+    splits = {"train": packed_rows(train_rows, 0, seq_len), "val": packed_rows(val_rows, 1, seq_len)}
+    return write_data_folder(root, splits, tokenizer)
