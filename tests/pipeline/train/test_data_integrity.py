@@ -210,12 +210,13 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     same command resumes and ends with the losses of an undamaged run."""
     common = [
         f"variables.max_seq_len={SEQ_LEN}",
-        "max_duration=8ba",
-        "scheduler.t_max=8ba",
+        "max_duration=24ba",
+        "scheduler.t_max=24ba",
         "eval_loader=null",
         "run_name=integrity",
-        "save_interval=2ba",
+        "save_interval=4ba",
         "train_loader.shuffle=false",
+        "train_loader.predownload=32",  # Streaming prepares shards this many rows ahead
     ]
     data = copy_of(prepared, tmp_path)
     reference_cmd, env = train_command((data, prepared[1]), tmp_path / "ref", *common, nproc=0)
@@ -226,7 +227,11 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     damaged = copy_of(prepared, tmp_path / "d")
     entries = shards(damaged)
     rows_per_batch = 16
-    k = next(i for i, e in enumerate(entries) if sum(x["samples"] for x in entries[:i]) >= 5 * rows_per_batch)
+    # A shard that the prefetch reaches after the checkpoint of batch 12 and training before batch 24.
+    k = next(
+        i for i, e in enumerate(entries) if sum(x["samples"] for x in entries[:i]) >= 16 * rows_per_batch
+    )
+    assert sum(x["samples"] for x in entries[:k]) < 22 * rows_per_batch
     zipped = damaged / "train" / entries[k]["zip_data"]["basename"]
     original = zipped.read_bytes()
     zipped.write_bytes(np.random.default_rng(0).bytes(len(original)))  # not a zstd frame any more
@@ -237,7 +242,7 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     assert last.startswith(f"training stopped: shard {zipped}") and "data_prep verify" in last
     assert "The last good checkpoint is" in last and "Traceback" in p.stderr  # the traceback goes first
     stopped = records(tmp_path / "run" / "loss.jsonl")
-    assert 2 <= len(stopped) < 8
+    assert 12 <= len(stopped) < 24
 
     zipped.write_bytes(original)  # the repair
     copy_path(damaged, entries[k]).unlink(missing_ok=True)
