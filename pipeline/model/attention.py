@@ -6,7 +6,15 @@
   (BLOCK_SIZE passed explicitly), eager elsewhere (exact but slow).
 - ``flash``: flash-attn when importable, for what it expresses (causal, full bidirectional,
   decoding against a cache without annealing); other masks fall through to ``flex``.
-``auto`` picks flash/flex on CUDA and sdpa on CPU.
+``auto`` on CUDA sends causal attention and KV-cache decoding to flash-attn (else SDPA's fused
+kernels): their key length grows with the cache, and a FlexAttention compiled with ``dynamic=False``
+would recompile for every new length. Compiled FlexAttention gets only the shapes fixed for a whole
+run (``bd3_train``, ``block_causal``, per-document and annealed masks). On CPU ``auto`` is sdpa.
+
+``footprint`` is not a kernel: under fake tensors (``pipeline.diffusion.footprint``) it stands in for
+a fused kernel (flash-attn, compiled FlexAttention) with exactly what such a kernel allocates, the
+output and a float32 log-sum-exp per query, and what it saves for backward (q, k, v, output, lse),
+so the planned activation memory is that of the GPU path rather than CPU SDPA's dense scores.
 """
 
 from __future__ import annotations
@@ -25,26 +33,39 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 FLEX_BLOCK_SIZE = 128
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
+FOOTPRINT = "footprint"  # planning only: see the module docstring
 
 
 def flash_available() -> bool:
     return _flash_attn_func is not None and torch.cuda.is_available()
 
 
+def grows_with_cache(mask: AttentionMask) -> bool:
+    """Causal attention and KV-cache decoding: patterns whose key length changes from call to call."""
+    return mask.kind == "ar" or (mask.kind == "bd3_decode" and mask.bidirectional_in_block)
+
+
 def resolve_backend(
     backend: str, mask: AttentionMask, device: torch.device, has_doc_ids: bool, dtype: torch.dtype
 ) -> str:
     """The backend that will actually run ``mask`` on ``device``."""
+    if backend == FOOTPRINT:
+        return backend
     if backend == "auto":
         if device.type != "cuda":
             return "sdpa"
-        backend = "flash" if flash_available() else "flex"
+        if grows_with_cache(mask) and not has_doc_ids:
+            backend = "flash" if flash_available() else "sdpa"
+        else:
+            return "flex"
     if backend == "flash":
         expressible = not has_doc_ids and (
             mask.kind == "ar" or (mask.kind in ("mdlm", "bd3_decode") and mask.bidirectional_in_block)
         )
         if not (flash_available() and expressible and dtype in (torch.float16, torch.bfloat16)):
-            return "flex" if device.type == "cuda" else "sdpa"
+            if device.type != "cuda":
+                return "sdpa"
+            return "sdpa" if grows_with_cache(mask) and not has_doc_ids else "flex"
     return backend
 
 
@@ -67,6 +88,8 @@ def _sdpa(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
     if doc_ids is None:
         if mask.kind == "ar" and n_q == n_k:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask.kind == "ar" and n_q == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         if mask.kind in ("mdlm", "bd3_decode") and mask.lookahead is None:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # nothing is hidden
     allowed = _cached_dense(mask, n_q, n_k, seq_len, q.device)
@@ -112,6 +135,24 @@ def _flex(q, k, v, mask: AttentionMask, seq_len: int, doc_ids):
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+class _FusedFootprint(torch.autograd.Function):
+    """What a fused attention kernel allocates and saves, without computing attention (fake tensors)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, H, n_q)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        delta = lse.new_empty(lse.shape)  # flash backward's rowsum(dO * O)
+        del delta, out, grad_out
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _flash(q, k, v, mask: AttentionMask):  # pragma: no cover - needs CUDA and flash-attn
     # flash-attn takes (B, T, H, D); the queries of a decode block see the whole cache and block.
     out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask.kind == "ar")
@@ -137,6 +178,8 @@ def attend(
         (B, H, n_q, D) in q's dtype.
     """
     chosen = resolve_backend(backend, mask, q.device, doc_ids is not None, q.dtype)
+    if chosen == FOOTPRINT:
+        return _FusedFootprint.apply(q, k, v)
     if chosen == "flash":
         return _flash(q, k, v, mask)
     if chosen == "flex":

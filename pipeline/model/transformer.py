@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import ATTN_BACKENDS, attend
+from pipeline.model.attention import ATTN_BACKENDS, FOOTPRINT, attend
 from pipeline.model.config import ModelConfig, rope_scaling_type
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.masks import AR, AttentionMask
@@ -165,7 +165,7 @@ class BD3LM(nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, backend: str) -> None:
-        if backend not in ATTN_BACKENDS:
+        if backend not in ATTN_BACKENDS and backend != FOOTPRINT:
             raise ValueError(f"attn_backend {backend!r} is not one of {ATTN_BACKENDS}")
         self._attn_backend = backend
         for layer in self.model.layers:
