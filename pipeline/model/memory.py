@@ -8,7 +8,7 @@ check (``benchmarks.gpu_check``); no Composer or DeepSpeed import. Adam(W) keeps
 | ``ddp`` (Composer; amp_bf16 keeps fp32 weights, autocast copies count as activations) | 4P | 4P | 8P |
 | ``zero1`` (DeepSpeed bf16) | 2P | 2P + 4P/N (16-bit full, fp32 partition) | 12P/N |
 | ``zero2`` (DeepSpeed bf16) | 2P | 6P/N | 12P/N |
-| ``zero3`` (DeepSpeed bf16) | 2P/N + 4 x largest layer (gathered) | 6P/N | 12P/N |
+| ``zero3`` (DeepSpeed bf16) | 2P/N + 4 x largest layer (gathered) | 4P/N (fp32) | 12P/N |
 | ``fsdp_full_shard`` (FSDP2, fp32 sharded) | 4P/N + 2 x 4 x largest layer (gathered, prefetch) | 4P/N | 8P/N |
 | ``fsdp_shard_grad_op`` (FSDP2, kept gathered after forward) | 4P/N + 4P | 4P/N | 8P/N |
 
@@ -81,10 +81,10 @@ def model_state_bytes(
         gathered = 2 * 4 * largest_layer if scheme == "fsdp_full_shard" else 4 * P
         return ModelStateBytes(4 * P // N + gathered, 4 * P // N, 8 * P // N)
     w = 2 if half_precision else 4  # bytes of a DeepSpeed model weight / gradient
-    # DeepSpeed's "18": 16-bit grads 2 + fp32 grads 4 + fp32 master 4 + moments 8 (fp32 runs: no 16-bit
-    # copies, the master is the weight: 4 + 12).
-    grads_part = (w + 4) if half_precision else 4
-    opt_part = 12
+    # DeepSpeed's "18" per partitioned parameter. ZeRO-2: 16-bit grads 2 + fp32 grads 4 + fp32 master 4 +
+    # moments 8 (16-bit weights replicated). ZeRO-3: 16-bit weights 2 + fp32 grads 4 + master 4 + moments
+    # 8. Without bf16/fp16 there are no 16-bit copies and the master is the weight.
+    opt = (12 if half_precision else 8) * P // N
     if scheme == "zero3":
         gathered = 4 * largest_layer
         if offload_param:
@@ -92,11 +92,11 @@ def model_state_bytes(
         weights = gathered + w * P // N
         if offload_optimizer:
             return ModelStateBytes(weights, 0, 0, cpu_bytes=16 * P // N)
-        return ModelStateBytes(weights, grads_part * P // N, opt_part * P // N)
+        return ModelStateBytes(weights, 4 * P // N, opt)
     if offload_param:
         raise ValueError("offload_param needs ZeRO stage 3")
     if offload_optimizer:
         return ModelStateBytes(w * P, 0, 0, cpu_bytes=16 * P // N)
-    if scheme == "zero1":
-        return ModelStateBytes(w * P, w * P + 4 * P // N if half_precision else 4 * P, opt_part * P // N)
-    return ModelStateBytes(w * P, grads_part * P // N, opt_part * P // N)
+    if scheme == "zero1":  # 16-bit gradients whole, their fp32 copy partitioned
+        return ModelStateBytes(w * P, (w * P + 4 * P // N) if half_precision else 4 * P, opt)
+    return ModelStateBytes(w * P, ((w + 4) if half_precision else 4) * P // N, opt)

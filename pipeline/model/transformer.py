@@ -121,11 +121,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+        self.compiled = None  # set by apply_compile
+
     def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False):
+        # Decoding with a KV cache stays eager: its key length grows every block, and a compiled layer
+        # would recompile for each length (and each layer index the cache is read with).
+        if self.compiled is not None and kv_cache is None:
+            return self.compiled(x, cos, sin, mask, seq_len, doc_ids)
+        return self._block(x, cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache)
+
+    def _block(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False):
         x = x + self.self_attn(
             self.input_layernorm(x), cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache
         )
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def apply_compile(model: BD3LM, backend: str = "inductor") -> None:
+    """Compile each decoder layer separately with ``torch.compile``, as torchtitan does: one small graph
+    reused by every layer (parameters are graph inputs), compiled once per input shape. The module
+    tree, parameter names and hooks (FSDP, DeepSpeed ZeRO-3, activation checkpointing) are unchanged.
+    Forwards with a KV cache run eagerly (see ``DecoderLayer.forward``). ``backend="eager"`` or
+    ``"aot_eager"`` exercise dynamo on CPU, where inductor's code generation is not wanted."""
+    for layer in model.model.layers:
+        layer.compiled = torch.compile(layer._block, backend=backend)
 
 
 class Backbone(nn.Module):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import BD3LM, from_pretrained
+from pipeline.model import BD3LM, apply_compile, from_pretrained
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
 
@@ -236,6 +236,11 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     node_unique_signal_files()
 
     model = build_model(cfg, inputs)
+    if cfg.model.compile:
+        if device.name == "gpu":
+            apply_compile(model)
+        else:
+            log.warning("model.compile: ignored on CPU (torch.compile of FlexAttention needs CUDA)")
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))
     world = dist.get_world_size()
     train = build_dataloader(
