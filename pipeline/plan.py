@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags before or after the overrides
     from pipeline.planning import plan_run, write_json
     from pipeline.trainer import ConfigError, load_config
 

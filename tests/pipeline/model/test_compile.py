@@ -92,6 +92,6 @@ def test_auto_sends_cache_decoding_and_causal_attention_to_sdpa_or_flash_on_cuda
     for mask in (AttentionMask("bd3_train", 16), AttentionMask("block_causal", 4)):
         assert resolve_backend("auto", mask, cuda, False, torch.bfloat16) == "flex"
     assert resolve_backend("auto", AR, cuda, True, torch.bfloat16) == "flex"  # per-document masks
-    assert resolve_backend("auto", AttentionMask("bd3_train", 16), torch.device("cpu"), False, torch.float32) == (
-        "sdpa"
-    )
+    assert resolve_backend(
+        "auto", AttentionMask("bd3_train", 16), torch.device("cpu"), False, torch.float32
+    ) == ("sdpa")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.diffusion.footprint import attention_pairs, train_flops_per_sample
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model import BD3LM, ModelConfig
 from pipeline.model.masks import AttentionMask, dense_mask
-from pipeline.diffusion.footprint import attention_pairs, train_flops_per_sample
 from pipeline.trainer.composer_model import BD3ComposerModel
 
 L = 16

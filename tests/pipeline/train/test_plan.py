@@ -151,15 +151,20 @@ def test_plan_bd3_1b_offline_from_config_json_alone(tinyllama_dir, tmp_path, cap
         "seconds_per_step", "tokens_per_s", "total_hours",
     }  # fmt: skip
     assert set(plan["per_gpu"]) == {
-        "weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes"
+        "weights_bytes",
+        "grads_bytes",
+        "optimizer_bytes",
+        "activations_bytes",
+        "peak_bytes",
     }
     P = plan["params"]
     assert P == 1_100_310_528  # TinyLlama 1.1B with the mask token (vocabulary padded to 32064)
     g = plan["per_gpu"]
     assert g["weights_bytes"] == 2 * P  # ZeRO-2, bf16: replicated 16-bit weights
-    assert g["peak_bytes"] == sum(g[k] for k in ("weights_bytes", "grads_bytes", "optimizer_bytes")) + g[
-        "activations_bytes"
-    ]
+    assert (
+        g["peak_bytes"]
+        == sum(g[k] for k in ("weights_bytes", "grads_bytes", "optimizer_bytes")) + g["activations_bytes"]
+    )
     assert plan["fits"] and plan["max_microbatch"] >= 8 and 256 // 8 % plan["max_microbatch"] == 0
     flops = plan["flops_per_step"]
     # Allowed pairs < dense pairs; both dominated by 6 x params x 2L tokens x 256 rows.
@@ -193,7 +198,9 @@ def test_plan_reports_config_errors_like_train(tinyllama_dir, capsys):
 def test_plan_runs_the_data_checks_when_the_data_exists(tiny_data, tmp_path, capsys):
     data, tok = tiny_data
     args = tiny_overrides(data, tok, tmp_path / "run")
-    rc = plan_main([str(YAMLS / "bd3_tiny.yaml"), *args, "--gpus", "1", "--gpu-memory", "1", "--device", "cpu"])
+    rc = plan_main(
+        [str(YAMLS / "bd3_tiny.yaml"), *args, "--gpus", "1", "--gpu-memory", "1", "--device", "cpu"]
+    )
     out = capsys.readouterr()
     assert rc == 0 and "data checks skipped" not in out.out
     # the same mismatch pipeline.train reports: the data's seq_len
