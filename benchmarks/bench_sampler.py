@@ -16,8 +16,9 @@ import argparse
 
 import torch
 
+from benchmarks.random_models import random_model, small_config
 from pipeline.diffusion.sampler import SamplerConfig, generate
-from pipeline.model import BD3LM, ModelConfig
+from pipeline.model import BD3LM
 
 
 def build_model(args) -> BD3LM:
@@ -25,23 +26,8 @@ def build_model(args) -> BD3LM:
         from pipeline.checkpoints import load_for_inference
 
         return load_for_inference(args.checkpoint)
-    cfg = ModelConfig(
-        vocab_size=8256,
-        base_vocab_size=8192,
-        mask_token_id=8192,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        eos_token_id=0,
-    )
-    m = BD3LM(cfg, attn_backend="sdpa")
-    m.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        m.lm_head.weight.mul_(args.logit_scale)
-    return m.eval()
+    config = small_config(hidden=args.hidden, layers=args.layers)
+    return random_model(config, logit_scale=args.logit_scale, attn_backend="sdpa").eval()
 
 
 def run(model, prompt, **kw):
