@@ -5,8 +5,10 @@
 under ``FakeTensorMode``: no memory is allocated and nothing is computed, but every tensor has its
 real shape and dtype. ``LiveBytes`` (a dispatch mode, the method of torch's ``MemTracker``, which
 refuses modules called twice per step as the chunked loss's head is) follows every storage an op
-creates until it is freed; ``FlopCounterMode`` counts the matmuls. Only the noise draw is replaced: choosing the masked positions is data-dependent, so the
-trace scores a fixed number of positions (the expected masked fraction of the noise interval).
+creates until it is freed; ``FlopCounterMode`` counts the matmuls. Only the noise draw is replaced:
+choosing the masked positions is data-dependent, so the trace scores a fixed number of positions (the
+expected masked fraction of the noise interval). Complementary masks (a second copy), the auxiliary
+AR loss (a causal pass) and per-document masks (documents of L/4 tokens) are traced when configured.
 
 Attention runs as on the GPU: ``attention="fused"`` traces the ``footprint`` stand-in of a fused
 kernel (output + log-sum-exp, no score matrix); ``attention="sdpa"`` traces SDPA as it runs on CPU
@@ -30,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.diffusion.noise import MIN_T
 from pipeline.diffusion.objective import DiffusionConfig, hidden_states, score_positions
-from pipeline.model import BD3LM, ModelConfig
+from pipeline.model import AR, BD3LM, ModelConfig
 from pipeline.model import attention as attention_module
 from pipeline.model.attention import FOOTPRINT
 
@@ -148,19 +150,46 @@ def clear_mask_caches() -> None:
     attention_module._cached_block_mask.cache_clear()
 
 
-def _fake_batch(config: ModelConfig, diffusion: DiffusionConfig, batch: int, seq_len: int):
-    """x0, x_t and the (rows, cols) of the scored positions, made outside fake mode (real, small)."""
+@dataclass
+class _Batch:
+    """A microbatch with its scored positions chosen up front (choosing them in fake mode would be
+    data-dependent): ``copies`` is [(x_t, rows, cols)] (two with complementary masks), ``ar`` the
+    (rows, cols) of the auxiliary AR loss or None, ``doc_ids`` documents of L/4 tokens or None."""
+
+    x0: torch.Tensor
+    copies: list
+    ar: tuple | None
+    doc_ids: torch.Tensor | None
+
+    def to(self, convert) -> _Batch:
+        conv = lambda ts: tuple(convert(t) for t in ts)  # noqa: E731
+        return _Batch(
+            convert(self.x0),
+            [conv(c) for c in self.copies],
+            None if self.ar is None else conv(self.ar),
+            None if self.doc_ids is None else convert(self.doc_ids),
+        )
+
+
+def _fake_batch(config: ModelConfig, diffusion: DiffusionConfig, batch: int, seq_len: int) -> _Batch:
+    """The microbatch the trace runs, made outside fake mode (real, small tensors)."""
     L = seq_len
     x0 = torch.randint(0, config.base_vocab_size, (batch, L))
     n = max(1, round((L - 1) * masked_fraction(diffusion)))
-    cols = torch.linspace(1, L - 1, n).round().long()  # spread over the row like a random draw
-    rows = torch.arange(batch).repeat_interleave(n)
-    cols = cols.repeat(batch)
     masked = torch.zeros(batch, L, dtype=torch.bool)
-    masked[rows, cols] = True
+    masked[:, torch.linspace(1, L - 1, n).round().long()] = True  # spread over the row like a draw
+    scored = torch.ones(batch, L, dtype=torch.bool)
+    scored[:, 0] = False  # the first token of a row is never masked nor scored
     mask_id = config.mask_token_id if config.mask_token_id is not None else 0
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    return x0, xt, rows, cols
+    copies = [masked]
+    if diffusion.complementary_mask and diffusion.block_size > 1:
+        copies.append(scored & ~masked)
+    copies = [(torch.where(m, torch.full_like(x0, mask_id), x0), *m.nonzero(as_tuple=True)) for m in copies]
+    ar = scored.nonzero(as_tuple=True) if diffusion.aux_ar_weight > 0 else None
+    doc_ids = (
+        (torch.arange(L) // max(1, L // 4)).expand(batch, L).contiguous() if diffusion.per_document else None
+    )
+    return _Batch(x0, copies, ar, doc_ids)
 
 
 def trace_train_step(
@@ -187,47 +216,52 @@ def trace_train_step(
 
     if attention not in ("fused", "sdpa"):
         raise ValueError(f"attention must be 'fused' or 'sdpa', got {attention!r}")
-    x0, xt, rows, cols = _fake_batch(config, diffusion, batch, seq_len)
+    real = _fake_batch(config, diffusion, batch, seq_len)
     clear_mask_caches()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             model = BD3LM(config, attn_backend=FOOTPRINT if attention == "fused" else "sdpa")
             model = model.to(param_dtype).train()
             model.activation_checkpointing = activation_checkpointing
-            fx0, fxt, frows, fcols = (mode.from_tensor(t) for t in (x0, xt, rows, cols))
+            fake = real.to(mode.from_tensor)
             params = list(model.parameters())
             with LiveBytes(params) as live:
-                _step(model, diffusion, fx0, fxt, frows, fcols, autocast_dtype)
+                _step(model, diffusion, fake, autocast_dtype)
             param_bytes = sum({id(p): p.numel() * p.element_size() for p in params}.values())
             flops = 0
             if count_flops:
                 for p in model.parameters():
                     p.grad = None
                 model.attn_backend = "sdpa"
-                flops = _count_flops(model, diffusion, fx0, fxt, frows, fcols, autocast_dtype)
+                flops = _count_flops(model, diffusion, fake, autocast_dtype)
     finally:
         clear_mask_caches()
     return Footprint(live.peak_activations, live.peak + param_bytes, flops)
 
 
-def _step(model, diffusion, x0, xt, rows, cols, autocast_dtype) -> None:
+def _step(model, diffusion, batch: _Batch, autocast_dtype) -> None:
     """The objective's forward and backward on given positions (``compute_nelbo`` minus the draw)."""
     autocast = (
         torch.autocast("cpu", dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    bs, shift, chunk = diffusion.block_size, diffusion.shift, diffusion.loss_chunk_size
+    x0 = batch.x0
     with autocast:
-        h_noisy, h_clean = hidden_states(model, x0, xt, diffusion.block_size, diffusion.shift, None, None)
-        ce = score_positions(
-            model, h_noisy, h_clean, x0, rows, cols, diffusion.block_size, diffusion.shift,
-            diffusion.loss_chunk_size,
-        )  # fmt: skip
-        loss = ce.sum() / ce.numel()
+        loss = 0.0
+        for xt, rows, cols in batch.copies:  # every copy's graph lives until the one backward
+            h_noisy, h_clean = hidden_states(model, x0, xt, bs, shift, None, batch.doc_ids)
+            ce = score_positions(model, h_noisy, h_clean, x0, rows, cols, bs, shift, chunk)
+            loss = loss + ce.sum() / ce.numel()
+        if batch.ar is not None:  # the auxiliary AR loss: one more causal pass
+            h = model(x0, attn=AR, doc_ids=batch.doc_ids, return_hidden=True)
+            ce = score_positions(model, None, h, x0, *batch.ar, 1, True, chunk)
+            loss = loss + diffusion.aux_ar_weight * ce.sum() / ce.numel()
     loss.backward()
 
 
-def _count_flops(model, diffusion, x0, xt, rows, cols, autocast_dtype) -> int:
+def _count_flops(model, diffusion, batch: _Batch, autocast_dtype) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -235,7 +269,7 @@ def _count_flops(model, diffusion, x0, xt, rows, cols, autocast_dtype) -> int:
     model.activation_checkpointing = False  # model FLOPs: no layer recomputation
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            _step(model, diffusion, x0, xt, rows, cols, autocast_dtype)
+            _step(model, diffusion, batch, autocast_dtype)
     finally:
         model.activation_checkpointing = was
     return int(counter.get_total_flops())

@@ -121,6 +121,23 @@ def test_trace_activations_grow_with_the_microbatch_and_shrink_with_checkpointin
     assert ckpt > 4 * 4 * 128 * 64 * 4
 
 
+def test_trace_follows_the_objectives_switches():
+    """Complementary masks run a second copy whose graph lives until backward; the auxiliary AR loss
+    a causal pass."""
+    import dataclasses
+
+    c = tiny_config(num_hidden_layers=2)
+    base = DiffusionConfig(block_size=4, noise_interval=(0.3, 0.8))
+    kw = dict(batch=4, seq_len=64, activation_checkpointing=False, attention="sdpa")
+
+    def act(**switches):
+        return trace_train_step(c, dataclasses.replace(base, **switches), **kw).activations_bytes
+
+    plain = act()
+    assert 1.6 < act(complementary_mask=True) / plain < 2.2
+    assert act(aux_ar_weight=0.5) > 1.2 * plain
+
+
 # -------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def tinyllama_dir(tmp_path):
