@@ -16,9 +16,10 @@ import argparse
 
 import torch
 
+from benchmarks.random_models import small_config
 from pipeline.diffusion.sampler import SamplerConfig, generate
 from pipeline.model import BD3LM
-from tests.factories import random_model, tiny_model_config
+from tests.factories import random_model
 
 
 def build_model(args) -> BD3LM:
@@ -26,11 +27,8 @@ def build_model(args) -> BD3LM:
         from pipeline.save_folder import load_for_inference
 
         return load_for_inference(args.checkpoint)
-    cfg = tiny_model_config(
-        8192, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, eos_token_id=0,
-    )  # fmt: skip
-    return random_model(cfg, logit_scale=args.logit_scale).eval()
+    config = small_config(hidden=args.hidden, layers=args.layers)
+    return random_model(config, logit_scale=args.logit_scale, attn_backend="sdpa").eval()
 
 
 def run(model, prompt, **kw):

@@ -55,6 +55,7 @@ def random_model(
     seed: int = 0,
     *,
     attn_backend: str = "sdpa",
+    activation_checkpointing: bool = False,
     norm_std: float = 0.0,
     logit_scale: float = 1.0,
     device="cpu",
@@ -62,13 +63,14 @@ def random_model(
     """``BD3LM(config)`` with ``init_weights`` drawn from a generator seeded ``seed`` (train mode).
 
     Args:
-        attn_backend: how attention runs (SDPA, exact on CPU, by default).
+        attn_backend, activation_checkpointing: how the model runs (``BD3LM``; SDPA, exact on CPU, by
+            default).
         norm_std: RMSNorm weights get N(0, norm_std) added (same generator), so that norms matter.
         logit_scale: the output layer is multiplied by it; a large scale gives peaked distributions,
             so that confidence-based samplers make choices.
     """
     with torch.device(device):
-        model = BD3LM(config, attn_backend=attn_backend)
+        model = BD3LM(config, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing)
     g = torch.Generator(device).manual_seed(seed)
     model.init_weights(generator=g)
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -50,6 +51,11 @@ def test_readme_command_names_real_things(cmd):
     makefile = (REPO / "Makefile").read_text()
     if cmd[0] == "make":
         assert re.search(rf"^{cmd[1]}:", makefile, flags=re.M), f"no Makefile target {cmd[1]}"
+        return
+    if cmd[0] == "composer" and "launch" in cmd and "-m" not in cmd:  # the repository's launch file
+        assert os.access(REPO / "launch", os.X_OK)
+        rest = cmd[cmd.index("launch") + 1 :]
+        assert rest and rest[0].startswith("yamls/") and (REPO / rest[0]).exists(), cmd
         return
     if "-m" not in cmd:
         pytest.fail(f"unexpected README command {cmd}")

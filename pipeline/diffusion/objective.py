@@ -142,7 +142,7 @@ def protected_positions(
     return protect
 
 
-def _hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids):
+def hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids):
     """(h_noisy, h_clean), either may be None when the block size makes it unnecessary."""
     L = x0.shape[1]
     if block_size == 1 and shift:
@@ -170,8 +170,18 @@ def prediction_source(L: int, block_size: int, shift: bool, device=None):
 
 def score_masked(model, h_noisy, h_clean, x0, masked, weights, block_size, shift, chunk):
     """Cross-entropy (n,) at the masked positions, their (row, position) index and weights."""
-    L = x0.shape[1]
     rows, cols = masked.nonzero(as_tuple=True)
+    ce = score_positions(model, h_noisy, h_clean, x0, rows, cols, block_size, shift, chunk)
+    return ce, rows, cols, weights[rows, cols]
+
+
+def score_positions(model, h_noisy, h_clean, x0, rows, cols, block_size, shift, chunk):
+    """Cross-entropy (n,) of predicting ``x0[rows, cols]`` from the hidden states (shift rule applied).
+
+    Apart from ``score_masked`` so that a trace under fake tensors (``pipeline.diffusion.footprint``)
+    can give the positions itself: choosing them from a mask is data-dependent.
+    """
+    L = x0.shape[1]
     src, from_clean = prediction_source(L, block_size, shift, device=x0.device)
     src_pos, use_clean = src[cols], from_clean[cols]
     parts = []
@@ -184,8 +194,7 @@ def score_masked(model, h_noisy, h_clean, x0, masked, weights, block_size, shift
     else:
         h = parts[0]
     invalid = model.invalid_output_ids.to(x0.device)
-    ce = chunked_cross_entropy(h, model.lm_head, x0[rows, cols], invalid, chunk)
-    return ce, rows, cols, weights[rows, cols]
+    return chunked_cross_entropy(h, model.lm_head, x0[rows, cols], invalid, chunk)
 
 
 def compute_nelbo(
@@ -245,7 +254,7 @@ def compute_nelbo(
     block_nelbo = x0.new_zeros(bsz, n_blocks, dtype=torch.float32)
     for m, w in copies:
         xt = torch.where(m, torch.full_like(x0, mask_id), x0)
-        h_noisy, h_clean = _hidden_states(model, x0, xt, bs, cfg.shift, lookahead, doc_ids)
+        h_noisy, h_clean = hidden_states(model, x0, xt, bs, cfg.shift, lookahead, doc_ids)
         ce, rows, cols, wt = score_masked(
             model, h_noisy, h_clean, x0, m, w, bs, cfg.shift, cfg.loss_chunk_size
         )

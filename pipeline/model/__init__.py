@@ -8,12 +8,13 @@ from pipeline.model.config import ModelConfig, ModelConfigError
 from pipeline.model.hf_io import export_ar, from_pretrained, save_pretrained
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.masks import AR, AttentionMask
-from pipeline.model.transformer import BD3LM
+from pipeline.model.transformer import BD3LM, apply_compile
 
 __all__ = [
     "AR",
     "AttentionMask",
     "BD3LM",
+    "apply_compile",
     "KVCache",
     "ModelConfig",
     "ModelConfigError",

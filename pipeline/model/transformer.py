@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import ATTN_BACKENDS, attend
+from pipeline.model.attention import ATTN_BACKENDS, FOOTPRINT, attend, prepare_attention
 from pipeline.model.config import ModelConfig, rope_scaling_type
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.masks import AR, AttentionMask
@@ -84,7 +84,7 @@ class Attention(nn.Module):
         # LLaMA's attention_bias covers o_proj too; Qwen2's qkv bias does not.
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias and config.architecture != "qwen2")
 
-    def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache):
+    def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache, prepared=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -97,7 +97,7 @@ class Attention(nn.Module):
             k, v = kv_cache.get(self.layer_idx, extra=T)
             if k.dtype != q.dtype:  # a cache made outside autocast, used inside it
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attend(q, k, v, mask, seq_len, self.backend, doc_ids)
+        out = attend(q, k, v, mask, seq_len, self.backend, doc_ids, prepared)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -121,11 +121,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False):
+        self.compiled = None  # set by apply_compile
+
+    def forward(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False, prepared=None):
+        # Decoding with a KV cache stays eager: its key length grows every block, and a compiled layer
+        # would recompile for each length (and each layer index the cache is read with).
+        if self.compiled is not None and kv_cache is None:
+            return self.compiled(x, cos, sin, mask, seq_len, doc_ids, None, False, prepared)
+        return self._block(x, cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache, prepared)
+
+    def _block(self, x, cos, sin, mask, seq_len, doc_ids, kv_cache=None, write_cache=False, prepared=None):
         x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache
+            self.input_layernorm(x), cos, sin, mask, seq_len, doc_ids, kv_cache, write_cache, prepared
         )
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def apply_compile(model: BD3LM, backend: str = "inductor") -> None:
+    """Compile each decoder layer separately with ``torch.compile``, as torchtitan does: one small graph
+    reused by every layer (parameters are graph inputs), compiled once per input shape. The module
+    tree, parameter names and hooks (FSDP, DeepSpeed ZeRO-3, activation checkpointing) are unchanged.
+    Forwards with a KV cache run eagerly (see ``DecoderLayer.forward``). ``backend="eager"`` or
+    ``"aot_eager"`` exercise dynamo on CPU, where inductor's code generation is not wanted."""
+    for layer in model.model.layers:
+        layer.compiled = torch.compile(layer._block, backend=backend)
 
 
 class Backbone(nn.Module):
@@ -165,7 +184,7 @@ class BD3LM(nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, backend: str) -> None:
-        if backend not in ATTN_BACKENDS:
+        if backend not in ATTN_BACKENDS and backend != FOOTPRINT:
             raise ValueError(f"attn_backend {backend!r} is not one of {ATTN_BACKENDS}")
         self._attn_backend = backend
         for layer in self.model.layers:
@@ -245,8 +264,13 @@ class BD3LM(nn.Module):
         cos, sin = self.rope(positions)
 
         x = self.model.embed_tokens(input_ids)
+        # Masks are built here, once per forward and outside the (compiled) layers.
+        n_keys = T + (kv_cache.length if kv_cache is not None else 0)
+        prepared = prepare_attention(
+            self.attn_backend, attn, T, n_keys, L, input_ids.device, self.compute_dtype(), doc_ids
+        )
         for layer in self.model.layers:
-            args = (x, cos, sin, attn, L, doc_ids, kv_cache, write_cache)
+            args = (x, cos, sin, attn, L, doc_ids, kv_cache, write_cache, prepared)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -255,6 +279,13 @@ class BD3LM(nn.Module):
             kv_cache.advance(T)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the activations the layers produce: autocast's when on, else the weights'."""
+        p = self.lm_head.weight
+        if torch.is_autocast_enabled(p.device.type):
+            return torch.get_autocast_dtype(p.device.type)
+        return p.dtype
 
     def _check_length(self, positions: torch.Tensor, L: int) -> None:
         sw = self.config.sliding_window
@@ -271,11 +302,7 @@ class BD3LM(nn.Module):
         if capacity is None:  # the context the checkpoint attends over
             capacity = min(c.max_position_embeddings, c.sliding_window or c.max_position_embeddings)
         if dtype is None:  # keys come out of the projections in the autocast dtype when it is on
-            dtype = (
-                torch.get_autocast_dtype(p.device.type)
-                if torch.is_autocast_enabled(p.device.type)
-                else p.dtype
-            )
+            dtype = self.compute_dtype()
         return KVCache(
             num_layers=c.num_hidden_layers,
             batch_size=batch_size,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import BD3LM, from_pretrained
+from pipeline.model import BD3LM, apply_compile, from_pretrained
 from pipeline.save_folder import (
     LATEST_ANY_RANK,
     MODEL_CONFIG_FILE,
@@ -244,6 +244,11 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     node_unique_signal_files()
 
     model = build_model(cfg, inputs)
+    if cfg.model.compile:
+        if device.name == "gpu":
+            apply_compile(model)
+        else:
+            log.warning("model.compile: ignored on CPU (torch.compile of FlexAttention needs CUDA)")
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))
     world = dist.get_world_size()
     train = build_dataloader(

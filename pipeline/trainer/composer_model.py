@@ -16,7 +16,7 @@ import torch
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
-from pipeline.diffusion.noise import MIN_T
+from pipeline.diffusion.footprint import train_flops_per_sample
 from pipeline.diffusion.objective import DiffusionConfig, NelboOutput, compute_nelbo, eval_nelbo
 from pipeline.model import BD3LM
 
@@ -40,46 +40,6 @@ class TokenAverage(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)
-
-
-def attention_pairs(seq_len: int, block_size: int, shift: bool) -> tuple[int, int]:
-    """(tokens in the forward, allowed query-key pairs) of one sample's training forward."""
-    L, bs = seq_len, block_size
-    if bs == 1 and shift:
-        return L, L * (L + 1) // 2  # the causal clean pass only
-    if bs == L:
-        return L, L * L  # the bidirectional noisy pass only
-    # concat(x_t, x_0) under the bd3_train mask: block-diagonal in x_t (L * L'), offset
-    # block-causal x_t -> x_0 and block-causal x_0 -> x_0 (together L^2).
-    return 2 * L, L * L + L * bs
-
-
-def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: int) -> float:
-    """Model FLOPs of one training sample (forward + backward, no recomputation counted).
-
-    6 x matmul parameters x forward tokens (2L for 1 < L' < L), plus 12 x layers x heads x head_dim
-    per attended query-key pair (only pairs the mask allows: kernels that skip masked blocks do no
-    other work), plus the output head on the positions actually scored (expected masked fraction
-    of the noise interval). Complementary masks double the body; the auxiliary AR loss adds a
-    causal pass.
-    """
-    c = model.config
-    L, bs = seq_len, diffusion.block_size
-    attn_dim = c.num_attention_heads * c.head_dim
-    kv_dim = c.num_key_value_heads * c.head_dim
-    body = c.num_hidden_layers * (
-        2 * c.hidden_size * attn_dim + 2 * c.hidden_size * kv_dim + 3 * c.hidden_size * c.intermediate_size
-    )
-    head = c.hidden_size * c.vocab_size
-    tokens, pairs = attention_pairs(L, bs, diffusion.shift)
-    copies = 2 if diffusion.complementary_mask and bs > 1 else 1
-    beta, omega = diffusion.noise_interval
-    masked_fraction = 1.0 if bs == 1 else (max(beta, MIN_T) + omega) / 2
-    scored = (L - 1) * (1.0 if copies == 2 else masked_fraction)
-    flops = copies * (6 * body * tokens + 12 * c.num_hidden_layers * attn_dim * pairs) + 6 * head * scored
-    if diffusion.aux_ar_weight > 0:
-        flops += 6 * body * L + 12 * c.num_hidden_layers * attn_dim * L * (L + 1) // 2 + 6 * head * (L - 1)
-    return float(flops)
 
 
 class BD3ComposerModel(ComposerModel):
@@ -142,5 +102,5 @@ class BD3ComposerModel(ComposerModel):
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         b, L = batch["input_ids"].shape
         if L not in self._flops_cache:
-            self._flops_cache[L] = train_flops_per_sample(self.model, self.diffusion, L)
+            self._flops_cache[L] = train_flops_per_sample(self.model.config, self.diffusion, L)
         return b * self._flops_cache[L]

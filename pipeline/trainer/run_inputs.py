@@ -48,7 +48,7 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
     manifest = _checked_manifest(cfg, "train_loader", tok, tok_vocab)
     if cfg.eval_loader is not None:
         _checked_manifest(cfg, "eval_loader", tok, tok_vocab)
-    model_config = _model_config(cfg, init_dir, tok_vocab, manifest)
+    model_config = model_config_from(cfg, init_dir, tok_vocab, manifest)
     try:
         check_vocab(tok_vocab, model_config, where=f"tokenizer.path ({tok_file})")
     except ModelConfigError as e:
@@ -235,7 +235,11 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
     return rows
 
 
-def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manifest: dict) -> ModelConfig:
+def model_config_from(
+    cfg: TrainConfig, init_dir: Path | None, tok_vocab: int | None, manifest: dict
+) -> ModelConfig:
+    """The ModelConfig the run builds: the checkpoint's config.json (shape keys must match it) or the
+    shape keys, with the mask token added (vocabulary default: ``tok_vocab``)."""
     m = cfg.model
     bd3 = dict(block_size=cfg.diffusion.block_size, shift=cfg.diffusion.shift)
     try:

@@ -108,15 +108,23 @@ def test_image_runs_as_non_root_with_caches_as_volumes_and_no_credentials():
 # --------------------------------------------------------------------------------- launch stubs
 def stubs(tmp_path: Path, hosts: list[str]) -> Path:
     """bin/ with scontrol (the allocation's hosts), srun (runs its command once per node, in order,
-    with SLURM_NODEID set) and composer (appends its argv to calls.jsonl)."""
+    with SLURM_NODEID set; once with --nodes=1), composer (appends its argv to calls.jsonl) and python
+    (appends its argv to plan_calls.jsonl and exits with $PLAN_RC, default 0)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.jsonl"
     (bin_dir / "scontrol").write_text("#!/bin/sh\n" + "".join(f"echo {h}\n" for h in hosts))
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
-        'while [[ "$1" == --* ]]; do echo "$1" >> "$STUB_DIR/srun_args"; shift; done\n'
-        f'for i in $(seq 0 {len(hosts) - 1}); do SLURM_NODEID=$i "$@" || exit $?; done\n'
+        f"n={len(hosts) - 1}\n"
+        'while [[ "$1" == --* ]]; do echo "$1" >> "$STUB_DIR/srun_args"; [[ "$1" == --nodes=1 ]] && n=0; shift; done\n'
+        'for i in $(seq 0 "$n"); do SLURM_NODEID=$i "$@" || exit $?; done\n'
+    )
+    (bin_dir / "python").write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(tmp_path / 'plan_calls.jsonl')!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
+        "sys.exit(int(os.environ.get('PLAN_RC', '0')))\n"
     )
     (bin_dir / "composer").write_text(
         f"#!{sys.executable}\nimport json, os, sys\n"
@@ -128,8 +136,16 @@ def stubs(tmp_path: Path, hosts: list[str]) -> Path:
     return bin_dir
 
 
-def composer_calls(tmp_path: Path) -> list[list[str]]:
-    return [json.loads(line)["argv"] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+def composer_calls(tmp_path: Path, name: str = "calls.jsonl") -> list[list[str]]:
+    path = tmp_path / name
+    return [json.loads(line)["argv"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_plan_command(argv: list[str], world: int, save_folder: str) -> None:
+    """``python -m pipeline.plan YAML --gpus WORLD --gpu-memory GB ...`` with the launch's overrides."""
+    assert argv[:3] == ["-m", "pipeline.plan", "yamls/bd3_1b.yaml"]
+    assert flag(argv, "--gpus") == str(world) and float(flag(argv, "--gpu-memory")) == 80
+    assert f"variables.save_folder={save_folder}" in argv and "autoresume=true" in argv
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -145,9 +161,9 @@ def assert_node_commands(calls: list[list[str]], nodes: int, master: str, save_f
         assert flag(argv, "--node_rank") == str(rank)
         assert flag(argv, "--master_addr") == master
         ports.add(flag(argv, "--master_port"))
-        module = argv.index("-m")
-        assert argv[module + 1 : module + 3] == ["pipeline.train", "yamls/bd3_1b.yaml"]
-        assert (REPO / argv[module + 2]).exists()
+        entry = argv.index("launch")  # the repository's launch file: `composer ... launch YAML`
+        assert argv[entry + 1] == "yamls/bd3_1b.yaml" and (REPO / argv[entry + 1]).exists()
+        assert os.access(REPO / "launch", os.X_OK)
         assert "autoresume=true" in argv and f"variables.save_folder={save_folder}" in argv
     assert len(ports) == 1
 
@@ -182,6 +198,62 @@ def test_sbatch_runs_one_launcher_per_node(tmp_path, hosts):
     assert_node_commands(calls, len(hosts), hosts[0], "/lustre/runs/bd3-1b")
     assert all(argv[-1] == "optimizer.lr=1.0e-4" for argv in calls)  # extra arguments reach the YAML
     assert "--ntasks-per-node=1" in (tmp_path / "srun_args").read_text()
+    (plan,) = composer_calls(tmp_path, "plan_calls.jsonl")  # once, before the launchers
+    assert_plan_command(plan, 8 * len(hosts), "/lustre/runs/bd3-1b")
+    assert plan[-1] == "optimizer.lr=1.0e-4"
+
+
+def sbatch_env(tmp_path, bin_dir, hosts, **extra):
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STUB_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_NNODES": str(len(hosts)),
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SAVE_FOLDER": "/lustre/runs/bd3-1b",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("plan_rc", [2, 3])
+def test_sbatch_launches_nothing_when_the_plan_fails(tmp_path, plan_rc):
+    hosts = ["gpu-a17", "gpu-a18"]
+    bin_dir = stubs(tmp_path, hosts)
+    env = sbatch_env(tmp_path, bin_dir, hosts, PLAN_RC=str(plan_rc))
+    p = subprocess.run(
+        ["bash", str(DOCKER / "slurm" / "bd3_1b.sbatch")], env=env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == plan_rc and f"the plan failed (exit {plan_rc})" in p.stderr
+    assert composer_calls(tmp_path) == []
+
+
+def test_sbatch_plan_command_runs_for_real_and_exits_3_when_it_does_not_fit(tmp_path):
+    """The plan argv the script renders, run with the real ``python -m pipeline.plan`` on TinyLlama's
+    config.json: 2 nodes x 8 GPUs of 8 GiB cannot hold bd3_1b at microbatch 8 (exit 3)."""
+    cfg_dir = tmp_path / "tinyllama"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(
+        json.dumps({
+            "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+            "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        })
+    )  # fmt: skip
+    hosts = ["gpu-a17", "gpu-a18"]
+    bin_dir = stubs(tmp_path, hosts)
+    env = sbatch_env(tmp_path, bin_dir, hosts, GPU_MEMORY_GB="8")
+    p = subprocess.run(
+        ["bash", str(DOCKER / "slurm" / "bd3_1b.sbatch"), f"variables.init_from={cfg_dir}"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    (plan,) = composer_calls(tmp_path, "plan_calls.jsonl")
+    real = subprocess.run([sys.executable, *plan], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert real.returncode == 3, real.stdout + real.stderr
+    assert real.stderr.startswith("does not fit: peak")
 
 
 # ------------------------------------------------------------------------------------- Kubernetes
@@ -227,3 +299,26 @@ def test_k8s_pods_run_one_launcher_per_node(tmp_path):
         )
         assert p.returncode == 0, p.stderr
     assert_node_commands(composer_calls(tmp_path), nodes, values["MASTER_ADDR"], values["SAVE_FOLDER"])
+    plans = composer_calls(tmp_path, "plan_calls.jsonl")
+    assert len(plans) == nodes  # every pod checks before it launches
+    for argv in plans:
+        assert_plan_command(argv, nodes * 8, values["SAVE_FOLDER"])
+
+
+@pytest.mark.parametrize("plan_rc", [2, 3])
+def test_k8s_pod_fails_the_job_without_launching_when_the_plan_fails(tmp_path, plan_rc):
+    docs = list(yaml.safe_load_all((DOCKER / "k8s" / "bd3_1b.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    values = {e["name"]: str(e["value"]) for e in container["env"] if "value" in e}
+    bin_dir = stubs(tmp_path, [])
+    env = {**os.environ, **values, "JOB_COMPLETION_INDEX": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env["PLAN_RC"] = str(plan_rc)
+    p = subprocess.run(
+        ["bash", "-c", container["args"][0]], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert p.returncode == plan_rc and composer_calls(tmp_path) == []
+    # Kubernetes then fails the Job instead of recreating the pod backoffLimit times.
+    (rule,) = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and plan_rc in rule["onExitCodes"]["values"]
+    assert rule["onExitCodes"]["containerName"] == container["name"]

@@ -41,7 +41,9 @@ REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers"
 class ModelSection:
     """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from scratch
     with the shape fields. ``vocab_size`` is the base vocabulary before the mask token (default: the
-    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token."""
+    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token.
+    ``compile``: ``torch.compile`` each decoder layer (``pipeline.model.apply_compile``; CUDA only, ignored
+    with a note on CPU)."""
 
     init_from: str | None = None
     architecture: Literal["llama", "qwen2", "mistral"] | None = None
@@ -58,6 +60,7 @@ class ModelSection:
     initializer_range: float = 0.02
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False
     mask_token_id: int | None = None
 
 

@@ -36,8 +36,11 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def train_command(tiny_data, out: Path, *extra: str, nproc: int = 2, common=COMMON) -> tuple[list[str], dict]:
-    """(argv, env) of ``composer -n N -m pipeline.train`` on bd3_tiny (``python -m`` when nproc is 0).
+def train_command(
+    tiny_data, out: Path, *extra: str, nproc: int = 2, common=COMMON, entry=("-m", "pipeline.train")
+) -> tuple[list[str], dict]:
+    """(argv, env) of ``composer -n N -m pipeline.train`` on bd3_tiny (``python -m`` when nproc is 0);
+    ``entry=("launch",)`` runs the repository's ``launch`` file instead of the module.
 
     Losses go to out/loss.jsonl, checkpoints to out/ckpt, rank logs to out/rank{r}.{out,err}.
     """
@@ -52,14 +55,14 @@ def train_command(tiny_data, out: Path, *extra: str, nproc: int = 2, common=COMM
     else:
         launcher = str(Path(sys.executable).with_name("composer"))
         logs = ["--stdout", f"{out}/rank{{rank}}.out", "--stderr", f"{out}/rank{{rank}}.err"]
-        cmd = [launcher, "-n", str(nproc), *logs, "-m", "pipeline.train", yaml, *args]
+        cmd = [launcher, "-n", str(nproc), *logs, *entry, yaml, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     return cmd, env
 
 
-def launch(tiny_data, out: Path, *extra: str, nproc: int = 2) -> None:
+def launch(tiny_data, out: Path, *extra: str, nproc: int = 2, entry=("-m", "pipeline.train")) -> None:
     """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl."""
-    cmd, env = train_command(tiny_data, out, *extra, nproc=nproc)
+    cmd, env = train_command(tiny_data, out, *extra, nproc=nproc, entry=entry)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
     assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.diffusion.footprint import attention_pairs, train_flops_per_sample
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model import BD3LM
 from pipeline.model.masks import AttentionMask, dense_mask
-from pipeline.trainer.composer_model import BD3ComposerModel, attention_pairs, train_flops_per_sample
+from pipeline.trainer.composer_model import BD3ComposerModel
 from tests.factories import random_model, tiny_model_config
 
 L = 16
@@ -61,7 +62,7 @@ def test_flops_body_matches_a_flop_counter():
     tokens, pairs = attention_pairs(L, block, True)
     attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * pairs
     head = 6 * c.hidden_size * c.vocab_size * (L - 1) * 0.5
-    assert train_flops_per_sample(model, d, L) == pytest.approx(3 * linear + attn + head, rel=1e-5)
+    assert train_flops_per_sample(model.config, d, L) == pytest.approx(3 * linear + attn + head, rel=1e-5)
 
 
 @pytest.mark.parametrize("per_document", [False, True])

@@ -26,6 +26,20 @@ def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, one_process):
     assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
 
 
+def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path):
+    """``composer -n 2 launch yamls/bd3_tiny.yaml ...`` (the repository's ``launch`` file) is
+    ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...``: the same losses, bit for bit."""
+    launch(tiny_data, tmp_path / "file", entry=("launch",))
+    launch(tiny_data, tmp_path / "module")
+    by_file, by_module = (
+        records(tmp_path / "file" / "loss.jsonl"),
+        records(tmp_path / "module" / "loss.jsonl"),
+    )
+    assert [r["batch"] for r in by_file] == list(range(1, 21))
+    assert [r["loss/train/total"] for r in by_file] == [r["loss/train/total"] for r in by_module]
+    assert (tmp_path / "file" / "ckpt" / "latest-rank0.pt").exists()
+
+
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process):
     """FSDP2 SHARD_GRAD_OP, stopped at batch 10 and autoresumed from its sharded checkpoint to 20;
     the exported Hugging Face folder (gathered full state dict) holds the 1-process weights."""

@@ -81,8 +81,9 @@ def test_ar_init_beats_random_init(tiny_data, tmp_path, one_thread):
     assert nelbo_ar < nelbo_scratch - 0.3, (nelbo_ar, nelbo_scratch)
 
 
-def test_optional_features_run(tiny_data, tmp_path, one_thread):
-    """Every switch of the objective and the optional callbacks in one short run (smoke + sanity)."""
+def test_optional_features_run(tiny_data, tmp_path, one_thread, caplog):
+    """Every switch of the objective and the optional callbacks in one short run (smoke + sanity);
+    ``model.compile`` is ignored on CPU with a warning."""
     extra = [
         "max_duration=4ba",
         "eval_first=true",
@@ -94,9 +95,12 @@ def test_optional_features_run(tiny_data, tmp_path, one_thread):
         "diffusion.anneal_steps=2",
         "diffusion.aux_ar_weight=0.5",
         "model.activation_checkpointing=true",
+        "model.compile=true",
         f"callbacks.loss_log.path={tmp_path}/loss.jsonl",
     ]
     trainer = train(tiny_data, tmp_path / "run", *extra)
+    assert "model.compile: ignored on CPU" in caplog.text
+    assert all(layer.compiled is None for layer in trainer.state.model.model.model.layers)
     assert all(math.isfinite(x) for x in losses(tmp_path / "loss.jsonl"))
     metrics = {k: m.compute().item() for k, m in trainer.state.eval_metrics["eval"].items()}
     assert set(metrics) == {"NELBO", "MaskedCE", "ARNLL"} and all(math.isfinite(v) for v in metrics.values())
