@@ -81,26 +81,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo_out"))
-    ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("DEMO_SIZE", "full"))
-    ap.add_argument("--corpus", choices=("auto", "openwebtext", "docstrings"), default="auto")
-    args = ap.parse_args(argv)
-    size = SIZES[args.size]
-    out = Path(args.out).resolve()
+def common_overrides(data: Path, tok: Path, seq_len: int) -> list[str]:
+    """YAML overrides every training stage of the demo shares."""
+    return [
+        f"variables.data_local={data}",
+        f"variables.tokenizer={tok}",
+        f"variables.max_seq_len={seq_len}",
+        "eval_first=false",
+    ]
+
+
+def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path, Path]:
+    """Stages 1-3 (corpus, tokenizer + shards, AR pretraining), reused when already in ``out``.
+
+    Returns (MDS data folder, tokenizer.json, AR run folder whose ``hf`` the BD3 stage inits from).
+    """
+    size = SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     repo = Path(__file__).resolve().parents[1]
-    start = time.time()
-
     header(1, "corpus")
     corpus = out / "corpus.jsonl"
-    use_hub = args.corpus == "openwebtext" or (args.corpus == "auto" and hub_reachable())
+    use_hub = corpus_choice == "openwebtext" or (corpus_choice == "auto" and hub_reachable())
     if corpus.exists():
         print(f"reusing {corpus}")
     elif use_hub:
@@ -153,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    common = [
-        f"variables.data_local={data}",
-        f"variables.tokenizer={tok}",
-        f"variables.max_seq_len={size['seq_len']}",
-        "eval_first=false",
-    ]
+    common = common_overrides(data, tok, size["seq_len"])
     header(3, "AR pretraining of a tiny LLaMA-style model (yamls/ar_tiny.yaml)")
     ar_dir = out / "runs" / "ar-tiny"
     if not (ar_dir / "hf" / "config.json").exists():
@@ -177,6 +174,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(f"reusing {ar_dir / 'hf'}")
+
+    return data, tok, ar_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo_out"))
+    ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("DEMO_SIZE", "full"))
+    ap.add_argument("--corpus", choices=("auto", "openwebtext", "docstrings"), default="auto")
+    args = ap.parse_args(argv)
+    size = SIZES[args.size]
+    out = Path(args.out).resolve()
+    py = sys.executable
+    repo = Path(__file__).resolve().parents[1]
+    start = time.time()
+    data, tok, ar_dir = prepare_ar(out, args.size, args.corpus)
+    source = [str(out / "corpus.jsonl")]
+    common = common_overrides(data, tok, size["seq_len"])
 
     header(4, "BD3 from the AR checkpoint, DeepSpeed ZeRO-2, 2 processes (yamls/bd3_tiny.yaml)")
     bd3_dir = out / "runs" / "bd3-tiny"

@@ -154,7 +154,16 @@ def _convert(value: Any, tp, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
+        args = typing.get_args(tp)
+        if not args:
+            return dict(value)
+        k_tp, v_tp = args
+        out = {}
+        for k, v in value.items():
+            # YAML and dotlist overrides may write integer keys as strings ("4": ...).
+            k = int(k) if k_tp is int and isinstance(k, str) and k.isdigit() else k
+            out[_convert(k, k_tp, f"{key}.{k}")] = _convert(v, v_tp, f"{key}.{k}")
+        return out
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
