@@ -91,15 +91,14 @@ def common_overrides(data: Path, tok: Path, seq_len: int) -> list[str]:
     ]
 
 
-def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path, Path]:
-    """Stages 1-3 (corpus, tokenizer + shards, AR pretraining), reused when already in ``out``.
+def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path]:
+    """Stages 1-2 (corpus, tokenizer + MDS shards), reused when already in ``out``.
 
-    Returns (MDS data folder, tokenizer.json, AR run folder whose ``hf`` the BD3 stage inits from).
+    Returns (MDS data folder, tokenizer.json).
     """
     size = SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    repo = Path(__file__).resolve().parents[1]
     header(1, "corpus")
     corpus = out / "corpus.jsonl"
     use_hub = corpus_choice == "openwebtext" or (corpus_choice == "auto" and hub_reachable())
@@ -155,6 +154,18 @@ def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") 
         ]
     )
 
+    return data, tok
+
+
+def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path, Path]:
+    """Stages 1-3 (corpus, tokenizer + shards, AR pretraining), reused when already in ``out``.
+
+    Returns (MDS data folder, tokenizer.json, AR run folder whose ``hf`` the BD3 stage inits from).
+    """
+    size = SIZES[size_name]
+    py = sys.executable
+    repo = Path(__file__).resolve().parents[1]
+    data, tok = prepare_data(out, size_name, corpus_choice)
     common = common_overrides(data, tok, size["seq_len"])
     header(3, "AR pretraining of a tiny LLaMA-style model (yamls/ar_tiny.yaml)")
     ar_dir = out / "runs" / "ar-tiny"

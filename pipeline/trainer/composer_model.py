@@ -2,10 +2,12 @@
 
 Training: ``forward`` runs ``compute_nelbo`` with each sample's noise id = its global index in the
 training stream (``batch["sample_index"]``, written by ``SampleIndexer``), so one process and N
-processes corrupt every sample identically. ``loss`` returns the backpropagated total plus the
-weighted NELBO and masked cross-entropy for logging (``loss/train/*``).
+processes corrupt every sample identically. With several block sizes (``diffusion.block_size`` a
+list) the step's L' is ``diffusion.block_size_at(step)``, the same on every rank and microbatch.
+``loss`` returns the backpropagated total plus the weighted NELBO and masked cross-entropy for
+logging (``loss/train/*``), and with several sizes the NELBO under ``loss/train/nelbo/bs{N}``.
 
-Evaluation (``metrics/eval/*``): NELBO per token at the training block size with the valid
+Evaluation (``metrics/eval/*``): NELBO per token at the (smallest) training block size with the valid
 bound's t ~ U[1e-3, 1], the unweighted masked cross-entropy, and the AR NLL (block size 1), all
 token-weighted over the whole eval set and summed over ranks.
 """
@@ -54,8 +56,8 @@ def attention_pairs(seq_len: int, block_size: int, shift: bool) -> tuple[int, in
     return 2 * L, L * L + L * bs
 
 
-def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: int) -> float:
-    """Model FLOPs of one training sample (forward + backward, no recomputation counted).
+def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: int, block_size: int) -> float:
+    """Model FLOPs of one training sample at ``block_size`` (forward + backward, no recomputation counted).
 
     6 x matmul parameters x forward tokens (2L for 1 < L' < L), plus 12 x layers x heads x head_dim
     per attended query-key pair (only pairs the mask allows: kernels that skip masked blocks do no
@@ -64,7 +66,7 @@ def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: in
     causal pass.
     """
     c = model.config
-    L, bs = seq_len, diffusion.block_size
+    L, bs = seq_len, block_size
     attn_dim = c.num_attention_heads * c.head_dim
     kv_dim = c.num_key_value_heads * c.head_dim
     body = c.num_hidden_layers * (
@@ -73,7 +75,7 @@ def train_flops_per_sample(model: BD3LM, diffusion: DiffusionConfig, seq_len: in
     head = c.hidden_size * c.vocab_size
     tokens, pairs = attention_pairs(L, bs, diffusion.shift)
     copies = 2 if diffusion.complementary_mask and bs > 1 else 1
-    beta, omega = diffusion.noise_interval
+    beta, omega = diffusion.interval_for(bs)
     masked_fraction = 1.0 if bs == 1 else (max(beta, MIN_T) + omega) / 2
     scored = (L - 1) * (1.0 if copies == 2 else masked_fraction)
     flops = copies * (6 * body * tokens + 12 * c.num_hidden_layers * attn_dim * pairs) + 6 * head * scored
@@ -89,7 +91,7 @@ class BD3ComposerModel(ComposerModel):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
-        self._flops_cache: dict[int, float] = {}
+        self._flops_cache: dict[tuple[int, int], float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> NelboOutput:
         if "sample_index" not in batch:
@@ -114,7 +116,12 @@ class BD3ComposerModel(ComposerModel):
         # unless per-document masking leaves rows with fewer scored tokens).
         b, L = batch["input_ids"].shape
         total = outputs.loss * (outputs.n_scored.sum() / (b * (L - 1)))
-        return {"total": total, "nelbo": outputs.nelbo.detach(), "masked_ce": outputs.masked_ce.detach()}
+        out = {"total": total, "nelbo": outputs.nelbo.detach(), "masked_ce": outputs.masked_ce.detach()}
+        if len(self.diffusion.block_sizes) > 1:
+            # Every rank and microbatch of a step uses the same size, so the keys agree for Composer's
+            # reduction; each size's curve has points at the steps that drew it.
+            out[f"nelbo/bs{outputs.block_size}"] = outputs.nelbo.detach()
+        return out
 
     def eval_forward(
         self, batch: dict[str, torch.Tensor], outputs=None
@@ -123,7 +130,7 @@ class BD3ComposerModel(ComposerModel):
             return outputs
         x0, ids, doc_starts = batch["input_ids"], batch["dataset_index"], batch["doc_starts"]
         out = eval_nelbo(
-            self.model, x0, self.diffusion.block_size, ids, self.diffusion, doc_starts=doc_starts
+            self.model, x0, min(self.diffusion.block_sizes), ids, self.diffusion, doc_starts=doc_starts
         )
         ar = eval_nelbo(self.model, x0, 1, ids, self.diffusion, doc_starts=doc_starts)
         return {
@@ -141,6 +148,8 @@ class BD3ComposerModel(ComposerModel):
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         b, L = batch["input_ids"].shape
-        if L not in self._flops_cache:
-            self._flops_cache[L] = train_flops_per_sample(self.model, self.diffusion, L)
-        return b * self._flops_cache[L]
+        step = int(batch["step"][0]) if "step" in batch else 0
+        bs = self.diffusion.block_size_at(step)
+        if (L, bs) not in self._flops_cache:
+            self._flops_cache[L, bs] = train_flops_per_sample(self.model, self.diffusion, L, bs)
+        return b * self._flops_cache[L, bs]

@@ -227,7 +227,8 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
 
 def _model_config(cfg: TrainConfig, init_dir: Path | None, tok_vocab: int, manifest: dict) -> ModelConfig:
     m = cfg.model
-    bd3 = dict(block_size=cfg.diffusion.block_size, shift=cfg.diffusion.shift)
+    sizes = sorted(cfg.diffusion.block_sizes)
+    bd3 = dict(block_size=sizes[0], trained_block_sizes=sizes, shift=cfg.diffusion.shift)
     try:
         if init_dir is not None:
             config = resolve_config(init_dir, m.mask_token_id, **bd3)
