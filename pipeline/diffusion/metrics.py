@@ -231,6 +231,17 @@ def unigram_entropy(tokens: Sequence[int]) -> float:
     return float(-(p * p.log()).sum())
 
 
+def generation_protocol(sampler_cfg, num_samples: int, reference) -> dict:
+    """How samples were drawn (sampler, nucleus, threshold, temperature, L', length, seed), recorded
+    next to a generative perplexity: the number means little without it."""
+    keys = ("sampler", "top_p", "threshold", "temperature", "block_size", "max_new_tokens", "seed")
+    return {
+        **{k: getattr(sampler_cfg, k) for k in keys},
+        "num_samples": num_samples,
+        "reference": None if reference is None else str(reference),
+    }
+
+
 @torch.no_grad()
 def generative_perplexity(model, tokenizer, reference, ref_tokenizer, sampler_cfg, num_samples: int) -> dict:
     """Sample ``num_samples`` texts and score them with an AR ``reference`` model (BD3-LM's Gen PPL).

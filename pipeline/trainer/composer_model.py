@@ -92,6 +92,7 @@ class BD3ComposerModel(ComposerModel):
         self.model = model
         self.diffusion = diffusion
         self._flops_cache: dict[tuple[int, int], float] = {}
+        self.last_block_size: int | None = None  # L' of the last training forward (diagnostics)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> NelboOutput:
         if "sample_index" not in batch:
@@ -100,7 +101,7 @@ class BD3ComposerModel(ComposerModel):
                 "build the Trainer with pipeline.trainer.build_trainer"
             )
         step = int(batch["step"][0]) if "step" in batch else 0
-        return compute_nelbo(
+        out = compute_nelbo(
             self.model,
             batch["input_ids"],
             self.diffusion,
@@ -108,6 +109,8 @@ class BD3ComposerModel(ComposerModel):
             step=step,
             doc_starts=batch["doc_starts"],
         )
+        self.last_block_size = out.block_size
+        return out
 
     def loss(self, outputs: NelboOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # compute_nelbo divides by the scored tokens of this microbatch. Composer weights microbatches

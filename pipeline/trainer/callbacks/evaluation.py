@@ -22,6 +22,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from pipeline.diffusion.metrics import generation_protocol
 from pipeline.trainer.callbacks.eval_base import (
     EvalRows,
     EvalSchedule,
@@ -194,6 +195,7 @@ class Generation(ScheduledEval):
         self._ref: tuple[Any, Any] | None = None
         self.last_samples: list[str] = []
         self.last_metrics: dict[str, float] = {}
+        self.last_protocol: dict[str, Any] = {}
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -279,7 +281,11 @@ class Generation(ScheduledEval):
                 for i, t in enumerate(texts):
                     dest.writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
         stats = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if math.isfinite(v))
-        lines = [f"[generation] batch {batch}: {stats}"]
+        protocol = generation_protocol(self.sampler_config(state), self.section.num_samples, self.reference)
+        self.last_protocol = protocol
+        logger.log_hyperparameters({f"eval/gen/protocol/{k}": v for k, v in protocol.items()})
+        shown = ", ".join(f"{k} {v}" for k, v in protocol.items() if k != "num_samples")
+        lines = [f"[generation] batch {batch}: {stats} ({shown})"]
         lines += [f"[generation] sample {i}: {t!r}" for i, t in enumerate(texts)]
         print("\n".join(lines), file=sys.stderr, flush=True)
 

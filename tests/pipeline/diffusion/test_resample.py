@@ -156,3 +156,49 @@ def test_block_where_no_count_fits_keeps_its_draw():
     assert torch.equal(clipped[:, :bs], plain[:, :bs])
     assert (clipped[:, bs:].sum(1) >= 3).all()
     assert not clipped[:, :2].any()
+
+
+# -- several block sizes in one run ------------------------------------------------------------------
+
+
+def test_block_size_of_a_step_is_a_function_of_seed_and_step_with_the_weights():
+    from pipeline.diffusion.objective import DiffusionConfig
+
+    cfg = DiffusionConfig(block_size=[2, 4, 16], block_size_weights=[1.0, 1.0, 2.0], seed=5)
+    steps = range(4000)
+    drawn = [cfg.block_size_at(s) for s in steps]
+    assert drawn == [
+        DiffusionConfig(block_size=[2, 4, 16], block_size_weights=[1, 1, 2], seed=5).block_size_at(s)
+        for s in steps
+    ]
+    assert drawn != [
+        DiffusionConfig(block_size=[2, 4, 16], block_size_weights=[1, 1, 2], seed=6).block_size_at(s)
+        for s in steps
+    ]
+    observed = torch.tensor([drawn.count(b) for b in (2, 4, 16)], dtype=torch.float64)
+    assert _chi_square_p(observed, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64) * len(steps)) > 1e-3
+    assert DiffusionConfig(block_size=8).block_size_at(123) == 8
+
+
+def test_compute_nelbo_uses_the_steps_block_size_and_its_interval(model):
+    from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo
+    from tests.pipeline.diffusion.reference import tokens
+
+    intervals = {4: (0.45, 0.95), 16: (0.3, 0.8)}
+    cfg = DiffusionConfig(block_size=[4, 16], noise_interval=intervals, seed=2, stratify_group=4)
+    x = tokens(4, 32, seed=3)
+    ids = torch.arange(4)
+    seen = set()
+    with torch.no_grad():
+        for step in range(6):
+            bs = cfg.block_size_at(step)
+            out = compute_nelbo(model, x, cfg, ids, step=step)
+            single = DiffusionConfig(block_size=bs, noise_interval=intervals[bs], seed=2, stratify_group=4)
+            ref = compute_nelbo(model, x, single, ids, step=step)
+            assert out.block_size == bs and out.t.shape == (4, 32 // bs)
+            assert torch.equal(out.t, ref.t) and torch.equal(out.n_masked, ref.n_masked)
+            assert torch.equal(out.nelbo_sum, ref.nelbo_sum)
+            beta, omega = intervals[bs]
+            assert out.t.min() >= beta and out.t.max() <= omega
+            seen.add(bs)
+    assert seen == {4, 16}

@@ -137,7 +137,11 @@ def test_callbacks_log_and_leave_training_bitwise_unchanged(
     samples = callback(on, "Generation").last_samples
     assert len(samples) == 2 and all(re.fullmatch(r"(w\d+|<\|endoftext\|>)( \S+)*", s) for s in samples)
     assert cap.traces["eval/gen/sample0"][-1] == samples[0]
-    assert f"[generation] sample 0: {samples[0]!r}" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"[generation] sample 0: {samples[0]!r}" in err
+    protocol = callback(on, "Generation").last_protocol  # how the samples were drawn, logged with them
+    assert protocol["block_size"] == 4 and protocol["reference"] is not None
+    assert f"sampler {protocol['sampler']}, top_p {protocol['top_p']}" in err
 
 
 def test_block_size_likelihood_is_reproducible_and_bs1_is_the_ar_nll(tiny_data, tmp_path, one_thread):
