@@ -150,8 +150,8 @@ def main(argv=None) -> int:
             ),
             None,
         )
-        torch.manual_seed(17)
         ar = BD3LM(config)
+        ar.init_weights(torch.Generator().manual_seed(17))  # as pipeline.train from scratch (ar_tiny's seed)
         train(ar, train_rows, order, DiffusionConfig(block_size=1), args.ar_steps, log)
         save_pretrained(ar, init, tokenizer_dir=Path(tok).parent)
     log(f"AR init: {init}")
