@@ -7,7 +7,8 @@ Stages (each reuses its output when rerun):
   2. ``data_prep tokenizer train`` and ``data_prep convert`` with a validation split;
   3. ``pipeline.train yamls/ar_tiny.yaml``: AR pretraining of a tiny LLaMA-style model;
   4. ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml`` from that AR checkpoint under
-     DeepSpeed ZeRO-2 (the DiffuLLaMA flow);
+     DeepSpeed ZeRO-2 (the DiffuLLaMA flow), one model for the block sizes 2, 4, 8 and 16 (each
+     step draws one; BD3-LM's clipped intervals where the paper gives them);
   5. ``pipeline.eval`` across block sizes: the AR-init baseline and the trained BD3 model;
   6. ``pipeline.sample`` at the trained block size with the KV cache;
   7. a summary of where everything is.
@@ -41,7 +42,10 @@ SIZES = {
         docs=600, vocab=512, seq_len=64, val_docs=60, ar_steps=6, bd3_steps=4, eval_rows=16, new_tokens=24
     ),
 }
-BLOCK_SIZE = 4
+BLOCK_SIZE = 4  # sampled at; the model is trained for all of TRAINED_SIZES
+TRAINED_SIZES = (2, 4, 8, 16)
+# BD3-LM's clipped intervals for L'=4 and 16 (LM1B); unclipped where the paper gives none.
+NOISE_INTERVALS = {2: (1e-3, 1.0), 4: (0.45, 0.95), 8: (1e-3, 1.0), 16: (0.3, 0.8)}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -81,26 +85,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo_out"))
-    ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("DEMO_SIZE", "full"))
-    ap.add_argument("--corpus", choices=("auto", "openwebtext", "docstrings"), default="auto")
-    args = ap.parse_args(argv)
-    size = SIZES[args.size]
-    out = Path(args.out).resolve()
+def common_overrides(data: Path, tok: Path, seq_len: int) -> list[str]:
+    """YAML overrides every training stage of the demo shares."""
+    return [
+        f"variables.data_local={data}",
+        f"variables.tokenizer={tok}",
+        f"variables.max_seq_len={seq_len}",
+        "eval_first=false",
+    ]
+
+
+def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path]:
+    """Stages 1-2 (corpus, tokenizer + MDS shards), reused when already in ``out``.
+
+    Returns (MDS data folder, tokenizer.json).
+    """
+    size = SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    repo = Path(__file__).resolve().parents[1]
-    start = time.time()
-
     header(1, "corpus")
     corpus = out / "corpus.jsonl"
-    use_hub = args.corpus == "openwebtext" or (args.corpus == "auto" and hub_reachable())
+    use_hub = corpus_choice == "openwebtext" or (corpus_choice == "auto" and hub_reachable())
     if corpus.exists():
         print(f"reusing {corpus}")
     elif use_hub:
@@ -153,12 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    common = [
-        f"variables.data_local={data}",
-        f"variables.tokenizer={tok}",
-        f"variables.max_seq_len={size['seq_len']}",
-        "eval_first=false",
-    ]
+    return data, tok
+
+
+def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path, Path]:
+    """Stages 1-3 (corpus, tokenizer + shards, AR pretraining), reused when already in ``out``.
+
+    Returns (MDS data folder, tokenizer.json, AR run folder whose ``hf`` the BD3 stage inits from).
+    """
+    size = SIZES[size_name]
+    py = sys.executable
+    repo = Path(__file__).resolve().parents[1]
+    data, tok = prepare_data(out, size_name, corpus_choice)
+    common = common_overrides(data, tok, size["seq_len"])
     header(3, "AR pretraining of a tiny LLaMA-style model (yamls/ar_tiny.yaml)")
     ar_dir = out / "runs" / "ar-tiny"
     if not (ar_dir / "hf" / "config.json").exists():
@@ -178,7 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"reusing {ar_dir / 'hf'}")
 
-    header(4, "BD3 from the AR checkpoint, DeepSpeed ZeRO-2, 2 processes (yamls/bd3_tiny.yaml)")
+    return data, tok, ar_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo_out"))
+    ap.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("DEMO_SIZE", "full"))
+    ap.add_argument("--corpus", choices=("auto", "openwebtext", "docstrings"), default="auto")
+    args = ap.parse_args(argv)
+    size = SIZES[args.size]
+    out = Path(args.out).resolve()
+    py = sys.executable
+    repo = Path(__file__).resolve().parents[1]
+    start = time.time()
+    data, tok, ar_dir = prepare_ar(out, args.size, args.corpus)
+    source = [str(out / "corpus.jsonl")]
+    common = common_overrides(data, tok, size["seq_len"])
+
+    header(4, f"BD3 for L' in {list(TRAINED_SIZES)} from the AR checkpoint, DeepSpeed ZeRO-2, 2 processes")
     bd3_dir = out / "runs" / "bd3-tiny"
     if not (bd3_dir / "hf" / "config.json").exists():
         launcher = str(Path(py).with_name("composer"))
@@ -196,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"variables.init_from={ar_dir / 'hf'}",
                 f"variables.save_folder={bd3_dir}",
                 f"max_duration={size['bd3_steps']}ba",
-                f"diffusion.block_size={BLOCK_SIZE}",
+                f"diffusion.block_size=[{', '.join(map(str, TRAINED_SIZES))}]",
+                "diffusion.noise_interval={"
+                + ", ".join(f"{b}: [{lo}, {hi}]" for b, (lo, hi) in NOISE_INTERVALS.items())
+                + "}",
                 f"eval_interval={size['bd3_steps']}ba",
                 f"save_interval={size['bd3_steps']}ba",
                 "parallelism.deepspeed.zero_optimization.stage=2",

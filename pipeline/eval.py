@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusion.metrics import EVAL_SEED
+from pipeline.diffusion.metrics import EVAL_SEED, GENPPL_SAMPLER, GENPPL_TOP_P
+from pipeline.diffusion.sampler import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument(
-        "--gen-block-size", type=int, help="block size for --genppl sampling (default: the checkpoint's)"
+        "--gen-block-size",
+        type=int,
+        help="block size for --genppl sampling (default: the checkpoint's smallest trained block size)",
     )
     p.add_argument("--gen-tokens", type=int, default=256, help="tokens per sample for --genppl")
+    p.add_argument(
+        "--gen-sampler",
+        choices=SAMPLERS,
+        default=GENPPL_SAMPLER,
+        help="in-block denoiser for --genppl (default: BD3-LM's protocol, one token per step)",
+    )
+    p.add_argument(
+        "--gen-top-p", type=float, default=GENPPL_TOP_P, help="nucleus for --genppl (default: BD3-LM's 0.9)"
+    )
     return p
 
 
@@ -96,7 +108,7 @@ def format_table(results) -> str:
 def _genppl(args, model) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.diffusion.metrics import generative_perplexity
+    from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
     from pipeline.diffusion.sampler import SamplerConfig
     from pipeline.save_folder import load_for_inference
 
@@ -108,19 +120,22 @@ def _genppl(args, model) -> dict:
         return Tokenizer.from_file(str(path))
 
     reference = load_for_inference(args.reference, device=args.device)
-    block = args.gen_block_size or model.config.block_size or 4
+    block = args.gen_block_size or model.config.block_size
+    if block is None:
+        raise ValueError("the checkpoint records no block size: pass --gen-block-size")
     cfg = SamplerConfig(
         block_size=block,
         max_new_tokens=args.gen_tokens,
-        sampler="confidence",
-        top_p=0.9,
+        sampler=args.gen_sampler,
+        top_p=args.gen_top_p,
         eos_token_id=model.config.eos_token_id,
         shift=model.config.shift,
         seed=args.seed,
     )
-    return generative_perplexity(
+    out = generative_perplexity(
         model, tokenizer_of(args.checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
     )
+    return {**out, "protocol": generation_protocol(cfg, args.num_samples, args.reference)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.genppl:
         payload["generation"] = _genppl(args, model)
         g = payload["generation"]
+        pr = g["protocol"]
         print(
             f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
-            f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token"
+            f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token "
+            f"({pr['sampler']}, top-p {pr['top_p']}, L'={pr['block_size']}, {pr['max_new_tokens']} tokens)"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

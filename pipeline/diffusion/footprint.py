@@ -22,6 +22,7 @@ query-key pairs the mask allows (kernels that skip masked tiles do no other work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -49,24 +50,32 @@ def attention_pairs(seq_len: int, block_size: int, shift: bool) -> tuple[int, in
     return 2 * L, L * L + L * bs
 
 
-def masked_fraction(diffusion: DiffusionConfig) -> float:
-    """Expected fraction of masked tokens per block under the training noise interval."""
-    if diffusion.block_size == 1:
+def masked_fraction(diffusion: DiffusionConfig, block_size: int) -> float:
+    """Expected fraction of masked tokens per block of ``block_size`` under its training interval."""
+    if block_size == 1:
         return 1.0
-    beta, omega = diffusion.noise_interval
+    beta, omega = diffusion.interval_for(block_size)
     return (max(beta, MIN_T) + omega) / 2
 
 
-def train_flops_per_sample(config: ModelConfig, diffusion: DiffusionConfig, seq_len: int) -> float:
-    """Model FLOPs of one training sample (forward + backward, no recomputation counted).
+def train_flops_per_sample(
+    config: ModelConfig, diffusion: DiffusionConfig, seq_len: int, block_size: int | None = None
+) -> float:
+    """Model FLOPs of one training sample at ``block_size`` (forward + backward, no recomputation counted).
 
     6 x matmul parameters x forward tokens (2L for 1 < L' < L), plus 12 x layers x heads x head_dim
     per attended query-key pair (only pairs the mask allows), plus the output head on the positions
     actually scored (expected masked fraction of the noise interval). Complementary masks double the
-    body; the auxiliary AR loss adds a causal pass.
+    body; the auxiliary AR loss adds a causal pass. Without ``block_size``: the expectation over the
+    trained sizes (``block_size_weights``), what a step costs on average.
     """
+    if block_size is None:
+        sizes = diffusion.block_sizes
+        weights = diffusion.block_size_weights or [1.0] * len(sizes)
+        total = sum(w * train_flops_per_sample(config, diffusion, seq_len, b) for b, w in zip(sizes, weights))
+        return total / sum(weights)
     c = config
-    L, bs = seq_len, diffusion.block_size
+    L, bs = seq_len, block_size
     attn_dim = c.num_attention_heads * c.head_dim
     kv_dim = c.num_key_value_heads * c.head_dim
     body = c.num_hidden_layers * (
@@ -75,7 +84,7 @@ def train_flops_per_sample(config: ModelConfig, diffusion: DiffusionConfig, seq_
     head = c.hidden_size * c.vocab_size
     tokens, pairs = attention_pairs(L, bs, diffusion.shift)
     copies = 2 if diffusion.complementary_mask and bs > 1 else 1
-    scored = (L - 1) * (1.0 if copies == 2 else masked_fraction(diffusion))
+    scored = (L - 1) * (1.0 if copies == 2 else masked_fraction(diffusion, bs))
     flops = copies * (6 * body * tokens + 12 * c.num_hidden_layers * attn_dim * pairs) + 6 * head * scored
     if diffusion.aux_ar_weight > 0:
         flops += 6 * body * L + 12 * c.num_hidden_layers * attn_dim * L * (L + 1) // 2 + 6 * head * (L - 1)
@@ -175,7 +184,7 @@ def _fake_batch(config: ModelConfig, diffusion: DiffusionConfig, batch: int, seq
     """The microbatch the trace runs, made outside fake mode (real, small tensors)."""
     L = seq_len
     x0 = torch.randint(0, config.base_vocab_size, (batch, L))
-    n = max(1, round((L - 1) * masked_fraction(diffusion)))
+    n = max(1, round((L - 1) * masked_fraction(diffusion, diffusion.block_size)))
     masked = torch.zeros(batch, L, dtype=torch.bool)
     masked[:, torch.linspace(1, L - 1, n).round().long()] = True  # spread over the row like a draw
     scored = torch.ones(batch, L, dtype=torch.bool)
@@ -211,8 +220,17 @@ def trace_train_step(
         autocast_dtype: autocast on (Composer's amp_bf16: fp32 weights, bf16 matmuls) or None.
         attention: "fused" (the GPU kernels' footprint) or "sdpa" (as it runs on CPU).
         count_flops: also count FLOPs (dense attention; a second pass without memory tracking).
+
+    With several training block sizes the trace runs the one that needs the most memory (the most
+    forward tokens, then the largest masked fraction).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    widest = max(
+        diffusion.block_sizes,
+        key=lambda b: (attention_pairs(seq_len, b, diffusion.shift)[0], masked_fraction(diffusion, b)),
+    )
+    diffusion = dataclasses.replace(diffusion, block_size=widest, block_size_weights=None)
 
     if attention not in ("fused", "sdpa"):
         raise ValueError(f"attention must be 'fused' or 'sdpa', got {attention!r}")

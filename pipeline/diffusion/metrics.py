@@ -24,6 +24,13 @@ DRAW_STRIDE = 1 << 40
 EVAL_SEED = 1234
 # BD3-LM's grid of clipped-interval widths: 0.5, 0.55, ..., 0.9.
 INTERVAL_WIDTHS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
+# What the interval search minimizes: "block" is BD3-LM's variance of per-block mean losses, "row"
+# the variance of per-row NELBO.
+SEARCH_CRITERIA = ("block", "row")
+SEARCH_CRITERION = "block"
+# BD3-LM's generative-perplexity protocol: one token per step (first hitting), nucleus 0.9.
+GENPPL_SAMPLER = "first_hitting"
+GENPPL_TOP_P = 0.9
 
 
 @dataclass
@@ -139,33 +146,52 @@ def noise_interval_search(
     cfg: DiffusionConfig,
     grid: Sequence[tuple[float, float]] | None = None,
     seed: int = EVAL_SEED,
+    criterion: str = SEARCH_CRITERION,
 ) -> tuple[tuple[float, float], list[dict]]:
-    """The clipped interval whose NELBO estimator has the lowest variance across rows.
+    """The clipped interval whose training loss estimator has the lowest variance.
 
-    For each candidate [beta, omega] the training estimator (t ~ U[beta, omega], 1/t weights) is
-    evaluated on the same rows with fixed noise; its variance over rows (all ranks) is the score.
-    Returns the chosen interval and one record per candidate.
+    For each candidate [beta, omega] the training estimator (t ~ U[beta, omega], 1/t weights, the
+    masks resampled into the interval when ``cfg.resample``) is evaluated on the same rows with fixed
+    noise. ``criterion``:
+      - "block" (BD3-LM): the variance over every (row, block) of all rows (all ranks) of the block's
+        mean loss, i.e. its (1/t)-weighted cross-entropy summed over the block / L' (losses reshaped
+        (rows, blocks, L') and averaged over L'). BD3-LM sums per-batch variances; the pooled
+        variance here does not depend on how rows are split into batches or ranks.
+      - "row": the variance over rows of the per-row NELBO (per scored token).
+    Returns the chosen interval and one record per candidate (interval, variance, mean_nelbo).
     """
+    if criterion not in SEARCH_CRITERIA:
+        raise ValueError(f"criterion must be one of {SEARCH_CRITERIA}, got {criterion!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     records = []
     for iv in grid or interval_grid():
         c = dataclasses.replace(cfg, seed=seed, stratify_group=1, noise_interval=iv)
-        acc = torch.zeros(3, dtype=torch.float64)
+        # [sum, sum of squares, count] of the criterion's values, and [nelbo sum, scored tokens]
+        acc = torch.zeros(5, dtype=torch.float64)
         for batch in batches:
             x0, doc, ids = _to_model_device(batch, device)
             out = compute_nelbo(
                 model, x0, c, ids, step=cfg.anneal_steps, doc_starts=doc, block_size=block_size
             )
-            per_row = (out.nelbo_sum / out.n_scored.clamp(min=1)).double().cpu()
+            if criterion == "block":
+                values = (out.block_nelbo / block_size).double().cpu().flatten()
+            else:
+                values = (out.nelbo_sum / out.n_scored.clamp(min=1)).double().cpu()
             acc += torch.stack(
-                [per_row.sum(), (per_row**2).sum(), torch.tensor(float(len(per_row)), dtype=torch.float64)]
+                [
+                    values.sum(),
+                    (values**2).sum(),
+                    torch.tensor(float(len(values)), dtype=torch.float64),
+                    out.nelbo_sum.double().sum().cpu(),
+                    out.n_scored.double().sum().cpu(),
+                ]
             )
-        s1, s2, n = _all_reduce(acc).tolist()
+        s1, s2, n, total, tokens = _all_reduce(acc).tolist()
         mean = s1 / max(n, 1)
         var = max(s2 / max(n, 1) - mean**2, 0.0) * n / max(n - 1, 1)
-        records.append({"interval": list(iv), "variance": var, "mean_nelbo": mean})
+        records.append({"interval": list(iv), "variance": var, "mean_nelbo": total / max(tokens, 1)})
     model.train(was_training)
     best = min(records, key=lambda r: r["variance"])
     return tuple(best["interval"]), records
@@ -203,6 +229,17 @@ def unigram_entropy(tokens: Sequence[int]) -> float:
     counts = torch.bincount(torch.tensor(list(tokens))).double()
     p = counts[counts > 0] / len(tokens)
     return float(-(p * p.log()).sum())
+
+
+def generation_protocol(sampler_cfg, num_samples: int, reference) -> dict:
+    """How samples were drawn (sampler, nucleus, threshold, temperature, L', length, seed), recorded
+    next to a generative perplexity: the number means little without it."""
+    keys = ("sampler", "top_p", "threshold", "temperature", "block_size", "max_new_tokens", "seed")
+    return {
+        **{k: getattr(sampler_cfg, k) for k in keys},
+        "num_samples": num_samples,
+        "reference": None if reference is None else str(reference),
+    }
 
 
 @torch.no_grad()

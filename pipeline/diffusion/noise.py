@@ -8,16 +8,29 @@ t is stratified over a group of ``group_size`` consecutive noise ids x their blo
 batch when the trainer passes the global batch size): the group's G * B slots take the strata
 0..G*B-1 in a random permutation, so t spreads over the interval within every sequence
 (a row-major assignment would give each sequence nearly constant t).
+
+Clipped schedule (BD3-LM's ``training.resample``): with t_b in [beta, omega] and independent
+per-token masks, the realized masked fraction of a block often falls outside [beta, omega]
+(42.7% of blocks at L'=4 with [0.45, 0.95]). BD3-LM redraws such a block's mask until its
+fraction k / L' lies in [beta, omega]. Given t and the n maskable positions of the block, that
+loop returns a mask of k tokens with probability Binomial(k; n, t) / P(K) for k in the allowed set
+K, the k positions uniform among the n. ``sample_masks`` draws from exactly that distribution
+without a loop: a block whose first draw already fits keeps it; any other block draws k from the
+binomial truncated to K (inverse CDF, one extra uniform per block from its own stream) and masks
+the k positions with the smallest per-token uniforms. Both cases together give every fitting mask
+S the probability t^|S| (1-t)^(n-|S|) / P(K), the loop's law.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 EVAL_INTERVAL = (1e-3, 1.0)
 MIN_T = 1e-3  # 1/t weights stay finite; the evaluation bound uses U[1e-3, 1] as in BD3-LM
 
-_STREAM_STRATA, _STREAM_OFFSET, _STREAM_MASK = 1, 2, 3
+_STREAM_STRATA, _STREAM_OFFSET, _STREAM_MASK, _STREAM_COUNT, _STREAM_BLOCK_SIZE = 1, 2, 3, 4, 5
 _MASK64 = (1 << 64) - 1
 
 
@@ -37,6 +50,18 @@ def _generator(seed: int, stream: int, index: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(_mix(seed, stream, index))
     return g
+
+
+def sample_block_size(sizes: list[int], weights: list[float] | None, seed: int, step: int) -> int:
+    """One of ``sizes`` (probabilities proportional to ``weights``, default uniform) for ``step``.
+
+    A pure function of (seed, step): every rank and microbatch of an optimizer step, and a resumed
+    run, draw the same block size.
+    """
+    w = torch.tensor(weights if weights is not None else [1.0] * len(sizes), dtype=torch.float64)
+    u = torch.rand(1, generator=_generator(seed, _STREAM_BLOCK_SIZE, step), dtype=torch.float64)
+    i = int((w.cumsum(0) <= u * w.sum()).sum().clamp(max=len(sizes) - 1))
+    return sizes[i]
 
 
 def sample_block_times(
@@ -69,18 +94,83 @@ def sample_block_times(
     return out.clamp_(min=MIN_T).float()
 
 
+def clipped_counts(interval: tuple[float, float], block_size: int) -> tuple[int, int]:
+    """Masked counts k of one block allowed by the clipped interval: k / L' in [beta, omega].
+
+    Returns (k_min, k_max). As in BD3-LM, beta <= 1e-3 sets no lower bound and omega = 1 no upper
+    bound, so the evaluation interval [1e-3, 1] allows every count (0, L').
+    """
+    beta, omega = interval
+    k_min = math.ceil(beta * block_size - 1e-9) if beta > MIN_T else 0
+    k_max = min(math.floor(omega * block_size + 1e-9), block_size)
+    return k_min, k_max
+
+
+def truncated_binomial(
+    n: torch.Tensor, t: torch.Tensor, k_min: int, k_max: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """Inverse-CDF draw of k ~ Binomial(n, t) conditioned on k_min <= k <= k_max (elementwise, int64).
+
+    All arguments broadcast to one shape; ``u`` are uniforms in [0, 1) (float64). Requires
+    k_min <= k_max <= n wherever the draw is used.
+    """
+    n, t, k_max = n.double(), t.double(), k_max.double()
+    k = torch.arange(int(n.max().item()) + 1, dtype=torch.float64)
+    n_, t_, hi = n[..., None], t[..., None], k_max[..., None]
+    log_pmf = (
+        torch.lgamma(n_ + 1)
+        - torch.lgamma(k + 1)
+        - torch.lgamma((n_ - k).clamp(min=0) + 1)
+        + torch.xlogy(k, t_)
+        + torch.xlogy((n_ - k).clamp(min=0), 1 - t_)
+    )
+    allowed = (k >= k_min) & (k <= hi)
+    pmf = torch.softmax(log_pmf.masked_fill(~allowed, float("-inf")), dim=-1)
+    cdf = pmf.cumsum(-1)
+    draw = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)
+    return torch.minimum(draw.clamp(min=k_min), k_max.long())
+
+
 def sample_masks(
-    noise_ids: torch.Tensor, t: torch.Tensor, block_size: int, seed: int, protect: torch.Tensor | None = None
+    noise_ids: torch.Tensor,
+    t: torch.Tensor,
+    block_size: int,
+    seed: int,
+    protect: torch.Tensor | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Boolean (b, L) mask: token l of block k is masked with probability t[:, k].
 
     ``protect`` (b, L) marks tokens that are never masked (the first token of every row, and of
     every document with per-document masking).
+    ``counts`` = (k_min, k_max) (``clipped_counts``): every block's number of masked tokens is
+    conditioned to lie in that range, BD3-LM's resampling (see the module docstring). A protected
+    token stays unmasked and still counts in the block's L' (BD3-LM's fraction is masked / L'), so
+    the first block of a row has L' - 1 maskable positions. A block where no count fits (k_min above
+    its maskable positions, e.g. per-document starts filling a block) keeps its unconditioned draw.
     """
     b, n_blocks = t.shape
     L = n_blocks * block_size
-    u = torch.stack([torch.rand(L, generator=_generator(seed, _STREAM_MASK, i)) for i in noise_ids.tolist()])
+    ids = noise_ids.tolist()
+    u = torch.stack([torch.rand(L, generator=_generator(seed, _STREAM_MASK, i)) for i in ids])
     masked = u < t.repeat_interleave(block_size, dim=1)
-    if protect is not None:
-        masked &= ~protect.cpu()
-    return masked
+    eligible = torch.ones(b, L, dtype=torch.bool) if protect is None else ~protect.cpu()
+    masked &= eligible
+    if counts is None or counts == (0, block_size):
+        return masked
+    k_min, k_max = counts
+    shape = (b, n_blocks, block_size)
+    n = eligible.view(shape).sum(-1)
+    hi = n.clamp(max=k_max)
+    have = masked.view(shape).sum(-1)
+    redraw = (k_min <= hi) & ((have < k_min) | (have > hi))
+    if not redraw.any():
+        return masked
+    v = torch.stack(
+        [torch.rand(n_blocks, generator=_generator(seed, _STREAM_COUNT, i), dtype=torch.float64) for i in ids]
+    )
+    k = truncated_binomial(n, t, k_min, hi.clamp(min=k_min), v)
+    # Ranks of the uniforms among the block's maskable positions: the k smallest form a uniform k-subset.
+    rank = u.view(shape).masked_fill(~eligible.view(shape), 2.0).argsort(-1).argsort(-1)
+    fresh = rank < k[..., None]
+    return torch.where(redraw[..., None], fresh, masked.view(shape)).view(b, L)

@@ -25,7 +25,14 @@ from typing import ClassVar
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.diffusion.noise import EVAL_INTERVAL, MIN_T, sample_block_times, sample_masks
+from pipeline.diffusion.noise import (
+    EVAL_INTERVAL,
+    MIN_T,
+    clipped_counts,
+    sample_block_size,
+    sample_block_times,
+    sample_masks,
+)
 from pipeline.model.masks import AR, AttentionMask, check_block_size, document_ids
 
 
@@ -34,8 +41,14 @@ class DiffusionConfig:
     """Switches of the BD3 objective; this dataclass is the ``diffusion`` section of a training YAML.
 
     Attributes:
-        block_size: L'. 1 is the AR model, L is MDLM.
-        noise_interval: [beta, omega] for training t (clipped schedule); evaluation uses [1e-3, 1].
+        block_size: L'. 1 is the AR model, L is MDLM. A list (e.g. [4, 8, 16]) trains one checkpoint
+            for several block sizes: every optimizer step uses one L' of the list, drawn from
+            (seed, step) (``block_size_at``), so every rank and microbatch of a step agrees.
+        block_size_weights: relative probabilities of the listed sizes (default: uniform).
+        noise_interval: [beta, omega] for training t (clipped schedule), one pair for every size or a
+            mapping from L' to a pair; evaluation uses [1e-3, 1].
+        resample: BD3-LM's ``training.resample``: condition every block's masked fraction to lie in
+            the clipped interval (no effect with [1e-3, 1], so never at evaluation).
         shift: hidden state at l-1 predicts token l (keeps the AR head's meaning).
         anneal_steps: DiffuLLaMA attention annealing: in-block attention goes from causal to
             bidirectional over this many steps (0: bidirectional from the start).
@@ -51,8 +64,10 @@ class DiffusionConfig:
 
     NOT_IN_YAML: ClassVar[dict[str, str]] = {"stratify_group": "global_train_batch_size"}
 
-    block_size: int
-    noise_interval: tuple[float, float] = (MIN_T, 1.0)
+    block_size: int | list[int]
+    block_size_weights: list[float] | None = None
+    noise_interval: tuple[float, float] | dict[int, tuple[float, float]] = (MIN_T, 1.0)
+    resample: bool = True
     shift: bool = True
     anneal_steps: int = 0
     aux_ar_weight: float = 0.0
@@ -61,6 +76,28 @@ class DiffusionConfig:
     seed: int = 0
     stratify_group: int = 1
     loss_chunk_size: int = 4096
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """The trained block sizes, as listed (one element for an integer ``block_size``)."""
+        return [self.block_size] if isinstance(self.block_size, int) else list(self.block_size)
+
+    def interval_for(self, block_size: int) -> tuple[float, float]:
+        """The training interval [beta, omega] of ``block_size`` (the shared pair, or its mapping entry)."""
+        if isinstance(self.noise_interval, dict):
+            if block_size not in self.noise_interval:
+                raise ValueError(
+                    f"diffusion.noise_interval has no entry for block size {block_size} "
+                    f"(it maps {sorted(self.noise_interval)})"
+                )
+            return tuple(self.noise_interval[block_size])
+        return tuple(self.noise_interval)
+
+    def block_size_at(self, step: int) -> int:
+        """L' of optimizer step ``step``: a pure function of (seed, step)."""
+        if isinstance(self.block_size, int):
+            return self.block_size
+        return sample_block_size(self.block_sizes, self.block_size_weights, self.seed, step)
 
 
 @dataclass
@@ -75,6 +112,7 @@ class NelboOutput:
     n_masked: (b,) masked positions (summed over both copies with complementary masks).
     block_nelbo: (b, n_blocks) weighted cross-entropy per block (for the noise-interval search).
     t: (b, n_blocks) the noise levels used.
+    block_size: the L' of this estimate.
     """
 
     loss: torch.Tensor
@@ -84,6 +122,7 @@ class NelboOutput:
     n_masked: torch.Tensor
     block_nelbo: torch.Tensor
     t: torch.Tensor
+    block_size: int
 
     @property
     def nelbo(self) -> torch.Tensor:
@@ -160,6 +199,20 @@ def hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids):
     return h[:, :L], h[:, L:]
 
 
+def draw_masks(
+    cfg: DiffusionConfig,
+    noise_ids: torch.Tensor,
+    t: torch.Tensor,
+    block_size: int,
+    interval: tuple[float, float],
+    protect: torch.Tensor,
+) -> torch.Tensor:
+    """(b, L) bool masks of x_t: independent per token with ``cfg.resample`` conditioning every block's
+    masked fraction on ``interval`` (a no-op for [1e-3, 1] and for L' = 1)."""
+    counts = clipped_counts(interval, block_size) if cfg.resample and block_size > 1 else None
+    return sample_masks(noise_ids, t, block_size, cfg.seed, protect, counts)
+
+
 def prediction_source(L: int, block_size: int, shift: bool, device=None):
     """For each target position l: (source position, from_clean) with the shift rule applied."""
     pos = torch.arange(L, device=device)
@@ -215,16 +268,16 @@ def compute_nelbo(
         model: a ``BD3LM`` (or anything with its forward/``lm_head``/``invalid_output_ids``).
         x0: (b, L) clean token ids.
         noise_ids: (b,) global sample indices that seed this batch's noise.
-        step: training step (attention annealing).
+        step: optimizer step (attention annealing; with several block sizes, which one is used).
         doc_starts: (b, L) bool/int marking document starts in packed rows (per-document masking).
-        interval: overrides ``cfg.noise_interval`` (evaluation passes EVAL_INTERVAL).
+        interval: overrides the block size's ``cfg.noise_interval`` (evaluation passes EVAL_INTERVAL).
         t: explicit (b, n_blocks) noise levels (tests, enumeration); skips sampling.
-        block_size: overrides ``cfg.block_size`` (evaluating the same weights at other L').
+        block_size: overrides ``cfg.block_size_at(step)`` (evaluating the same weights at other L').
     """
     bsz, L = x0.shape
-    bs = cfg.block_size if block_size is None else block_size
+    bs = cfg.block_size_at(step) if block_size is None else block_size
     check_block_size(L, bs)
-    iv = tuple(interval or cfg.noise_interval)
+    iv = tuple(interval or cfg.interval_for(bs))
     if not 0.0 <= iv[0] < iv[1] <= 1.0:
         raise ValueError(
             f"noise interval (diffusion.noise_interval) must satisfy 0 <= beta < omega <= 1, got {list(iv)}"
@@ -239,7 +292,7 @@ def compute_nelbo(
             t = sample_block_times(noise_ids, n_blocks, iv, cfg.seed, cfg.stratify_group)
     t = t.float().clamp(min=MIN_T)
     protect = protected_positions(x0, doc_starts, cfg.per_document)
-    masked = sample_masks(noise_ids, t, bs, cfg.seed, protect).to(x0.device)
+    masked = draw_masks(cfg, noise_ids, t, bs, iv, protect).to(x0.device)
     t_tok = t.to(x0.device).repeat_interleave(bs, dim=1)
     copies = [(masked, 1.0 / t_tok)]
     if cfg.complementary_mask and bs > 1:
@@ -275,7 +328,7 @@ def compute_nelbo(
             * ar_nll(model, x0, doc_ids=doc_ids, protect=protect)[0].sum()
             / n_scored.sum()
         )
-    return NelboOutput(loss, nelbo_sum, ce_sum, n_scored, n_masked, block_nelbo, t)
+    return NelboOutput(loss, nelbo_sum, ce_sum, n_scored, n_masked, block_nelbo, t, bs)
 
 
 def ar_nll(model, x0: torch.Tensor, doc_ids=None, protect=None, chunk: int = 4096):

@@ -11,7 +11,11 @@ In-block denoisers:
 - ``ddpm_cache``: DDPM reverse steps on the linear schedule; a step where no token changed reuses
   the previous probabilities instead of calling the network.
 - ``confidence``: unmask every token whose probability exceeds ``threshold`` (at least the most
-  confident one per step), as in Fast-dLLM.
+  confident one per step), as in Fast-dLLM. A token's confidence is its plain softmax probability
+  (at the temperature), not renormalized over the top-p nucleus it was sampled from (Fast-dLLM v2).
+
+Every block is denoised whole (L' positions, the shape training sees); when ``max_new_tokens`` is not
+a multiple of L' the last block is cut afterwards.
 
 ``use_kv_cache=False`` recomputes the whole prefix with the ``block_causal`` mask at every call and
 consumes the same random draws, so it yields the same tokens (within the context length).
@@ -86,11 +90,15 @@ def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-def _probs(logits: torch.Tensor, invalid: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+def _probs(
+    logits: torch.Tensor, invalid: torch.Tensor, cfg: SamplerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nucleus-filtered probabilities to sample from, plain softmax probabilities for confidences)."""
     logits = logits.float()
     logits[..., invalid] = float("-inf")
     # temperature 0 is greedy decoding: candidates are the argmax, confidences the plain softmax.
-    return filter_top_p(torch.softmax(logits / (cfg.temperature or 1.0), dim=-1), cfg.top_p)
+    plain = torch.softmax(logits / (cfg.temperature or 1.0), dim=-1)
+    return filter_top_p(plain, cfg.top_p), plain
 
 
 class _Context:
@@ -190,19 +198,16 @@ def generate(model, prompt_ids: torch.Tensor, cfg: SamplerConfig) -> GenerationR
     done = torch.zeros(B, dtype=torch.bool, device=device)
     while out.shape[1] < cfg.max_new_tokens and not done.all():
         n_given = pending.shape[1]
-        n_new = min(bs - n_given, cfg.max_new_tokens - out.shape[1])
-        block = torch.cat([pending, torch.full((B, n_new), mask_id, device=device)], dim=1)
+        block = torch.cat([pending, torch.full((B, bs - n_given), mask_id, device=device)], dim=1)
         block = _denoise_block(ctx, block, cfg, invalid, mask_id, gen)
-        new = block[:, n_given:]
+        new = block[:, n_given : n_given + cfg.max_new_tokens - out.shape[1]]
         if cfg.stop_at_eos and cfg.eos_token_id is not None:
             new = torch.where(done[:, None], torch.full_like(new, cfg.eos_token_id), new)
             done |= (new == cfg.eos_token_id).any(dim=1)
         out = torch.cat([out, new], dim=1)
         pending = block[:, :0]
-        if block.shape[1] == bs and out.shape[1] < cfg.max_new_tokens and not done.all():
+        if out.shape[1] < cfg.max_new_tokens and not done.all():
             ctx.write(block)
-        elif block.shape[1] < bs:
-            break
     seconds = time.perf_counter() - start
     model.train(was_training)
     lengths = []
@@ -218,20 +223,20 @@ def _denoise_block(ctx, block, cfg: SamplerConfig, invalid, mask_id, gen) -> tor
     block = block.clone()
     steps = cfg.steps_per_block or cfg.block_size
     step = 0
-    probs = None
+    probs = plain = None
     while True:
         masked = block == mask_id
         if not masked.any():
             return block
         if probs is None or cfg.sampler != "ddpm_cache":
-            probs = _probs(_predictions(ctx, block, masked, cfg.shift), invalid, cfg)
+            probs, plain = _probs(_predictions(ctx, block, masked, cfg.shift), invalid, cfg)
         if cfg.sampler == "first_hitting":
             # One masked position per row, uniformly at random, takes its sampled token.
             score = torch.rand(masked.shape, generator=gen, device=block.device).masked_fill(~masked, -1.0)
             unmask = torch.zeros_like(masked).scatter(1, score.argmax(1, keepdim=True), True) & masked
         elif cfg.sampler == "confidence":
             cand = _sample(probs, gen, cfg.temperature)
-            conf = probs.gather(-1, cand[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
+            conf = plain.gather(-1, cand[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
             unmask = (conf > cfg.threshold) & masked
             best = torch.zeros_like(masked).scatter(1, conf.argmax(1, keepdim=True), True) & masked
             unmask |= best

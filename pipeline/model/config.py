@@ -54,7 +54,8 @@ class ModelConfig:
     # BD3 additions
     base_vocab_size: int | None = None
     mask_token_id: int | None = None
-    block_size: int | None = None
+    block_size: int | None = None  # the default L' of sampling/evaluation: the smallest trained size
+    trained_block_sizes: list[int] | None = None  # every L' the checkpoint was trained for
     shift: bool = True
 
     def __post_init__(self):
@@ -122,6 +123,7 @@ class ModelConfig:
             base_vocab_size=bd3.get("base_vocab_size"),
             mask_token_id=bd3.get("mask_token_id"),
             block_size=bd3.get("block_size"),
+            trained_block_sizes=bd3.get("trained_block_sizes"),
             shift=bd3.get("shift", True),
         )
         kwargs.update(overrides)
@@ -163,6 +165,7 @@ class ModelConfig:
             "base_vocab_size": self.base_vocab_size,
             "mask_token_id": self.mask_token_id,
             "block_size": self.block_size,
+            "trained_block_sizes": self.trained_block_sizes,
             "shift": self.shift,
         }
         return out

@@ -2,10 +2,12 @@
 
 Training: ``forward`` runs ``compute_nelbo`` with each sample's noise id = its global index in the
 training stream (``batch["sample_index"]``, written by ``SampleIndexer``), so one process and N
-processes corrupt every sample identically. ``loss`` returns the backpropagated total plus the
-weighted NELBO and masked cross-entropy for logging (``loss/train/*``).
+processes corrupt every sample identically. With several block sizes (``diffusion.block_size`` a
+list) the step's L' is ``diffusion.block_size_at(step)``, the same on every rank and microbatch.
+``loss`` returns the backpropagated total plus the weighted NELBO and masked cross-entropy for
+logging (``loss/train/*``), and with several sizes the NELBO under ``loss/train/nelbo/bs{N}``.
 
-Evaluation (``metrics/eval/*``): NELBO per token at the training block size with the valid
+Evaluation (``metrics/eval/*``): NELBO per token at the (smallest) training block size with the valid
 bound's t ~ U[1e-3, 1], the unweighted masked cross-entropy, and the AR NLL (block size 1), all
 token-weighted over the whole eval set and summed over ranks.
 """
@@ -49,7 +51,8 @@ class BD3ComposerModel(ComposerModel):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
-        self._flops_cache: dict[int, float] = {}
+        self._flops_cache: dict[tuple[int, int], float] = {}
+        self.last_block_size: int | None = None  # L' of the last training forward (diagnostics)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> NelboOutput:
         if "sample_index" not in batch:
@@ -58,7 +61,7 @@ class BD3ComposerModel(ComposerModel):
                 "build the Trainer with pipeline.trainer.build_trainer"
             )
         step = int(batch["step"][0]) if "step" in batch else 0
-        return compute_nelbo(
+        out = compute_nelbo(
             self.model,
             batch["input_ids"],
             self.diffusion,
@@ -66,6 +69,8 @@ class BD3ComposerModel(ComposerModel):
             step=step,
             doc_starts=batch["doc_starts"],
         )
+        self.last_block_size = out.block_size
+        return out
 
     def loss(self, outputs: NelboOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # compute_nelbo divides by the scored tokens of this microbatch. Composer weights microbatches
@@ -74,7 +79,12 @@ class BD3ComposerModel(ComposerModel):
         # unless per-document masking leaves rows with fewer scored tokens).
         b, L = batch["input_ids"].shape
         total = outputs.loss * (outputs.n_scored.sum() / (b * (L - 1)))
-        return {"total": total, "nelbo": outputs.nelbo.detach(), "masked_ce": outputs.masked_ce.detach()}
+        out = {"total": total, "nelbo": outputs.nelbo.detach(), "masked_ce": outputs.masked_ce.detach()}
+        if len(self.diffusion.block_sizes) > 1:
+            # Every rank and microbatch of a step uses the same size, so the keys agree for Composer's
+            # reduction; each size's curve has points at the steps that drew it.
+            out[f"nelbo/bs{outputs.block_size}"] = outputs.nelbo.detach()
+        return out
 
     def eval_forward(
         self, batch: dict[str, torch.Tensor], outputs=None
@@ -83,7 +93,7 @@ class BD3ComposerModel(ComposerModel):
             return outputs
         x0, ids, doc_starts = batch["input_ids"], batch["dataset_index"], batch["doc_starts"]
         out = eval_nelbo(
-            self.model, x0, self.diffusion.block_size, ids, self.diffusion, doc_starts=doc_starts
+            self.model, x0, min(self.diffusion.block_sizes), ids, self.diffusion, doc_starts=doc_starts
         )
         ar = eval_nelbo(self.model, x0, 1, ids, self.diffusion, doc_starts=doc_starts)
         return {
@@ -101,6 +111,8 @@ class BD3ComposerModel(ComposerModel):
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         b, L = batch["input_ids"].shape
-        if L not in self._flops_cache:
-            self._flops_cache[L] = train_flops_per_sample(self.model.config, self.diffusion, L)
-        return b * self._flops_cache[L]
+        step = int(batch["step"][0]) if "step" in batch else 0
+        bs = self.diffusion.block_size_at(step)
+        if (L, bs) not in self._flops_cache:
+            self._flops_cache[L, bs] = train_flops_per_sample(self.model.config, self.diffusion, L, bs)
+        return b * self._flops_cache[L, bs]

@@ -241,7 +241,8 @@ def model_config_from(
     """The ModelConfig the run builds: the checkpoint's config.json (shape keys must match it) or the
     shape keys, with the mask token added (vocabulary default: ``tok_vocab``)."""
     m = cfg.model
-    bd3 = dict(block_size=cfg.diffusion.block_size, shift=cfg.diffusion.shift)
+    sizes = sorted(cfg.diffusion.block_sizes)
+    bd3 = dict(block_size=sizes[0], trained_block_sizes=sizes, shift=cfg.diffusion.shift)
     try:
         if init_dir is not None:
             config = resolve_config(init_dir, m.mask_token_id, **bd3)

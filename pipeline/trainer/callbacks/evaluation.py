@@ -22,6 +22,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from pipeline.diffusion.metrics import generation_protocol
 from pipeline.trainer.callbacks.eval_base import (
     EvalRows,
     EvalSchedule,
@@ -76,7 +77,7 @@ class BlockSizeLikelihood(ScheduledEval):
     def _run(self, state: State, logger: Logger) -> None:
         results = self.evaluate(state)
         self.schedule.last_batch = int(state.timestamp.batch)
-        metrics = {"eval/train_block_size": composer_model(state).diffusion.block_size}
+        metrics = {"eval/train_block_size": min(composer_model(state).diffusion.block_sizes)}
         for r in results:
             metrics[f"eval/nelbo/bs{r.block_size}"] = r.nelbo
             metrics[f"eval/ppl_bound/bs{r.block_size}"] = r.ppl_bound
@@ -86,12 +87,14 @@ class BlockSizeLikelihood(ScheduledEval):
 
 
 class NoiseIntervalSearch(Callback):
-    """``noise_interval_search`` at the training block size on fixed eval rows, every n-th tick.
+    """``noise_interval_search`` at every training block size on fixed eval rows, every n-th tick.
 
-    Logs the chosen interval and its variance (``eval/noise_interval/{beta,omega,variance}``).
-    With ``adopt`` the training objective uses it from the next batch on: the chosen interval is in
-    this callback's ``state_dict`` (Composer checkpoints it) and is re-applied when a checkpoint is
-    loaded, so a resumed run trains with the interval the interrupted run had adopted.
+    Logs the chosen interval and its variance (``eval/noise_interval/{beta,omega,variance}``; with
+    several trained sizes ``eval/noise_interval/bs{N}/...`` per size). With ``adopt`` the training
+    objective uses them from the next batch on (a mapping L' -> interval when several sizes are
+    trained): the chosen intervals are in this callback's ``state_dict`` (Composer checkpoints it) and
+    are re-applied when a checkpoint is loaded, so a resumed run trains with the intervals the
+    interrupted run had adopted.
     """
 
     def __init__(self, section: NoiseIntervalSearchSection, interval: str | int, batch_size: int):
@@ -102,25 +105,34 @@ class NoiseIntervalSearch(Callback):
         self.rows = EvalRows(batch_size)
         self.adopt = section.adopt
         self.grid = interval_grid(section.widths, section.step)
-        self.chosen: tuple[float, float] | None = None
-        self.last_records: list[dict] = []
+        self.chosen: dict[int, tuple[float, float]] = {}  # L' -> [beta, omega]
+        self.last_records: dict[int, list[dict]] = {}
         self._state: State | None = None
 
-    def search(self, state: State) -> tuple[tuple[float, float], list[dict]]:
+    def search(self, state: State) -> dict[int, tuple[tuple[float, float], list[dict]]]:
+        """L' -> (chosen interval, one record per candidate), for every trained block size."""
         from pipeline.diffusion.metrics import noise_interval_search
 
         cm = composer_model(state)
         with isolated_eval(state) as bd3:
             batches = list(self.rows.batches(state, self.section.num_batches))
-            return noise_interval_search(bd3, batches, cm.diffusion.block_size, cm.diffusion, self.grid)
+            return {
+                bs: noise_interval_search(
+                    bd3, batches, bs, cm.diffusion, self.grid, criterion=self.section.criterion
+                )
+                for bs in cm.diffusion.block_sizes
+            }
 
     def apply(self, state: State) -> None:
-        """Set the training objective's noise interval to the chosen one (when adopting)."""
-        if not (self.adopt and self.chosen is not None):
+        """Set the training objective's noise interval(s) to the chosen ones (when adopting)."""
+        if not (self.adopt and self.chosen):
             return
-        cm = composer_model(state)
-        cm.diffusion.noise_interval = tuple(self.chosen)
-        getattr(cm, "_flops_cache", {}).clear()  # the FLOPs estimate depends on the masked fraction
+        d = composer_model(state).diffusion
+        if isinstance(d.block_size, int):
+            d.noise_interval = self.chosen[d.block_size]
+        else:
+            d.noise_interval = {bs: self.chosen.get(bs, d.interval_for(bs)) for bs in d.block_sizes}
+        getattr(composer_model(state), "_flops_cache", {}).clear()  # FLOPs depend on the masked fraction
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -131,39 +143,38 @@ class NoiseIntervalSearch(Callback):
             self._run(state, logger)
 
     def _run(self, state: State, logger: Logger) -> None:
-        best, records = self.search(state)
+        found = self.search(state)
         self.schedule.last_batch = int(state.timestamp.batch)
-        var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))
-        logger.log_metrics(
-            {
-                "eval/noise_interval/beta": best[0],
-                "eval/noise_interval/omega": best[1],
-                "eval/noise_interval/variance": var,
-            }
-        )
-        self.last_records = records
-        self.chosen = (float(best[0]), float(best[1]))
+        several = len(found) > 1
+        metrics = {}
+        for bs, (best, records) in found.items():
+            var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))
+            key = f"eval/noise_interval/bs{bs}/" if several else "eval/noise_interval/"
+            metrics.update({key + "beta": best[0], key + "omega": best[1], key + "variance": var})
+            self.last_records[bs] = records
+            self.chosen[bs] = (float(best[0]), float(best[1]))
+        logger.log_metrics(metrics)
         if self.adopt:
-            before = tuple(composer_model(state).diffusion.noise_interval)
+            d = composer_model(state).diffusion
+            before = {bs: d.interval_for(bs) for bs in d.block_sizes}
             self.apply(state)
             if dist.get_global_rank() == 0 and before != self.chosen:
-                log.info(
-                    "noise_interval_search: training noise interval %s -> %s", list(before), list(self.chosen)
-                )
+                log.info("noise_interval_search: training noise intervals %s -> %s", before, self.chosen)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.schedule.state_dict(), "chosen": list(self.chosen) if self.chosen else None}
+        return {**self.schedule.state_dict(), "chosen": {bs: list(iv) for bs, iv in self.chosen.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state)
-        chosen = state.get("chosen")
-        self.chosen = (float(chosen[0]), float(chosen[1])) if chosen else None
+        self.chosen = {
+            int(bs): (float(iv[0]), float(iv[1])) for bs, iv in (state.get("chosen") or {}).items()
+        }
         if self._state is not None:
             self.apply(self._state)
 
 
 class Generation(ScheduledEval):
-    """Samples at the training block size with the KV-cache sampler, logged as text and statistics.
+    """Samples at the (smallest) training block size with the KV-cache sampler, logged as text and statistics.
 
     The prompt is one BOS token (EOS when the tokenizer has no BOS). Logs ``eval/gen/unigram_entropy``
     (per-sample entropy of the token frequencies, nats, averaged), ``eval/gen/nfe_per_token`` and,
@@ -184,6 +195,7 @@ class Generation(ScheduledEval):
         self._ref: tuple[Any, Any] | None = None
         self.last_samples: list[str] = []
         self.last_metrics: dict[str, float] = {}
+        self.last_protocol: dict[str, Any] = {}
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -212,7 +224,7 @@ class Generation(ScheduledEval):
         cm = composer_model(state)
         settings = {f.name: getattr(self.section, f.name) for f in dataclasses.fields(SamplerConfig)}
         settings.update(
-            block_size=cm.diffusion.block_size,
+            block_size=min(cm.diffusion.block_sizes),
             eos_token_id=cm.model.config.eos_token_id,
             shift=cm.diffusion.shift,
         )
@@ -269,7 +281,11 @@ class Generation(ScheduledEval):
                 for i, t in enumerate(texts):
                     dest.writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
         stats = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if math.isfinite(v))
-        lines = [f"[generation] batch {batch}: {stats}"]
+        protocol = generation_protocol(self.sampler_config(state), self.section.num_samples, self.reference)
+        self.last_protocol = protocol
+        logger.log_hyperparameters({f"eval/gen/protocol/{k}": v for k, v in protocol.items()})
+        shown = ", ".join(f"{k} {v}" for k, v in protocol.items() if k != "num_samples")
+        lines = [f"[generation] batch {batch}: {stats} ({shown})"]
         lines += [f"[generation] sample {i}: {t!r}" for i, t in enumerate(texts)]
         print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -148,7 +148,8 @@ class LossLog(Callback):
     """Rank 0 appends ``{"batch": n, "time": unix seconds, "loss/train/total": ..., ...}`` per batch.
 
     With ``sample_ids`` the record also has ``rows``: the split indices of the global batch's rows in
-    stream order. A line cut by a kill is dropped when the file is opened again.
+    stream order, and ``block_size_by_rank``: the L' each rank's last microbatch trained with.
+    A line cut by a kill is dropped when the file is opened again.
     """
 
     def __init__(self, path: str | Path, sample_ids: bool = False):
@@ -169,11 +170,13 @@ class LossLog(Callback):
             mine = list(zip(b["sample_index"].tolist(), b["dataset_index"].tolist()))
             pairs = sorted(p for part in dist.all_gather_object(mine) for p in part)
             rows = [row for _, row in pairs]
+            sizes = dist.all_gather_object(getattr(unwrap(state), "last_block_size", None))
         if dist.get_global_rank() != 0:
             return
         record = {"batch": int(state.timestamp.batch), "time": time.time(), **state.total_loss_dict}
         if rows is not None:
             record["rows"] = rows
+            record["block_size_by_rank"] = sizes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

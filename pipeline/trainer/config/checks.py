@@ -69,17 +69,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
     d = cfg.diffusion
     if cfg.max_seq_len < 2:
         raise ConfigError("max_seq_len", f"must be at least 2, got {cfg.max_seq_len}")
-    try:
-        check_block_size(cfg.max_seq_len, d.block_size)
-    except ValueError as e:
-        src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
-        raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
-    if len(d.noise_interval) != 2 or not 0.0 <= d.noise_interval[0] < d.noise_interval[1] <= 1.0:
-        raise ConfigError(
-            "diffusion.noise_interval",
-            f"must be [beta, omega] with 0 <= beta < omega <= 1, got {d.noise_interval} "
-            "(BD3-LM uses [0.3, 0.8] for block size 16, [0.45, 0.95] for 4)",
-        )
+    check_diffusion(cfg, max_seq_len_source)
     for key in ("anneal_steps", "loss_chunk_size"):
         if getattr(d, key) < (1 if key == "loss_chunk_size" else 0):
             raise ConfigError(f"diffusion.{key}", f"must be positive, got {getattr(d, key)}")
@@ -153,6 +143,48 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
                 )
     if m.mask_token_id is not None and m.mask_token_id < 0:
         raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
+
+
+def check_diffusion(cfg: TrainConfig, max_seq_len_source=None) -> None:
+    """``diffusion.block_size`` (one size or a list), its weights and the noise interval(s)."""
+    d = cfg.diffusion
+    sizes = d.block_sizes
+    if not sizes:
+        raise ConfigError("diffusion.block_size", "must be a block size or a non-empty list of them")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError("diffusion.block_size", f"lists a block size twice: {sizes}")
+    for b in sizes:
+        try:
+            check_block_size(cfg.max_seq_len, b)
+        except ValueError as e:
+            src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
+            raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
+    w = d.block_size_weights
+    if w is not None:
+        if isinstance(d.block_size, int):
+            raise ConfigError("diffusion.block_size_weights", "needs diffusion.block_size to be a list")
+        if len(w) != len(sizes) or not all(x >= 0 for x in w) or sum(w) <= 0:
+            raise ConfigError(
+                "diffusion.block_size_weights",
+                f"must be {len(sizes)} non-negative numbers, not all 0 (one per block size {sizes}), got {w}",
+            )
+    intervals = d.noise_interval if isinstance(d.noise_interval, dict) else {None: d.noise_interval}
+    if isinstance(d.noise_interval, dict):
+        missing = [b for b in sizes if b not in intervals]
+        extra = [b for b in intervals if b not in sizes]
+        if missing or extra:
+            raise ConfigError(
+                "diffusion.noise_interval",
+                f"maps block sizes {sorted(intervals)} but diffusion.block_size is {sizes}: give one "
+                "[beta, omega] per trained block size",
+            )
+    for b, iv in intervals.items():
+        if len(iv) != 2 or not 0.0 <= iv[0] < iv[1] <= 1.0:
+            raise ConfigError(
+                "diffusion.noise_interval" + ("" if b is None else f".{b}"),
+                f"must be [beta, omega] with 0 <= beta < omega <= 1, got {iv} "
+                "(BD3-LM uses [0.3, 0.8] for block size 16, [0.45, 0.95] for 4)",
+            )
 
 
 def block_size_list(cfg: TrainConfig) -> list[int]:

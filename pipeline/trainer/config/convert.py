@@ -57,7 +57,20 @@ def load_config(
         if "=" not in item or item.startswith("="):
             raise ConfigError("", f"override {item!r} is not of the form key.sub=value")
     try:
-        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
+        given = OmegaConf.from_dotlist(overrides)
+        for item in overrides:
+            # A mapping given for a list (diffusion.noise_interval={4: [...], 8: [...]}) or the other
+            # way round replaces the YAML's value: OmegaConf cannot merge the two kinds.
+            key = item.split("=", 1)[0]
+            kw = dict(throw_on_missing=False, throw_on_resolution_failure=False, default=None)
+            old, new = OmegaConf.select(raw, key, **kw), OmegaConf.select(given, key, **kw)
+            if (
+                OmegaConf.is_config(old)
+                and OmegaConf.is_config(new)
+                and OmegaConf.is_list(old) != OmegaConf.is_list(new)
+            ):
+                OmegaConf.update(raw, key, None, merge=False)
+        merged = OmegaConf.merge(raw, given)
         data = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
@@ -154,7 +167,16 @@ def _convert(value: Any, tp, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
+        args = typing.get_args(tp)
+        if not args:
+            return dict(value)
+        k_tp, v_tp = args
+        out = {}
+        for k, v in value.items():
+            # YAML and dotlist overrides may write integer keys as strings ("4": ...).
+            k = int(k) if k_tp is int and isinstance(k, str) and k.isdigit() else k
+            out[_convert(k, k_tp, f"{key}.{k}")] = _convert(v, v_tp, f"{key}.{k}")
+        return out
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

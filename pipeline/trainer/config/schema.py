@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS
+from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
 
@@ -185,14 +185,17 @@ class NoiseIntervalSearchSection:
     ``every_n_evals``-th tick of the evaluation schedule (``interval``, default: the
     block_size_likelihood interval, else ``eval_interval``), the interval [beta, beta + width] (widths
     x offsets on a ``step`` grid, plus [1e-3, 1]) whose training NELBO estimator has the lowest variance
-    over the first ``num_batches`` global eval batches. ``adopt``: train with it from then on (kept in
-    the checkpoint, re-applied on resume). Logs ``eval/noise_interval/{beta,omega,variance}``."""
+    over the first ``num_batches`` global eval batches, for every trained block size. ``criterion``:
+    "block" (BD3-LM: variance of the per-block mean loss) or "row" (variance of the per-row NELBO).
+    ``adopt``: train with it from then on (kept in the checkpoint, re-applied on resume). Logs
+    ``eval/noise_interval/{beta,omega,variance}`` (``eval/noise_interval/bs{N}/...`` with several sizes)."""
 
     every_n_evals: int = 1
     interval: str | int | None = None
     num_batches: int = 4
     widths: list[float] = field(default_factory=lambda: list(INTERVAL_WIDTHS))
     step: float = 0.05
+    criterion: Literal["block", "row"] = SEARCH_CRITERION
     adopt: bool = True
 
 
@@ -206,7 +209,7 @@ class GenerationSection(SamplerConfig):
     shift are the run's."""
 
     NOT_IN_YAML: ClassVar[dict[str, str]] = {
-        "block_size": "the training block size (diffusion.block_size)",
+        "block_size": "the smallest training block size (diffusion.block_size)",
         "eos_token_id": "the model's EOS id",
         "shift": "diffusion.shift",
     }

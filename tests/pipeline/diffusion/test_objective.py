@@ -15,6 +15,7 @@ from pipeline.diffusion.objective import (
     ar_nll,
     chunked_cross_entropy,
     compute_nelbo,
+    draw_masks,
     eval_nelbo,
     protected_positions,
 )
@@ -33,7 +34,7 @@ L = 32
 def _masks_of(out, x0, cfg, noise_ids, block_size, doc_starts=None):
     """The exact masks compute_nelbo used: same ids, same (clamped) t, same protected positions."""
     protect = protected_positions(x0, doc_starts, cfg.per_document)
-    return sample_masks(noise_ids, out.t, block_size, cfg.seed, protect)
+    return draw_masks(cfg, noise_ids, out.t, block_size, cfg.interval_for(block_size), protect)
 
 
 # -- 1. L' = 1 is the AR model ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.diffusion import objective
 from pipeline.diffusion.noise import MIN_T, sample_masks
-from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo, protected_positions
+from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo, draw_masks, protected_positions
 from tests.pipeline.diffusion.reference import loop_reference, token_weights, tokens
 
 L = 32
@@ -95,7 +95,7 @@ def _complementary_setup(model, block_size):
     with torch.no_grad():
         out = compute_nelbo(model, x, cfg, ids)
     protect = protected_positions(x, None, False)
-    masks = sample_masks(ids, out.t, block_size, cfg.seed, protect)
+    masks = draw_masks(cfg, ids, out.t, block_size, cfg.interval_for(block_size), protect)
     comp = ~masks & ~protect
     w = token_weights(out.t, block_size)
     w_comp = 1.0 / (1.0 - out.t.double()).clamp(min=MIN_T).repeat_interleave(block_size, dim=1)
@@ -148,7 +148,9 @@ def test_per_document_equals_running_each_document_alone(model, block_size, shif
     cfg = DiffusionConfig(block_size=block_size, shift=shift, per_document=True, noise_interval=(0.1, 0.9))
     with torch.no_grad():
         out = compute_nelbo(model, x, cfg, ids, doc_starts=docs)
-    masks = sample_masks(ids, out.t, block_size, cfg.seed, protected_positions(x, docs, True))
+    masks = draw_masks(
+        cfg, ids, out.t, block_size, cfg.interval_for(block_size), protected_positions(x, docs, True)
+    )
     assert not masks[:, starts].any()
     assert out.n_scored.tolist() == [L - len(starts)] * 2
     total = torch.zeros(2, dtype=torch.float64)
@@ -215,7 +217,14 @@ def test_other_documents_do_not_change_a_documents_token_losses(model, monkeypat
         captured.clear()
         with torch.no_grad():
             out = compute_nelbo(model, inp, cfg, ids, doc_starts=docs)
-        masks = sample_masks(ids, out.t, block_size, cfg.seed, protected_positions(inp, docs, per_document))
+        masks = draw_masks(
+            cfg,
+            ids,
+            out.t,
+            block_size,
+            cfg.interval_for(block_size),
+            protected_positions(inp, docs, per_document),
+        )
         cols = masks.nonzero(as_tuple=True)[1]
         ce = torch.cat(captured)
         assert ce.shape == cols.shape

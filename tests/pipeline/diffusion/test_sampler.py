@@ -171,3 +171,56 @@ def test_sample_cli_writes_json_and_cache_matches_no_cache(model, tmp_path):
     assert len(outs[0]["tokens"]) == 20
     assert {"tokens", "text", "nfe", "tokens_per_s"} <= outs[0].keys()
     assert outs[0]["nfe"] > 0 and outs[0]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_last_block_is_denoised_whole_then_cut(model, monkeypatch, sampler):
+    """max_new_tokens not a multiple of L': the last block still has L' positions (the shape training
+    sees), so the kept tokens are those of the longer run that completes the block."""
+    from pipeline.diffusion import sampler as sampler_module
+
+    shapes = []
+    denoise = sampler_module._denoise_block
+
+    def spy(ctx, block, *args):
+        shapes.append(block.shape[1])
+        return denoise(ctx, block, *args)
+
+    monkeypatch.setattr(sampler_module, "_denoise_block", spy)
+    prompt = torch.tensor([[1, 3, 4, 5]])
+    short = _gen(model, prompt, block_size=4, max_new_tokens=6, sampler=sampler, seed=3)
+    assert shapes == [4, 4] and short.tokens.shape == (1, 6)
+    full = _gen(model, prompt, block_size=4, max_new_tokens=8, sampler=sampler, seed=3)
+    assert torch.equal(short.tokens, full.tokens[:, :6])
+
+
+class _FixedContext:
+    """A context whose every prediction is the same distribution (no network)."""
+
+    def __init__(self, probs: list[float], n: int):
+        self.logits = torch.tensor(probs).log().expand(1, n, -1).clone()
+        self.last_logits = self.logits[:, 0]
+        self.cache = object()
+        self.tokens = torch.zeros(1, 0, dtype=torch.long)
+        self.steps = 0
+
+    def block_logits(self, block):
+        return self.logits
+
+
+def test_confidence_is_the_plain_softmax_not_the_nucleus():
+    """p = [0.88, 0.05, 0.04, 0.03], top-p 0.9 keeps the first two: renormalized, the top token has
+    0.946 > threshold 0.9, but its plain probability 0.88 does not cross it (Fast-dLLM v2): one token
+    per step (the most confident), not the whole block at once."""
+    from pipeline.diffusion.sampler import _denoise_block
+
+    cfg = SamplerConfig(block_size=4, sampler="confidence", threshold=0.9, top_p=0.9, temperature=0.0)
+    ctx = _FixedContext([0.88, 0.05, 0.04, 0.03], 4)
+    mask_id = 9
+    block = torch.full((1, 4), mask_id)
+    out = _denoise_block(ctx, block, cfg, torch.tensor([], dtype=torch.long), mask_id, torch.Generator())
+    assert out.tolist() == [[0, 0, 0, 0]]
+    assert ctx.steps == 4
+    ctx = _FixedContext([0.92, 0.05, 0.02, 0.01], 4)  # above the threshold: the whole block in one step
+    _denoise_block(ctx, block, cfg, torch.tensor([], dtype=torch.long), mask_id, torch.Generator())
+    assert ctx.steps == 1

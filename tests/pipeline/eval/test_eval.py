@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from pipeline.diffusion.metrics import evaluate_block_sizes, interval_grid, noise_interval_search
-from pipeline.diffusion.objective import DiffusionConfig
+from pipeline.diffusion.metrics import EVAL_SEED, evaluate_block_sizes, interval_grid, noise_interval_search
+from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo
+from pipeline.diffusion.sampler import SamplerConfig
 from pipeline.eval import main
 from pipeline.rows import RowReader
 from pipeline.save_folder import load_for_inference
@@ -113,6 +114,36 @@ def test_noise_interval_search_reports_the_minimum_variance(hf_dir, data_dir):
     # Recomputing the chosen interval alone gives the same variance (fixed noise).
     _, again = noise_interval_search(model, batches, 4, DiffusionConfig(block_size=4), grid=[tuple(chosen)])
     assert again[0]["variance"] == pytest.approx(best["variance"], rel=1e-9)
+
+
+def test_noise_interval_search_criteria_against_a_loop(hf_dir, data_dir):
+    """ "block" (BD3-LM) is the variance over (row, block) of the block's mean weighted loss over its
+    L' positions; "row" the variance over rows of the per-row NELBO; both pooled over every batch."""
+    import statistics
+
+    model = load_for_inference(hf_dir)
+    rows = RowReader(data_dir, "val")
+    batches = list(rows.batches(list(range(len(rows))), 5))
+    grid = [(0.3, 0.8), (0.1, 0.9)]
+    cfg = DiffusionConfig(block_size=4)
+    _, by_block = noise_interval_search(model, batches, 4, cfg, grid=grid, criterion="block")
+    _, by_row = noise_interval_search(model, batches, 4, cfg, grid=grid, criterion="row")
+    for iv, rb, rr in zip(grid, by_block, by_row):
+        c = DiffusionConfig(block_size=4, noise_interval=iv, seed=EVAL_SEED)
+        block_means, row_nelbo = [], []
+        for batch in batches:
+            with torch.no_grad():
+                out = compute_nelbo(
+                    model, batch["input_ids"], c, batch["sample_index"], doc_starts=batch["doc_starts"]
+                )
+            for r in range(out.block_nelbo.shape[0]):
+                row_nelbo.append(float(out.nelbo_sum[r]) / float(out.n_scored[r]))
+                block_means += [float(v) / 4 for v in out.block_nelbo[r]]
+        assert rb["variance"] == pytest.approx(statistics.variance(block_means), rel=1e-6)
+        assert rr["variance"] == pytest.approx(statistics.variance(row_nelbo), rel=1e-6)
+        assert rb["mean_nelbo"] == rr["mean_nelbo"]
+    with pytest.raises(ValueError, match="criterion"):
+        noise_interval_search(model, batches, 4, cfg, grid=grid, criterion="rows")
 
 
 def test_bad_block_size_and_missing_data_are_refused(hf_dir, data_dir, tmp_path, capsys):
@@ -214,6 +245,22 @@ def test_generative_perplexity_matches_transformers_rescoring(hf_dir, data_dir, 
         n += lp.numel()
     assert n == g["scored_tokens"]
     assert g["gen_ppl"] == pytest.approx(math.exp(total / n), rel=1e-4)
+    # BD3-LM's protocol by default, recorded with the numbers; and settable.
+    assert g["protocol"] == {
+        "sampler": "first_hitting",
+        "top_p": 0.9,
+        "threshold": SamplerConfig.threshold,
+        "temperature": SamplerConfig.temperature,
+        "block_size": 4,
+        "max_new_tokens": 12,
+        "seed": EVAL_SEED,
+        "num_samples": 2,
+        "reference": str(hf_dir),
+    }
+    assert g["nfe_per_token"] <= 1.0  # one token per denoising step
+    assert main([*args, "--gen-sampler", "confidence", "--gen-top-p", "0.5"]) == 0
+    pr = json.loads(out.read_text())["generation"]["protocol"]
+    assert (pr["sampler"], pr["top_p"]) == ("confidence", 0.5)
 
 
 def test_genppl_needs_a_reference(hf_dir, data_dir, capsys):

@@ -62,7 +62,9 @@ def test_flops_body_matches_a_flop_counter():
     tokens, pairs = attention_pairs(L, block, True)
     attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * pairs
     head = 6 * c.hidden_size * c.vocab_size * (L - 1) * 0.5
-    assert train_flops_per_sample(model.config, d, L) == pytest.approx(3 * linear + attn + head, rel=1e-5)
+    assert train_flops_per_sample(model.config, d, L, block) == pytest.approx(
+        3 * linear + attn + head, rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("per_document", [False, True])

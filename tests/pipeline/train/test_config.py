@@ -78,6 +78,56 @@ def test_block_size_must_divide_seq_len(tiny_data, tmp_path):
     assert "${variables.max_seq_len}" in str(e)  # says where the length came from
 
 
+def test_several_block_sizes_and_their_intervals(tiny_data, tmp_path):
+    cfg, _ = _load(
+        tiny_data,
+        tmp_path,
+        "diffusion.block_size=[4, 8, 16]",
+        "diffusion.block_size_weights=[1, 1, 2]",
+        "diffusion.noise_interval={4: [0.45, 0.95], 8: [0.3, 0.8], '16': [0.2, 0.7]}",
+    )
+    d = cfg.diffusion
+    assert (
+        d.block_sizes == [4, 8, 16] and d.interval_for(16) == (0.2, 0.7) and d.interval_for(4) == (0.45, 0.95)
+    )
+    # One pair for every size (the YAML's).
+    assert _load(tiny_data, tmp_path, "diffusion.block_size=[2, 4]")[0].diffusion.interval_for(2) == (
+        0.45,
+        0.95,
+    )
+    cases = [
+        (["diffusion.block_size=[4, 5]"], "diffusion.block_size", "does not divide the sequence length"),
+        (["diffusion.block_size=[4, 4]"], "diffusion.block_size", "twice"),
+        (["diffusion.block_size=[]"], "diffusion.block_size", "non-empty"),
+        (
+            ["diffusion.block_size=[4, 8]", "diffusion.block_size_weights=[1]"],
+            "diffusion.block_size_weights",
+            "2",
+        ),
+        (["diffusion.block_size_weights=[1]"], "diffusion.block_size_weights", "a list"),
+        (
+            ["diffusion.block_size=[4, 8]", "diffusion.noise_interval={4: [0.45, 0.95]}"],
+            "diffusion.noise_interval",
+            "one [beta, omega] per trained block size",
+        ),
+        (
+            ["diffusion.block_size=[4, 8]", "diffusion.noise_interval={4: [0.45, 0.95], 8: [0.9, 0.3]}"],
+            "diffusion.noise_interval.8",
+            "0 <= beta < omega <= 1",
+        ),
+    ]
+    for extra, key, text in cases:
+        e = _error(tiny_data, tmp_path, *extra)
+        assert e.key == key and text in str(e), (extra, e.key, str(e))
+
+
+def test_exported_config_records_the_trained_block_sizes(tiny_data, tmp_path):
+    """The smallest trained size is the default of sampling and evaluation; all are recorded."""
+    config = _load(tiny_data, tmp_path, "diffusion.block_size=[8, 2, 4]")[1].model_config
+    assert config.block_size == 2 and config.trained_block_sizes == [2, 4, 8]
+    assert config.to_hf_config()["bd3"]["trained_block_sizes"] == [2, 4, 8]
+
+
 def test_global_batch_divisible_by_world_times_microbatch(tiny_data, tmp_path):
     _load(tiny_data, tmp_path, "device_train_microbatch_size=4", world_size=2)  # 16 = 2 x 4 x 2
     e = _error(tiny_data, tmp_path, "device_train_microbatch_size=3", world_size=2)

@@ -124,8 +124,8 @@ def test_callbacks_log_and_leave_training_bitwise_unchanged(
 
     # noise_interval_search: logged, not adopted; the chosen interval is the lowest-variance record.
     search = callback(on, "NoiseIntervalSearch")
-    best = min(search.last_records, key=lambda r: r["variance"])
-    assert search.chosen == tuple(best["interval"])
+    best = min(search.last_records[4], key=lambda r: r["variance"])
+    assert search.chosen == {4: tuple(best["interval"])}
     assert logged(cap, "eval/noise_interval/beta")[4] == best["interval"][0]
     assert logged(cap, "eval/noise_interval/omega")[4] == best["interval"][1]
     assert logged(cap, "eval/noise_interval/variance")[4] == best["variance"]
@@ -137,7 +137,11 @@ def test_callbacks_log_and_leave_training_bitwise_unchanged(
     samples = callback(on, "Generation").last_samples
     assert len(samples) == 2 and all(re.fullmatch(r"(w\d+|<\|endoftext\|>)( \S+)*", s) for s in samples)
     assert cap.traces["eval/gen/sample0"][-1] == samples[0]
-    assert f"[generation] sample 0: {samples[0]!r}" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"[generation] sample 0: {samples[0]!r}" in err
+    protocol = callback(on, "Generation").last_protocol  # how the samples were drawn, logged with them
+    assert protocol["block_size"] == 4 and protocol["reference"] is not None
+    assert f"sampler {protocol['sampler']}, top_p {protocol['top_p']}" in err
 
 
 def test_block_size_likelihood_is_reproducible_and_bs1_is_the_ar_nll(tiny_data, tmp_path, one_thread):
@@ -175,13 +179,16 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
     common = [*COMMON, *callbacks_on(adopt=True), "callbacks.block_size_likelihood=null", "run_name=adopt"]
     full, _ = train(tiny_data, tmp_path / "a", *common, f"callbacks.loss_log.path={tmp_path}/a.jsonl")
     search = callback(full, "NoiseIntervalSearch")
-    best = tuple(min(search.last_records, key=lambda r: r["variance"])["interval"])
-    assert search.chosen == best != (0.45, 0.95)  # the test would prove nothing if it kept the YAML's
+    best = tuple(min(search.last_records[4], key=lambda r: r["variance"])["interval"])
+    assert search.chosen == {4: best} and best != (
+        0.45,
+        0.95,
+    )  # the test would prove nothing if it kept the YAML's
     assert full.state.model.diffusion.noise_interval == best
 
     log_b = f"callbacks.loss_log.path={tmp_path}/b.jsonl"
     first, _ = train(tiny_data, tmp_path / "b", *common, "max_duration=2ba", log_b)
-    chosen = callback(first, "NoiseIntervalSearch").chosen
+    chosen = callback(first, "NoiseIntervalSearch").chosen.get(4)
     assert chosen is not None
 
     trainer = build_trainer(config(tiny_data, tmp_path / "b", *common, log_b))  # autoresume at batch 2

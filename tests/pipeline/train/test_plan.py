@@ -19,8 +19,8 @@ from pipeline.model.memory import model_state_bytes, param_counts
 from pipeline.plan import main as plan_main
 from pipeline.planning import plan_run
 from pipeline.trainer import load_config
-from tests.pipeline.model.helpers import tiny_config
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides, write_data_folder
+from tests.factories import tiny_data_folder, tiny_model_config, write_tokenizer
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
 
 GIB = 2**30
 TINYLLAMA = dict(
@@ -45,7 +45,7 @@ TINYLLAMA = dict(
 def mid_model():
     """A real (allocated) 16.6M-parameter model: DeepSpeed counts parameters by data pointer."""
     torch.manual_seed(0)
-    return BD3LM(tiny_config(vocab_size=32064, base_vocab_size=32000, mask_token_id=32000, hidden_size=256))
+    return BD3LM(tiny_model_config(32000, hidden_size=256))
 
 
 def printed_gpu_gib(text: str) -> list[float]:
@@ -109,7 +109,7 @@ def test_param_counts_match_the_allocated_model_and_count_tied_weights_once(mid_
 
 # --------------------------------------------------------------------------------------- the trace
 def test_trace_activations_grow_with_the_microbatch_and_shrink_with_checkpointing():
-    c = tiny_config(num_hidden_layers=4)
+    c = tiny_model_config(num_hidden_layers=4)
     d = DiffusionConfig(block_size=4, noise_interval=(0.3, 0.8))
     kw = dict(seq_len=64, param_dtype=torch.float32)
     one = trace_train_step(c, d, batch=1, activation_checkpointing=False, **kw).activations_bytes
@@ -126,7 +126,7 @@ def test_trace_follows_the_objectives_switches():
     a causal pass."""
     import dataclasses
 
-    c = tiny_config(num_hidden_layers=2)
+    c = tiny_model_config(num_hidden_layers=2)
     base = DiffusionConfig(block_size=4, noise_interval=(0.3, 0.8))
     kw = dict(batch=4, seq_len=64, activation_checkpointing=False, attention="sdpa")
 
@@ -233,7 +233,7 @@ from pipeline.trainer import load_config
 from pipeline.trainer.build import run
 # Everything run() imports lazily, imported before the baseline (Composer alone is ~230 MB resident).
 import composer.callbacks, composer.loggers, composer.optim, composer.trainer, streaming
-import pipeline.trainer.callbacks, pipeline.trainer.checkpointing, pipeline.trainer.composer_model
+import pipeline.trainer.callbacks, pipeline.trainer.safe_saves, pipeline.trainer.composer_model
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]), world_size=1)
 import gc; gc.collect()
 with open("/proc/self/statm") as f:
@@ -270,10 +270,8 @@ def test_planned_peak_is_within_20_percent_of_a_real_cpu_run(tmp_path):
     (weights, gradients, Adam state, activations, and what the plan does not model: malloc's retained
     free memory, the data loader, Composer's state). Planned = model states (16 bytes/param) + the fake-tensor trace of one microbatch.
     """
-    from tests.pipeline.train.conftest import write_tokenizer
-
     tok = write_tokenizer(tmp_path / "tok" / "tokenizer.json")
-    data = write_data_folder(tmp_path / "data", tok, train_rows=64, val_rows=8, seq_len=128)
+    data = tiny_data_folder(tmp_path / "data", tok, train_rows=64, val_rows=8, seq_len=128)
     overrides = [*tiny_overrides(data, tok, tmp_path / "run"), *MID]
     cfg = load_config(YAMLS / "bd3_tiny.yaml", overrides, world_size=1)
     plan = plan_run(cfg, gpus=1, gpu_memory_gib=64, device="cpu")
