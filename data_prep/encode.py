@@ -1,7 +1,10 @@
 """Tokenizing batches of documents into flat token arrays, in worker processes, in corpus order.
 
 Workers are forked (spawned where fork does not exist), each with its own tokenizer, and get
-batches of texts in order; at most a few batches are in flight, so memory stays bounded.
+batches of raw records (undecoded jsonl lines, txt pieces, parquet values) in order: decoding,
+JSON parsing and tokenizing all happen in the workers, so the parent does no work per character.
+At most a few batches are in flight, so memory stays bounded. The same pool runs other tasks
+(`submit`), such as compressing and writing shards.
 """
 
 from __future__ import annotations
@@ -12,16 +15,59 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_prep.sources import decode_record
 
-class TextBatch(Protocol):
-    texts: list[str]
+
+@dataclass
+class RecordBatch:
+    """Consecutive documents of the corpus as raw records (see `sources.iter_records`).
+
+    `segments` says where each file's records begin: (first index in `records`, path, kind).
+    `numbers[i]` locates record i in its file, for error messages.
+    """
+
+    part: int
+    text_field: str = "text"
+    records: list = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)
+    segments: list[tuple[int, str, str]] = field(default_factory=list)
+    chars: int = 0
+
+
+@dataclass
+class Encoded:
+    """A tokenized `RecordBatch`: `tokens`/`lengths` as from `encode_texts` (non-empty documents only)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    n_empty: int  # documents skipped as empty or all whitespace
+    invalid: list[int]  # indices (in the batch) of records that were not valid UTF-8
+
+
+def encode_records(
+    tok: Tokenizer, batch: RecordBatch, eos_id: int, bos_id: int | None, dtype: str
+) -> Encoded:
+    """Decode the raw records of `batch`, skip empty documents and tokenize the rest."""
+    texts, invalid, n_empty = [], [], 0
+    bounds = [start for start, _, _ in batch.segments[1:]] + [len(batch.records)]
+    for (start, path, kind), stop in zip(batch.segments, bounds):
+        for i in range(start, stop):
+            text, bad = decode_record(kind, batch.records[i], batch.text_field, path, batch.numbers[i])
+            if bad:
+                invalid.append(i)
+            if not text or text.isspace():
+                n_empty += 1
+            else:
+                texts.append(text)
+    tokens, lengths = encode_texts(tok, texts, eos_id, bos_id, dtype)
+    return Encoded(tokens, lengths, n_empty, invalid)
 
 
 def encode_texts(
@@ -78,9 +124,13 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode_in_worker(batch: RecordBatch) -> Encoded:
     w = _worker
-    return encode_texts(w["tok"], texts, w["eos_id"], w["bos_id"], w["dtype"])
+    return encode_records(w["tok"], batch, w["eos_id"], w["bos_id"], w["dtype"])
+
+
+def _warm_up() -> None:
+    pass
 
 
 class OrderedEncoder:
@@ -110,23 +160,34 @@ class OrderedEncoder:
                 initargs=(tokenizer_json, eos_id, bos_id, dtype, os.getpid()),
             )
             # The first submit forks the workers: do it now, before the caller starts threads.
-            self.pool.submit(_encode_in_worker, [])
+            self.pool.submit(_warm_up)
 
-    def map(self, batches: Iterable[TextBatch]) -> Iterator[tuple[TextBatch, np.ndarray, np.ndarray]]:
-        """Yield (batch, tokens, lengths) for each batch, in order (see `encode_texts`)."""
+    def map(self, batches: Iterable[RecordBatch]) -> Iterator[tuple[RecordBatch, Encoded]]:
+        """Yield (batch, encoded) for each batch, in order (see `encode_records`)."""
         if self.pool is None:
             for batch in batches:
-                yield (batch, *encode_texts(self.tok, batch.texts, self.eos_id, self.bos_id, self.dtype))
+                yield batch, encode_records(self.tok, batch, self.eos_id, self.bos_id, self.dtype)
             return
         pending: deque = deque()
         for batch in batches:
-            pending.append((batch, self.pool.submit(_encode_in_worker, batch.texts)))
+            pending.append((batch, self.pool.submit(_encode_in_worker, batch)))
             if len(pending) > 2 * self.workers:
                 done, future = pending.popleft()
-                yield (done, *future.result())
+                yield done, future.result()
         while pending:
             done, future = pending.popleft()
-            yield (done, *future.result())
+            yield done, future.result()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run `fn(*args)` in a worker (here, at once, without workers); `fn` must be picklable."""
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the future, as the pool would
+            future.set_exception(exc)
+        return future
 
     def close(self) -> None:
         if self.pool is not None:

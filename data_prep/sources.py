@@ -191,7 +191,7 @@ def count_documents(source: Source, *, text_field: str = "text", doc_sep: str | 
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     if n == 0:  # fail early, before hours of work, on a wrong --text-field
-                        _jsonl_text(source, lineno, line, text_field)
+                        _jsonl_text(source.path, lineno, line, text_field)
                     n += 1
             return n
     except OSError as exc:
@@ -213,18 +213,54 @@ def iter_documents(
     """Yield (text, had_invalid_utf8) for corpus documents start..stop-1, in order.
 
     `counts[i]` is `count_documents(sources[i])`; sources wholly before `start` are not opened.
+    Invalid UTF-8 is logged once per file.
+    """
+    warned = set()
+    for i, number, raw in iter_records(sources, counts, start, stop, text_field=text_field, doc_sep=doc_sep):
+        source = sources[i]
+        text, invalid = decode_record(source.kind, raw, text_field, source.path, number)
+        if invalid and i not in warned:
+            warned.add(i)
+            warn_invalid_utf8(source.path, number)
+        yield text, invalid
+
+
+def warn_invalid_utf8(path: str, number: int) -> None:
+    """The once-per-file warning for a document that is not valid UTF-8 (`number` as in `iter_records`)."""
+    log.warning(
+        "%s: document %d (and maybe more in this file) is not valid UTF-8; "
+        "decoded with U+FFFD replacement and counted in the manifest",
+        path,
+        number,
+    )
+
+
+def iter_records(
+    sources: Sequence[Source],
+    counts: Sequence[int],
+    start: int,
+    stop: int,
+    *,
+    text_field: str = "text",
+    doc_sep: str | None = None,
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """Yield (source index, number, raw record) for corpus documents start..stop-1, undecoded.
+
+    The raw record is what `decode_record` turns into text: a jsonl line, a txt piece or file, a
+    parquet value (bytes, or None for a null). `number` locates it in its file for messages: the
+    line number for jsonl, else the document's index in the file. Reading this way costs no work
+    per character, so the text can be decoded where it is tokenized (in worker processes).
     """
     offset = 0
-    for source, count in zip(sources, counts):
+    for i, (source, count) in enumerate(zip(sources, counts)):
         lo, hi = max(start - offset, 0), min(stop - offset, count)
         offset += count
         if lo >= hi:
             continue
-        docs = islice(_iter_source(source, lo, text_field, doc_sep), hi - lo)
         n = 0
-        for doc in docs:
+        for number, raw in islice(_iter_raw(source, lo, text_field, doc_sep), hi - lo):
             n += 1
-            yield doc
+            yield i, number, raw
         if n != hi - lo:
             raise DataPrepError(
                 f"input {source.path} has fewer documents than counted ({lo + n} < {hi}); "
@@ -234,26 +270,27 @@ def iter_documents(
             return
 
 
-def _iter_source(
+def decode_record(
+    kind: str, raw: bytes | str | None, text_field: str, path: str, number: int
+) -> tuple[str, bool]:
+    """(text, had_invalid_utf8) of a raw record of a `kind` file (see `iter_records`)."""
+    if kind in ("jsonl", "jsonl.zst"):
+        return _jsonl_text(path, number, raw, text_field)
+    if raw is None:
+        return "", False
+    if isinstance(raw, str):
+        return raw, False
+    return _decode(raw)
+
+
+def _iter_raw(
     source: Source, skip: int, text_field: str, doc_sep: str | None
-) -> Iterator[tuple[str, bool]]:
-    warned = False
+) -> Iterator[tuple[int, bytes | None]]:
     if source.kind == "parquet":
-        docs = _iter_parquet(source, skip, text_field)
-    elif source.kind == "txt":
-        docs = _iter_txt(source, skip, doc_sep)
-    else:
-        docs = _iter_jsonl(source, skip, text_field)
-    for i, (text, invalid) in enumerate(docs, skip):
-        if invalid and not warned:
-            warned = True
-            log.warning(
-                "%s: document %d (and maybe more in this file) is not valid UTF-8; "
-                "decoded with U+FFFD replacement and counted in the manifest",
-                source.path,
-                i,
-            )
-        yield text, invalid
+        return _iter_parquet(source, skip, text_field)
+    if source.kind == "txt":
+        return _iter_txt(source, skip, doc_sep)
+    return _iter_jsonl(source, skip)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -275,14 +312,13 @@ def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[bytes]:
         yield rest
 
 
-def _iter_txt(source: Source, skip: int, doc_sep: str | None) -> Iterator[tuple[str, bool]]:
+def _iter_txt(source: Source, skip: int, doc_sep: str | None) -> Iterator[tuple[int, bytes]]:
     with source.open() as f:
         if doc_sep is None:
             if skip == 0:
-                yield _decode(f.read())
+                yield 0, f.read()
             return
-        for piece in islice(_txt_pieces(f, doc_sep), skip, None):
-            yield _decode(piece)
+        yield from enumerate(islice(_txt_pieces(f, doc_sep), skip, None), skip)
 
 
 def _open_jsonl(source: Source) -> IO[bytes]:
@@ -296,25 +332,24 @@ def _open_jsonl(source: Source) -> IO[bytes]:
     return raw
 
 
-def _jsonl_text(source: Source, lineno: int, line: bytes, text_field: str) -> tuple[str, bool]:
+def _jsonl_text(path: str, lineno: int, line: bytes, text_field: str) -> tuple[str, bool]:
     line_text, invalid = _decode(line)
     try:
         record = json.loads(line_text)
     except json.JSONDecodeError as exc:
-        raise DataPrepError(f"{source.path}:{lineno}: not valid JSON ({exc})") from exc
+        raise DataPrepError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
     if not isinstance(record, dict):
-        raise DataPrepError(f"{source.path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise DataPrepError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
         raise DataPrepError(
-            f"{source.path}:{lineno}: no field {text_field!r} (fields present: {sorted(record)}); "
-            "set --text-field"
+            f"{path}:{lineno}: no field {text_field!r} (fields present: {sorted(record)}); set --text-field"
         )
     text = record[text_field]
     if text is None:
         return "", invalid
     if not isinstance(text, str):
         raise DataPrepError(
-            f"{source.path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+            f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
         )
     # JSON escapes can encode lone surrogates, which are not UTF-8 and which the tokenizer rejects.
     if "\\ud" in line_text or "\\uD" in line_text:
@@ -326,15 +361,15 @@ def _jsonl_text(source: Source, lineno: int, line: bytes, text_field: str) -> tu
     return text, invalid
 
 
-def _iter_jsonl(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
+def _iter_jsonl(source: Source, skip: int) -> Iterator[tuple[int, bytes]]:
     with _open_jsonl(source) as f:
         seen = 0
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
+            if line.isspace():
                 continue
             seen += 1
             if seen > skip:
-                yield _jsonl_text(source, lineno, line, text_field)
+                yield lineno, line
 
 
 def _parquet_file(source: Source, f: IO[bytes], text_field: str):
@@ -352,33 +387,27 @@ def _parquet_file(source: Source, f: IO[bytes], text_field: str):
     return pf
 
 
-def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
+def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[int, bytes | None]]:
     import pyarrow as pa
 
     with source.open() as f:
         pf = _parquet_file(source, f, text_field)
+        number = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if skip >= n:  # whole row group before the start: never read
                 skip -= n
+                number += n
                 continue
             column = pf.read_row_group(g, columns=[text_field]).column(0)
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                try:
-                    values = column.to_pylist()
-                except UnicodeDecodeError:  # arrow does not validate strings it reads
-                    values = column.cast(pa.large_binary()).to_pylist()
-            elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-                values = column.to_pylist()
-            else:
+                # Bytes, not str: decoding (and checking) UTF-8 is left to whoever tokenizes.
+                column = column.cast(pa.large_binary())
+            elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
                 raise DataPrepError(
                     f"{source.path}: column {text_field!r} has type {column.type}, expected string"
                 )
-            for value in values[skip:]:
-                if value is None:
-                    yield "", False
-                elif isinstance(value, bytes):
-                    yield _decode(value)
-                else:
-                    yield value, False
+            values = column.to_pylist()
+            yield from enumerate(values[skip:], number + skip)
+            number += n
             skip = 0
