@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import mds
-from data_prep.encode import OrderedEncoder, RecordBatch
+from data_prep.encode import OrderedEncoder, RecordBatch, peak_rss_mib
 from data_prep.errors import DataPrepError
 from data_prep.manifest import (
     COUNT_KEYS,
@@ -76,14 +76,17 @@ class ConvertResult:
 
 @dataclass
 class RunUsage:
-    """Where the CPU and memory of a run went (None on a run that had nothing to do).
+    """Where the CPU and memory of a run went.
 
-    `parent_cpu_s`: this process (reading, ordering, packing, its threads); `workers_cpu_s`: the
-    worker processes (decoding, tokenizing, encoding/compressing/writing shards); peak resident
-    memory of this process and of the largest worker; `first_doc_s`: seconds from process start
-    until the first batch of documents was read and handed to tokenization.
+    `parent_startup_cpu_s`: this process before the work (imports, tokenizer, counting);
+    `parent_cpu_s`: this process during the work (reading, ordering, packing, its threads): the
+    part that grows with the corpus; `workers_cpu_s`: the worker processes (decoding, tokenizing,
+    encoding/compressing/writing shards); peak resident memory of this process and of the
+    largest worker; `first_doc_s`: seconds from process start until the first batch of documents
+    was read and handed to tokenization.
     """
 
+    parent_startup_cpu_s: float
     parent_cpu_s: float
     workers_cpu_s: float
     parent_peak_rss_mib: float
@@ -94,9 +97,10 @@ class RunUsage:
         per = 1e6 / tokens if tokens else 0.0
         first = f"; first document read {self.first_doc_s:.2f} s after start" if self.first_doc_s else ""
         return (
-            f"CPU: parent {self.parent_cpu_s:.2f} s ({self.parent_cpu_s * per:.3f} s per M tokens), workers "
-            f"{self.workers_cpu_s:.2f} s ({self.workers_cpu_s * per:.3f} s per M tokens); peak RSS parent "
-            f"{self.parent_peak_rss_mib:.0f} MiB, largest worker {self.worker_peak_rss_mib:.0f} MiB{first}"
+            f"CPU: parent {self.parent_cpu_s:.2f} s ({self.parent_cpu_s * per:.4f} s per M tokens; start-up "
+            f"{self.parent_startup_cpu_s:.2f} s more), workers {self.workers_cpu_s:.2f} s "
+            f"({self.workers_cpu_s * per:.3f} s per M tokens); peak RSS parent {self.parent_peak_rss_mib:.0f} MiB, "
+            f"largest worker {self.worker_peak_rss_mib:.0f} MiB{first}"
         )
 
 
@@ -291,7 +295,7 @@ def convert(
                 tokens_this_run += _convert_split(
                     out_dir / split, split, plan, reader, encoder, bar, row_format
                 )
-    usage = _usage(cpu0, reader.first_doc_s)
+    usage = _usage(cpu0, reader.first_doc_s, encoder.worker_peak_rss_mib)
 
     splits = {split: _finish_split(out_dir / split, split, plan, seq_len) for split, plan in plans.items()}
     if not slice_ix:
@@ -341,16 +345,20 @@ def _cpu_seconds() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
-def _usage(cpu0: tuple[float, float], first_doc_s: float | None) -> RunUsage:
+def _usage(cpu0: tuple[float, float], first_doc_s: float | None, worker_peak_rss_mib: float) -> RunUsage:
     import resource
 
     parent, workers = _cpu_seconds()
-    mib = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    if (parent_rss := peak_rss_mib()) is None:  # not Linux: ru_maxrss (KiB; bytes on macOS)
+        parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            2**20 if sys.platform == "darwin" else 1024
+        )
     return RunUsage(
+        parent_startup_cpu_s=cpu0[0],
         parent_cpu_s=parent - cpu0[0],
         workers_cpu_s=workers - cpu0[1],
-        parent_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * mib,
-        worker_peak_rss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * mib,
+        parent_peak_rss_mib=parent_rss,
+        worker_peak_rss_mib=worker_peak_rss_mib,
         first_doc_s=first_doc_s,
     )
 

@@ -103,6 +103,19 @@ def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:
     return tok
 
 
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+    """Peak resident memory of a process (Linux's VmHWM, which, unlike ru_maxrss, does not
+    inherit the high-water mark of the process that started this one); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 # State of a worker process, set once by _init_worker.
 _worker: dict = {}
 
@@ -143,11 +156,14 @@ class OrderedEncoder:
 
     def __init__(self, tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, workers: int):
         tokenizer_json = tok.to_str()
-        self.tok = encoding_tokenizer(tokenizer_json)
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, dtype
         self.workers = workers
         self.pool = None
-        if workers > 1:
+        self.tok = None
+        self.worker_peak_rss_mib = 0.0  # the largest worker's, known after close()
+        if workers == 1:
+            self.tok = encoding_tokenizer(tokenizer_json)
+        else:
             # fork where there is one: workers start in milliseconds and, unlike spawn, do not
             # re-import the caller's __main__ (which may be a script without a main guard, or
             # import torch). Workers never use Rust's thread pool (TOKENIZERS_PARALLELISM=false)
@@ -191,6 +207,8 @@ class OrderedEncoder:
 
     def close(self) -> None:
         if self.pool is not None:
+            for pid in list(getattr(self.pool, "_processes", None) or {}):
+                self.worker_peak_rss_mib = max(self.worker_peak_rss_mib, peak_rss_mib(pid) or 0.0)
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 

@@ -52,6 +52,26 @@ def doc_starts_from_column(column: np.ndarray, seq_len: int) -> np.ndarray:
     return column[column < seq_len]
 
 
+def open_writer(
+    out_dir: str | os.PathLike, *, dtype: str, seq_len: int, compression: str | None, size_limit: int
+):
+    """Streaming's own MDSWriter for packed rows into the empty or missing folder `out_dir`: the
+    slow, simple way (one call per row; imports `streaming`), for tests and small tools. `convert`
+    uses `ShardWriter`, which writes the same shards.
+
+    Write samples {"tokens": (seq_len,) dtype array, "doc_starts": `doc_starts_column(...)`}.
+    """
+    from streaming import MDSWriter
+
+    return MDSWriter(
+        out=str(out_dir),
+        columns=mds_columns(dtype, seq_len),
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=size_limit,
+    )
+
+
 def encode_row(tokens: np.ndarray, doc_starts: np.ndarray) -> bytes:
     """One packed row in MDS sample layout, byte for byte what MDSWriter.encode_sample produces.
 

@@ -96,7 +96,7 @@ def _packed_rows(seed, n_docs, seq_len):
 def test_shard_writer_matches_mdswriter_shard_for_shard(tmp_path, compression, size_limit):
     """The fast writer (rows appended to a file, shards encoded later and elsewhere) against MDSWriter:
     same shard cuts, same decompressed bytes, same index entries, and Streaming reads the same rows."""
-    from streaming import MDSWriter, StreamingDataset
+    from streaming import StreamingDataset
     from streaming.base.compression import decompress
 
     seq_len = 300
@@ -115,12 +115,8 @@ def test_shard_writer_matches_mdswriter_shard_for_shard(tmp_path, compression, s
         fast.write(rows[lo:hi], starts[first[lo] : first[hi]], counts[lo:hi])
     fast_index = fast.finish()
 
-    slow = MDSWriter(
-        out=str(tmp_path / "slow"),
-        columns=mds.mds_columns("uint16", seq_len),
-        compression=compression,
-        hashes=mds.SHARD_HASHES,
-        size_limit=size_limit,
+    slow = mds.open_writer(
+        tmp_path / "slow", dtype="uint16", seq_len=seq_len, compression=compression, size_limit=size_limit
     )
     for r in range(len(rows)):
         row_starts = starts[first[r] : first[r + 1]]
