@@ -120,12 +120,13 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, bos_id: int | None, dtype: str, parent_pid: int) -> None:
+def _init_worker(tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, parent_pid: int) -> None:
     # One process per core: Rust's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C reaches the whole process group; the parent handles it and shuts the workers down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(tok=encoding_tokenizer(tokenizer_json), eos_id=eos_id, bos_id=bos_id, dtype=dtype)
+    tok.encode_special_tokens = True  # again: a spawned worker gets a pickled copy without it
+    _worker.update(tok=tok, eos_id=eos_id, bos_id=bos_id, dtype=dtype)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
 
 
@@ -155,25 +156,27 @@ class OrderedEncoder:
     """
 
     def __init__(self, tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, workers: int):
-        tokenizer_json = tok.to_str()
+        # The encoder owns `tok` from here: it encodes special-token strings in the text as text.
+        tok.encode_special_tokens = True
+        self.tok = tok
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, dtype
         self.workers = workers
         self.pool = None
-        self.tok = None
         self.worker_peak_rss_mib = 0.0  # the largest worker's, known after close()
-        if workers == 1:
-            self.tok = encoding_tokenizer(tokenizer_json)
-        else:
+        if workers > 1:
             # fork where there is one: workers start in milliseconds and, unlike spawn, do not
             # re-import the caller's __main__ (which may be a script without a main guard, or
-            # import torch). Workers never use Rust's thread pool (TOKENIZERS_PARALLELISM=false)
-            # and load a fresh tokenizer, so nothing the parent's threads held matters to them.
+            # import torch). Forked workers use the parent's tokenizer object as inherited: no
+            # parsing per worker, and its vocabulary and merges stay one copy in memory (and in
+            # the CPU caches) for all of them. That is safe because the parent never encodes
+            # with it (no lock held, Rust's thread pool never started) and workers never use
+            # Rust's thread pool (TOKENIZERS_PARALLELISM=false).
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(
                 workers,
                 mp_context=mp.get_context(method),
                 initializer=_init_worker,
-                initargs=(tokenizer_json, eos_id, bos_id, dtype, os.getpid()),
+                initargs=(tok, eos_id, bos_id, dtype, os.getpid()),
             )
             # The first submit forks the workers: do it now, before the caller starts threads.
             self.pool.submit(_warm_up)
