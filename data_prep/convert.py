@@ -432,7 +432,8 @@ class _Reader:
     def batches(self, parts: Sequence[tuple[int, int]], first_part: int) -> Iterator[RecordBatch]:
         """Batches of the documents of `parts` (contiguous); a batch never spans two parts.
 
-        Work per document only (no decoding, no copy of the text beyond reading it).
+        Work per document only: no decoding, and local .jsonl and .txt documents are byte ranges
+        that the workers read themselves.
         """
         records = iter_records(
             self.sources,
@@ -441,6 +442,7 @@ class _Reader:
             parts[-1][1],
             text_field=self.text_field,
             doc_sep=self.doc_sep,
+            spans=True,
         )
         for k, (s, e) in enumerate(parts, first_part):
             batch, source = RecordBatch(k, self.text_field), -1
@@ -451,7 +453,8 @@ class _Reader:
                     batch.segments.append((len(batch.records), self.sources[i].path, self.sources[i].kind))
                 batch.records.append(raw)
                 batch.numbers.append(number)
-                batch.chars += len(raw) if raw is not None else 0
+                if raw is not None:
+                    batch.chars += raw[1] - raw[0] if isinstance(raw, tuple) else len(raw)
                 if batch.chars >= BATCH_CHARS or len(batch.records) >= BATCH_DOCS:
                     yield self._first(batch)
                     batch, source = RecordBatch(k, self.text_field), -1

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import decode_record
+from data_prep.sources import decode_record, read_spans
 
 
 @dataclass
@@ -30,7 +30,8 @@ class RecordBatch:
     """Consecutive documents of the corpus as raw records (see `sources.iter_records`).
 
     `segments` says where each file's records begin: (first index in `records`, path, kind).
-    `numbers[i]` locates record i in its file, for error messages.
+    `numbers[i]` locates record i in its file, for error messages. A record that is a (start,
+    end) byte range is read from the file by whoever decodes the batch.
     """
 
     part: int
@@ -58,8 +59,11 @@ def encode_records(
     texts, invalid, n_empty = [], [], 0
     bounds = [start for start, _, _ in batch.segments[1:]] + [len(batch.records)]
     for (start, path, kind), stop in zip(batch.segments, bounds):
-        for i in range(start, stop):
-            text, bad = decode_record(kind, batch.records[i], batch.text_field, path, batch.numbers[i])
+        raws = batch.records[start:stop]
+        if raws and isinstance(raws[0], tuple):
+            raws = read_spans(path, raws)
+        for i, raw in enumerate(raws, start):
+            text, bad = decode_record(kind, raw, batch.text_field, path, batch.numbers[i])
             if bad:
                 invalid.append(i)
             if not text or text.isspace():

@@ -188,10 +188,10 @@ def count_documents(source: Source, *, text_field: str = "text", doc_sep: str | 
                 return sum(1 for _ in _txt_pieces(f, doc_sep))
         with _open_jsonl(source) as f:
             n = 0
-            for lineno, line in enumerate(_jsonl_lines(f), 1):
-                if line and not line.isspace():
+            for lineno, (start, end, buf, base) in enumerate(_line_spans(f), 1):
+                if not _blank(buf, start - base, end - base):
                     if n == 0:  # fail early, before hours of work, on a wrong --text-field
-                        _jsonl_text(source.path, lineno, line, text_field)
+                        _jsonl_text(source.path, lineno, bytes(buf[start - base : end - base]), text_field)
                     n += 1
             return n
     except OSError as exc:
@@ -243,13 +243,16 @@ def iter_records(
     *,
     text_field: str = "text",
     doc_sep: str | None = None,
-) -> Iterator[tuple[int, int, bytes | None]]:
+    spans: bool = False,
+) -> Iterator[tuple[int, int, bytes | tuple[int, int] | None]]:
     """Yield (source index, number, raw record) for corpus documents start..stop-1, undecoded.
 
     The raw record is what `decode_record` turns into text: a jsonl line, a txt piece or file, a
     parquet value (bytes, or None for a null). `number` locates it in its file for messages: the
     line number for jsonl, else the document's index in the file. Reading this way costs no work
     per character, so the text can be decoded where it is tokenized (in worker processes).
+    With `spans`, a record of a local .jsonl file or a whole .txt file is its (start, end) byte
+    range in the file instead (see `read_spans`): the caller does not even copy the text.
     """
     offset = 0
     for i, (source, count) in enumerate(zip(sources, counts)):
@@ -258,7 +261,7 @@ def iter_records(
         if lo >= hi:
             continue
         n = 0
-        for number, raw in islice(_iter_raw(source, lo, text_field, doc_sep), hi - lo):
+        for number, raw in islice(_iter_raw(source, lo, text_field, doc_sep, spans), hi - lo):
             n += 1
             yield i, number, raw
         if n != hi - lo:
@@ -283,14 +286,25 @@ def decode_record(
     return _decode(raw)
 
 
+def read_spans(path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (start, end) range of a local file, ranges in file order (one read)."""
+    lo, hi = spans[0][0], spans[-1][1]
+    with open(path, "rb") as f:
+        f.seek(lo)
+        data = f.read(hi - lo)
+    return [data[a - lo : b - lo] for a, b in spans]
+
+
 def _iter_raw(
-    source: Source, skip: int, text_field: str, doc_sep: str | None
-) -> Iterator[tuple[int, bytes | None]]:
+    source: Source, skip: int, text_field: str, doc_sep: str | None, spans: bool
+) -> Iterator[tuple[int, bytes | tuple[int, int] | None]]:
     if source.kind == "parquet":
         return _iter_parquet(source, skip, text_field)
     if source.kind == "txt":
+        if spans and doc_sep is None and not source.is_hub:
+            return iter([(0, (0, os.path.getsize(source.path)))] if skip == 0 else [])
         return _iter_txt(source, skip, doc_sep)
-    return _iter_jsonl(source, skip)
+    return _iter_jsonl(source, skip, spans and source.kind == "jsonl" and not source.is_hub)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -361,27 +375,50 @@ def _jsonl_text(path: str, lineno: int, line: bytes, text_field: str) -> tuple[s
     return text, invalid
 
 
-def _jsonl_lines(f: IO[bytes]) -> Iterator[bytes]:
-    """The lines of `f` (without their newline), read in big chunks: a few times cheaper per line
-    than iterating the file, which matters because the parent process reads the whole corpus."""
-    rest = b""
-    while chunk := f.read(_READ_CHUNK):
-        lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
+def _line_spans(f: IO[bytes]) -> Iterator[tuple[int, int, bytearray, int]]:
+    """(start, end, buf, base) for every line of `f`: its byte range in the file (newline left
+    out), found in `buf`, which holds the file from offset `base` (valid until the next line).
+
+    One reusable buffer and `find`: no copy of the text, which matters because the parent
+    process scans the whole corpus. The caller copies the line out only if it wants its bytes.
+    """
+    buf = bytearray(_READ_CHUNK)
+    base = pos = 0
+    n = f.readinto(buf)
+    while n:
+        nl = buf.find(b"\n", pos, n)
+        if nl >= 0:
+            yield base + pos, base + nl, buf, base
+            pos = nl + 1
+            continue
+        rest = n - pos  # a partial line: move it to the front and read on
+        if rest == len(buf):
+            buf.extend(bytes(len(buf)))  # a line longer than the buffer
+        buf[:rest] = buf[pos:n]
+        base += pos
+        with memoryview(buf) as view:
+            got = f.readinto(view[rest:])
+        if not got:
+            if rest:
+                yield base, base + rest, buf, base
+            return
+        n, pos = rest + got, 0
 
 
-def _iter_jsonl(source: Source, skip: int) -> Iterator[tuple[int, bytes]]:
+def _blank(buf: bytearray, start: int, end: int) -> bool:
+    # Nearly every jsonl line starts with "{": checked without copying the line.
+    return start == end or (buf[start] != 0x7B and buf[start:end].isspace())
+
+
+def _iter_jsonl(source: Source, skip: int, spans: bool) -> Iterator[tuple[int, bytes | tuple[int, int]]]:
     with _open_jsonl(source) as f:
         seen = 0
-        for lineno, line in enumerate(_jsonl_lines(f), 1):
-            if not line or line.isspace():
+        for lineno, (start, end, buf, base) in enumerate(_line_spans(f), 1):
+            if _blank(buf, start - base, end - base):
                 continue
             seen += 1
             if seen > skip:
-                yield lineno, line
+                yield lineno, (start, end) if spans else bytes(buf[start - base : end - base])
 
 
 def _parquet_file(source: Source, f: IO[bytes], text_field: str):

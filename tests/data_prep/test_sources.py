@@ -183,3 +183,30 @@ def test_unescape_turns_typed_escapes_into_characters():
     assert unescape(r"\n\n") == "\n\n"
     assert unescape(r"a\tb\\n") == "a\tb\\n"
     assert unescape("real\nnewline") == "real\nnewline"
+
+
+@pytest.mark.parametrize(
+    "chunk", [5, 64, 1 << 24]
+)  # lines straddle reads, are longer than the buffer, or not
+def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, monkeypatch, chunk):
+    """The fast path (convert's parent lists byte ranges, the workers read them) against plain reading."""
+    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    docs = make_docs(40, seed=5)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[3:3] = ["", "   ", "\t"]  # blank lines are not documents
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n  \n" + json.dumps({"text": "last, no newline"}))
+    (tmp_path / "b.txt").write_text("a whole file é\n\nis one document\n", encoding="utf-8")
+    srcs = resolve_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt"), str(tmp_path / "a.jsonl")])
+    counts = [count_documents(s) for s in srcs]
+    assert counts == [41, 1, 41]
+    for start, stop in [(0, 83), (7, 50), (40, 42)]:
+        plain = list(sources.iter_records(srcs, counts, start, stop))
+        ranged = list(sources.iter_records(srcs, counts, start, stop, spans=True))
+        assert all(isinstance(raw, tuple) for _, _, raw in ranged)
+        assert [(i, n) for i, n, _ in ranged] == [(i, n) for i, n, _ in plain]
+        read = [sources.read_spans(srcs[i].path, [raw])[0] for i, _, raw in ranged]
+        assert read == [raw for _, _, raw in plain]
+    texts = [t for t, _ in iter_documents(srcs, counts, 0, sum(counts))]
+    assert texts == docs + ["last, no newline", "a whole file é\n\nis one document\n"] + docs + [
+        "last, no newline"
+    ]
