@@ -279,7 +279,8 @@ def report(args, described, lengths, raw, conv, small, help_s) -> None:
     )
     print(
         f"start-up: `python -m data_prep --help` {help_s:.2f} s; convert read its first document "
-        f"{best.get('first', float('nan')):.2f} s after its start (goal: both < 1 s)"
+        f"{best.get('first', float('nan')):.2f} s after its start (goal: both < 1 s), having used "
+        f"{best['startup']:.2f} CPU-seconds"
     )
     parent, workers = best["parent"] * 1e6 / n_tokens, best["workers"] * 1e6 / n_tokens
     share = parent / (parent + workers)

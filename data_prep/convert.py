@@ -12,6 +12,13 @@ Layout of an output folder (or of DIR/slice-i-of-n/ with --slice):
 A rerun skips parts that have a done-marker, deletes the first part without one and redoes it
 from the previous part's carry. So rows never depend on where a run was killed, on the number of
 workers, or (since the carry crosses part boundaries) on --docs-per-part.
+
+Who does what, so that a machine with many cores is limited by tokenization and not by this
+process: the parent lists documents (byte ranges of local files, raw values otherwise), keeps
+the order, packs rows with array operations and appends them to a temporary file per shard;
+the worker processes read and decode the text, tokenize, and encode, compress, hash and write
+each finished shard (`mds.write_shard`). The parent's work is a few memory copies per token,
+under 1% of the CPU of the run (see benchmarks/bench_data_prep.py).
 """
 
 from __future__ import annotations

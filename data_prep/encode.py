@@ -79,21 +79,25 @@ def encode_texts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize `texts` (no added special tokens), wrap each as [BOS] ids EOS, concatenate.
 
-    `tok` should come from `encoding_tokenizer`. Returns (tokens, lengths): tokens is 1-D of `dtype` and length lengths.sum(); lengths[i] is
-    the number of tokens of document i including its EOS (and BOS).
+    `tok` should encode special-token strings as text (`encoding_tokenizer`). Returns (tokens,
+    lengths): tokens is 1-D of `dtype` and length lengths.sum(); lengths[i] is the number of
+    tokens of document i including its EOS (and BOS).
     """
     encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encodings]
     extra = 1 if bos_id is None else 2
-    lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
+    lengths = np.fromiter((len(e) + extra for e in encodings), dtype=np.int64, count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
-    for x in ids:
+    for i, e in enumerate(encodings):
+        # One document's ids as Python ints at a time, each encoding freed once copied: the
+        # batch's peak memory is its Rust encodings, not also a Python int per token.
+        encodings[i] = None
         if bos_id is not None:
             tokens[pos] = bos_id
             pos += 1
-        tokens[pos : pos + len(x)] = x
-        pos += len(x)
+        n = len(e)
+        tokens[pos : pos + n] = e.ids
+        pos += n
         tokens[pos] = eos_id
         pos += 1
     return tokens, lengths
