@@ -52,7 +52,14 @@ from data_prep.manifest import (
     write_json_atomic,
 )
 from data_prep.packing import RowPacker
-from data_prep.sources import Source, count_documents, iter_records, resolve_inputs, warn_invalid_utf8
+from data_prep.sources import (
+    RowRef,
+    Source,
+    count_documents,
+    iter_records,
+    resolve_inputs,
+    warn_invalid_utf8,
+)
 from data_prep.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -440,7 +447,7 @@ class _Reader:
         """Batches of the documents of `parts` (contiguous); a batch never spans two parts.
 
         Work per document only: no decoding, and local .jsonl and .txt documents are byte ranges
-        that the workers read themselves.
+        (parquet documents row positions) that the workers read themselves.
         """
         records = iter_records(
             self.sources,
@@ -460,8 +467,14 @@ class _Reader:
                     batch.segments.append((len(batch.records), self.sources[i].path, self.sources[i].kind))
                 batch.records.append(raw)
                 batch.numbers.append(number)
-                if raw is not None:
-                    batch.chars += raw[1] - raw[0] if isinstance(raw, tuple) else len(raw)
+                if isinstance(raw, RowRef):
+                    batch.chars += raw.size
+                    if not raw.last:  # a batch reads its row groups whole: end it at a group's end
+                        continue
+                elif isinstance(raw, tuple):
+                    batch.chars += raw[1] - raw[0]
+                elif raw is not None:
+                    batch.chars += len(raw)
                 if batch.chars >= BATCH_CHARS or len(batch.records) >= BATCH_DOCS:
                     yield self._first(batch)
                     batch, source = RecordBatch(k, self.text_field), -1

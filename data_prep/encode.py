@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import decode_record, read_spans
+from data_prep.sources import RowRef, decode_record, read_rows, read_spans
 
 
 @dataclass
@@ -31,7 +31,7 @@ class RecordBatch:
 
     `segments` says where each file's records begin: (first index in `records`, path, kind).
     `numbers[i]` locates record i in its file, for error messages. A record that is a (start,
-    end) byte range is read from the file by whoever decodes the batch.
+    end) byte range or a parquet `RowRef` is read from the file by whoever decodes the batch.
     """
 
     part: int
@@ -60,7 +60,9 @@ def encode_records(
     bounds = [start for start, _, _ in batch.segments[1:]] + [len(batch.records)]
     for (start, path, kind), stop in zip(batch.segments, bounds):
         raws = batch.records[start:stop]
-        if raws and isinstance(raws[0], tuple):
+        if raws and isinstance(raws[0], RowRef):
+            raws = read_rows(path, batch.text_field, raws)
+        elif raws and isinstance(raws[0], tuple):
             raws = read_spans(path, raws)
         for i, raw in enumerate(raws, start):
             text, bad = decode_record(kind, raw, batch.text_field, path, batch.numbers[i])
@@ -74,6 +76,11 @@ def encode_records(
     return Encoded(tokens, lengths, n_empty, invalid)
 
 
+# Texts per `encode_batch_fast` call: the Rust encodings of a call (about 100 bytes a token) are
+# the largest thing a worker holds, so a big batch is tokenized a slice at a time.
+ENCODE_CHARS = 1 << 18
+
+
 def encode_texts(
     tok: Tokenizer, texts: list[str], eos_id: int, bos_id: int | None, dtype: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -83,24 +90,37 @@ def encode_texts(
     lengths): tokens is 1-D of `dtype` and length lengths.sum(); lengths[i] is the number of
     tokens of document i including its EOS (and BOS).
     """
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
     extra = 1 if bos_id is None else 2
-    lengths = np.fromiter((len(e) + extra for e in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for i, e in enumerate(encodings):
-        # One document's ids as Python ints at a time, each encoding freed once copied: the
-        # batch's peak memory is its Rust encodings, not also a Python int per token.
-        encodings[i] = None
-        if bos_id is not None:
-            tokens[pos] = bos_id
+    pieces, piece_lengths = [], []
+    lo = 0
+    while lo < len(texts):
+        hi, chars = lo, 0
+        while hi < len(texts) and (chars < ENCODE_CHARS or hi == lo):
+            chars += len(texts[hi])
+            hi += 1
+        encodings = tok.encode_batch_fast(texts[lo:hi], add_special_tokens=False)
+        lengths = np.fromiter((len(e) + extra for e in encodings), dtype=np.int64, count=len(encodings))
+        tokens = np.empty(int(lengths.sum()), dtype=dtype)
+        pos = 0
+        for i, e in enumerate(encodings):
+            # One document's ids as Python ints at a time, each encoding freed once copied.
+            encodings[i] = None
+            if bos_id is not None:
+                tokens[pos] = bos_id
+                pos += 1
+            n = len(e)
+            tokens[pos : pos + n] = e.ids
+            pos += n
+            tokens[pos] = eos_id
             pos += 1
-        n = len(e)
-        tokens[pos : pos + n] = e.ids
-        pos += n
-        tokens[pos] = eos_id
-        pos += 1
-    return tokens, lengths
+        pieces.append(tokens)
+        piece_lengths.append(lengths)
+        lo = hi
+    if not pieces:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    if len(pieces) == 1:
+        return pieces[0], piece_lengths[0]
+    return np.concatenate(pieces), np.concatenate(piece_lengths)
 
 
 def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:

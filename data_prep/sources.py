@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import IO
+from typing import IO, NamedTuple
 
 from data_prep.errors import DataPrepError
 
@@ -41,6 +41,9 @@ HUB_PARQUET_REVISION = "refs/convert/parquet"
 _KINDS = ((".jsonl.zst", "jsonl.zst"), (".jsonl", "jsonl"), (".parquet", "parquet"), (".txt", "txt"))
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _READ_CHUNK = 1 << 24
+# Parquet documents are handed over by position (RowRef) only in files whose row groups hold at
+# most this much text: each batch reads its row groups whole.
+PARQUET_REF_GROUP_BYTES = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,8 @@ def iter_records(
     line number for jsonl, else the document's index in the file. Reading this way costs no work
     per character, so the text can be decoded where it is tokenized (in worker processes).
     With `spans`, a record of a local .jsonl file or a whole .txt file is its (start, end) byte
-    range in the file instead (see `read_spans`): the caller does not even copy the text.
+    range in the file instead (see `read_spans`), and one of a parquet file with small row
+    groups a `RowRef` (see `read_rows`): the caller does not even read the text.
     """
     offset = 0
     for i, (source, count) in enumerate(zip(sources, counts)):
@@ -299,7 +303,7 @@ def _iter_raw(
     source: Source, skip: int, text_field: str, doc_sep: str | None, spans: bool
 ) -> Iterator[tuple[int, bytes | tuple[int, int] | None]]:
     if source.kind == "parquet":
-        return _iter_parquet(source, skip, text_field)
+        return _iter_parquet(source, skip, text_field, spans)
     if source.kind == "txt":
         if spans and doc_sep is None and not source.is_hub:
             return iter([(0, (0, os.path.getsize(source.path)))] if skip == 0 else [])
@@ -436,11 +440,66 @@ def _parquet_file(source: Source, f: IO[bytes], text_field: str):
     return pf
 
 
-def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[int, bytes | None]]:
-    import pyarrow as pa
+class RowRef(NamedTuple):
+    """A parquet document by position, for whoever tokenizes it to read (see `read_rows`)."""
 
+    group: int  # row group
+    row: int  # row within the row group
+    size: int  # estimated bytes: the row group's uncompressed text column over its rows
+    last: bool  # the last row of its row group
+
+
+def read_rows(path: str, text_field: str, refs: Sequence[RowRef]) -> list[bytes | None]:
+    """The raw values of `refs` (in file order) of a parquet file, reading each row group once."""
+    source = Source(path, "parquet")
+    values: list = []
+    out = []
     with source.open() as f:
         pf = _parquet_file(source, f, text_field)
+        group = -1
+        for ref in refs:
+            if ref.group != group:
+                group, values = ref.group, _row_group_values(source, pf, ref.group, text_field)
+            out.append(values[ref.row])
+    return out
+
+
+def _row_group_values(source: Source, pf, g: int, text_field: str) -> list[bytes | None]:
+    import pyarrow as pa
+
+    column = pf.read_row_group(g, columns=[text_field]).column(0)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        # Bytes, not str: decoding (and checking) UTF-8 is left to whoever tokenizes.
+        column = column.cast(pa.large_binary())
+    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise DataPrepError(f"{source.path}: column {text_field!r} has type {column.type}, expected string")
+    return column.to_pylist()
+
+
+def _group_sizes(pf, text_field: str) -> list[int]:
+    """Uncompressed bytes of the text column in each row group (from the footer)."""
+    sizes = []
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        sizes.append(
+            sum(
+                group.column(j).total_uncompressed_size
+                for j in range(group.num_columns)
+                if group.column(j).path_in_schema == text_field
+            )
+        )
+    return sizes
+
+
+def _iter_parquet(
+    source: Source, skip: int, text_field: str, refs: bool = False
+) -> Iterator[tuple[int, bytes | RowRef | None]]:
+    with source.open() as f:
+        pf = _parquet_file(source, f, text_field)
+        sizes = _group_sizes(pf, text_field)
+        # Positions only where row groups are small: a row group is read whole by whoever reads
+        # a row of it, and the batches of the caller end at row group ends (see RowRef.last).
+        refs = refs and max(sizes, default=0) <= PARQUET_REF_GROUP_BYTES
         number = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -448,15 +507,12 @@ def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[
                 skip -= n
                 number += n
                 continue
-            column = pf.read_row_group(g, columns=[text_field]).column(0)
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                # Bytes, not str: decoding (and checking) UTF-8 is left to whoever tokenizes.
-                column = column.cast(pa.large_binary())
-            elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-                raise DataPrepError(
-                    f"{source.path}: column {text_field!r} has type {column.type}, expected string"
-                )
-            values = column.to_pylist()
-            yield from enumerate(values[skip:], number + skip)
+            if refs:
+                size = sizes[g] // max(n, 1)
+                for i in range(skip, n):
+                    yield number + i, RowRef(g, i, size, i == n - 1)
+            else:
+                values = _row_group_values(source, pf, g, text_field)
+                yield from enumerate(values[skip:], number + skip)
             number += n
             skip = 0

@@ -260,8 +260,8 @@ def test_upload_tree_copies_everything_manifest_last(tmp_path):
 
 @pytest.mark.multiprocess
 def test_one_batch_across_files_of_every_kind_gives_the_reference_rows(tmp_path, tok, tokenizer_path):
-    """Records of several files in one batch: byte ranges (.jsonl, whole .txt) that the workers read,
-    and text (.jsonl.zst, .parquet) sent to them."""
+    """Records of several files in one batch: byte ranges (.jsonl, whole .txt) and row positions
+    (.parquet) that the workers read, and text (.jsonl.zst) sent to them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
@@ -279,9 +279,9 @@ def test_one_batch_across_files_of_every_kind_gives_the_reference_rows(tmp_path,
         tmp_path / "c.jsonl.zst",
         tmp_path / "d.parquet",
     ]
-    for workers in (1, 2):
-        out = tmp_path / f"out{workers}"
-        result = run(inputs, out, tokenizer_path, workers=workers, seq_len=16)
+    for workers, per_part in [(1, 1000), (2, 1000), (2, 7)]:  # parts of 7 cut row groups and batches
+        out = tmp_path / f"out{workers}-{per_part}"
+        result = run(inputs, out, tokenizer_path, workers=workers, seq_len=16, docs_per_part=per_part)
         stream, starts = reference_stream(tok, docs)
         rows, row_starts = read_rows(out / "train")
         assert rows.reshape(-1).tolist() == stream[: rows.size] and len(stream) - rows.size < 16

@@ -210,3 +210,28 @@ def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, mo
     assert texts == docs + ["last, no newline", "a whole file é\n\nis one document\n"] + docs + [
         "last, no newline"
     ]
+
+
+@pytest.mark.parametrize("ref_limit", [1 << 24, 100])  # row positions, or (big row groups) the values
+def test_parquet_row_positions_read_back_the_same_records(tmp_path, monkeypatch, ref_limit):
+    monkeypatch.setattr(sources, "PARQUET_REF_GROUP_BYTES", ref_limit)
+    docs = make_docs(50, seed=9)
+    write_parquet(
+        tmp_path / "a.parquet", [None if i == 7 else d for i, d in enumerate(docs)], row_group_size=6
+    )
+    srcs = resolve_inputs([str(tmp_path / "a.parquet")])
+    for start, stop in [(0, 50), (5, 6), (11, 37)]:
+        plain = list(sources.iter_records(srcs, [50], start, stop))
+        ranged = list(sources.iter_records(srcs, [50], start, stop, spans=True))
+        assert (
+            [(i, n) for i, n, _ in ranged]
+            == [(i, n) for i, n, _ in plain]
+            == [(0, k) for k in range(start, stop)]
+        )
+        refs = [raw for _, _, raw in ranged]
+        if ref_limit == 100:
+            assert refs == [raw for _, _, raw in plain]  # row groups too big: the values themselves
+            continue
+        assert all(isinstance(r, sources.RowRef) for r in refs)
+        assert [r.last for r in refs] == [(k + 1) % 6 == 0 or k == 49 for k in range(start, stop)]
+        assert sources.read_rows(srcs[0].path, "text", refs) == [raw for _, _, raw in plain]
