@@ -191,7 +191,7 @@ def count_documents(source: Source, *, text_field: str = "text", doc_sep: str | 
                 return sum(1 for _ in _txt_pieces(f, doc_sep))
         with _open_jsonl(source) as f:
             n = 0
-            for lineno, (start, end, buf, base) in enumerate(_line_spans(f), 1):
+            for lineno, (start, end, buf, base) in enumerate(_spans(f, b"\n"), 1):
                 if not _blank(buf, start - base, end - base):
                     if n == 0:  # fail early, before hours of work, on a wrong --text-field
                         _jsonl_text(source.path, lineno, bytes(buf[start - base : end - base]), text_field)
@@ -305,9 +305,7 @@ def _iter_raw(
     if source.kind == "parquet":
         return _iter_parquet(source, skip, text_field, spans)
     if source.kind == "txt":
-        if spans and doc_sep is None and not source.is_hub:
-            return iter([(0, (0, os.path.getsize(source.path)))] if skip == 0 else [])
-        return _iter_txt(source, skip, doc_sep)
+        return _iter_txt(source, skip, doc_sep, spans and not source.is_hub)
     return _iter_jsonl(source, skip, spans and source.kind == "jsonl" and not source.is_hub)
 
 
@@ -318,25 +316,28 @@ def _decode(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[bytes]:
-    """Pieces of the file between separators that hold a non-space byte, read in bounded chunks."""
-    sep = doc_sep.encode("utf-8")
-    rest = b""
-    while chunk := f.read(_READ_CHUNK):
-        pieces = (rest + chunk).split(sep)
-        rest = pieces.pop()
-        yield from (p for p in pieces if p.strip())
-    if rest.strip():
-        yield rest
+def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[tuple[int, int, bytearray, int]]:
+    """As `_spans`: the pieces of the file between separators that hold a non-space byte."""
+    for start, end, buf, base in _spans(f, doc_sep.encode("utf-8")):
+        if not _blank(buf, start - base, end - base):
+            yield start, end, buf, base
 
 
-def _iter_txt(source: Source, skip: int, doc_sep: str | None) -> Iterator[tuple[int, bytes]]:
+def _iter_txt(
+    source: Source, skip: int, doc_sep: str | None, spans: bool
+) -> Iterator[tuple[int, bytes | tuple[int, int]]]:
+    if doc_sep is None:
+        if skip == 0:
+            if spans:
+                yield 0, (0, os.path.getsize(source.path))
+            else:
+                with source.open() as f:
+                    yield 0, f.read()
+        return
     with source.open() as f:
-        if doc_sep is None:
-            if skip == 0:
-                yield 0, f.read()
-            return
-        yield from enumerate(islice(_txt_pieces(f, doc_sep), skip, None), skip)
+        for i, (start, end, buf, base) in enumerate(_txt_pieces(f, doc_sep)):
+            if i >= skip:
+                yield i, (start, end) if spans else bytes(buf[start - base : end - base])
 
 
 def _open_jsonl(source: Source) -> IO[bytes]:
@@ -379,25 +380,26 @@ def _jsonl_text(path: str, lineno: int, line: bytes, text_field: str) -> tuple[s
     return text, invalid
 
 
-def _line_spans(f: IO[bytes]) -> Iterator[tuple[int, int, bytearray, int]]:
-    """(start, end, buf, base) for every line of `f`: its byte range in the file (newline left
-    out), found in `buf`, which holds the file from offset `base` (valid until the next line).
+def _spans(f: IO[bytes], sep: bytes) -> Iterator[tuple[int, int, bytearray, int]]:
+    """(start, end, buf, base) for every piece of `f` between separators `sep` (a line, for
+    b"\n"): its byte range in the file, found in `buf`, which holds the file from offset `base`
+    (valid until the next piece).
 
     One reusable buffer and `find`: no copy of the text, which matters because the parent
-    process scans the whole corpus. The caller copies the line out only if it wants its bytes.
+    process scans the whole corpus. The caller copies a piece out only if it wants its bytes.
     """
     buf = bytearray(_READ_CHUNK)
     base = pos = 0
     n = f.readinto(buf)
     while n:
-        nl = buf.find(b"\n", pos, n)
-        if nl >= 0:
-            yield base + pos, base + nl, buf, base
-            pos = nl + 1
+        found = buf.find(sep, pos, n)
+        if found >= 0:
+            yield base + pos, base + found, buf, base
+            pos = found + len(sep)
             continue
-        rest = n - pos  # a partial line: move it to the front and read on
+        rest = n - pos  # a partial piece (maybe ending in part of a separator): to the front
         if rest == len(buf):
-            buf.extend(bytes(len(buf)))  # a line longer than the buffer
+            buf.extend(bytes(len(buf)))  # a piece longer than the buffer
         buf[:rest] = buf[pos:n]
         base += pos
         with memoryview(buf) as view:
@@ -409,15 +411,18 @@ def _line_spans(f: IO[bytes]) -> Iterator[tuple[int, int, bytearray, int]]:
         n, pos = rest + got, 0
 
 
+_SPACE = b" \t\n\r\x0b\x0c"  # what bytes.isspace() and bytes.strip() count as space
+
+
 def _blank(buf: bytearray, start: int, end: int) -> bool:
-    # Nearly every jsonl line starts with "{": checked without copying the line.
-    return start == end or (buf[start] != 0x7B and buf[start:end].isspace())
+    # Nearly every piece starts with a non-space byte ("{" in jsonl): no copy of it then.
+    return start == end or (buf[start] in _SPACE and buf[start:end].isspace())
 
 
 def _iter_jsonl(source: Source, skip: int, spans: bool) -> Iterator[tuple[int, bytes | tuple[int, int]]]:
     with _open_jsonl(source) as f:
         seen = 0
-        for lineno, (start, end, buf, base) in enumerate(_line_spans(f), 1):
+        for lineno, (start, end, buf, base) in enumerate(_spans(f, b"\n"), 1):
             if _blank(buf, start - base, end - base):
                 continue
             seen += 1

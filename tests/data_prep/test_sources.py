@@ -235,3 +235,18 @@ def test_parquet_row_positions_read_back_the_same_records(tmp_path, monkeypatch,
         assert all(isinstance(r, sources.RowRef) for r in refs)
         assert [r.last for r in refs] == [(k + 1) % 6 == 0 or k == 49 for k in range(start, stop)]
         assert sources.read_rows(srcs[0].path, "text", refs) == [raw for _, _, raw in plain]
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 1 << 24])  # separators straddle reads, pieces outgrow the buffer
+def test_txt_pieces_as_byte_ranges_read_back_the_same_records(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    docs = [d for d in make_docs(30, seed=6) if d.strip()]
+    (tmp_path / "x.txt").write_text("\n\n  \n\n" + "\n\n".join(docs) + "\n\n\t\n\n\n", encoding="utf-8")
+    srcs = resolve_inputs([str(tmp_path / "x.txt")])
+    counts = [count_documents(s, doc_sep="\n\n") for s in srcs]
+    assert counts == [len(docs)]
+    plain = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n"))
+    ranged = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n", spans=True))
+    assert [n for _, n, _ in ranged] == [n for _, n, _ in plain] == list(range(2, len(docs)))
+    assert sources.read_spans(srcs[0].path, [raw for _, _, raw in ranged]) == [raw for _, _, raw in plain]
+    assert [raw.decode() for _, _, raw in plain] == docs[2:]
