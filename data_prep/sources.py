@@ -388,7 +388,11 @@ def _spans(f: IO[bytes], sep: bytes) -> Iterator[tuple[int, int, bytearray, int]
     One reusable buffer and `find`: no copy of the text, which matters because the parent
     process scans the whole corpus. The caller copies a piece out only if it wants its bytes.
     """
-    buf = bytearray(_READ_CHUNK)
+    try:  # no bigger than the file: many small files are common
+        size = min(_READ_CHUNK, os.fstat(f.fileno()).st_size + 1)
+    except (OSError, ValueError, AttributeError):  # a stream (decompressed, remote) has no size
+        size = _READ_CHUNK
+    buf = bytearray(max(size, 1))
     base = pos = 0
     n = f.readinto(buf)
     while n:
