@@ -177,6 +177,8 @@ def _convert(a: argparse.Namespace) -> int:
             location=result.out,
         )
     )
+    if result.usage is not None:
+        print(result.usage.summary(result.tokens_this_run))
     return 0
 
 

@@ -12,6 +12,13 @@ Layout of an output folder (or of DIR/slice-i-of-n/ with --slice):
 A rerun skips parts that have a done-marker, deletes the first part without one and redoes it
 from the previous part's carry. So rows never depend on where a run was killed, on the number of
 workers, or (since the carry crosses part boundaries) on --docs-per-part.
+
+Who does what, so that a machine with many cores is limited by tokenization and not by this
+process: the parent lists documents (byte ranges of local files, raw values otherwise), keeps
+the order, packs rows with array operations and appends them to a temporary file per shard;
+the worker processes read and decode the text, tokenize, and encode, compress, hash and write
+each finished shard (`mds.write_shard`). The parent's work is a few memory copies per token,
+under 1% of the CPU of the run (see benchmarks/bench_data_prep.py).
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import mds
-from data_prep.encode import OrderedEncoder
+from data_prep.encode import OrderedEncoder, RecordBatch, peak_rss_mib
 from data_prep.errors import DataPrepError
 from data_prep.manifest import (
     COUNT_KEYS,
@@ -45,17 +52,26 @@ from data_prep.manifest import (
     write_json_atomic,
 )
 from data_prep.packing import RowPacker
-from data_prep.sources import Source, count_documents, iter_documents, resolve_inputs
+from data_prep.sources import (
+    RowRef,
+    Source,
+    count_documents,
+    iter_records,
+    resolve_inputs,
+    warn_invalid_utf8,
+)
 from data_prep.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DOCS_PER_PART = 20_000
 DEFAULT_SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, Streaming's default
-# A batch sent to a tokenizer worker: big enough to amortize the pickling, small enough that
-# a few in flight per worker keep every core busy without holding much text in memory.
-BATCH_CHARS = 1 << 16
-BATCH_DOCS = 1024
+# A batch sent to a tokenizer worker: big enough that the per-task cost of the pool (pickling,
+# pipes, two threads of the parent) is a small fraction of a percent of tokenizing it (about a
+# quarter of a second of one core), small enough that a few in flight per worker keep every core
+# busy without holding much text in memory.
+BATCH_CHARS = 1 << 20
+BATCH_DOCS = 4096
 UPLOADED = ".uploaded.json"
 
 
@@ -69,15 +85,50 @@ class ConvertResult:
     elapsed_s: float
     tokens_this_run: int
     already_complete: bool
+    usage: RunUsage | None = None
 
 
 @dataclass
-class _Batch:
-    part: int
-    texts: list[str] = field(default_factory=list)
-    n_docs: int = 0  # documents of the corpus covered, empty ones included
-    n_empty: int = 0
-    n_invalid: int = 0
+class RunUsage:
+    """Where the CPU and memory of a run went.
+
+    `parent_startup_cpu_s`: this process before the work (imports, tokenizer, counting);
+    `parent_cpu_s`: this process during the work (reading, ordering, packing, its threads): the
+    part that grows with the corpus; `workers_cpu_s`: the worker processes (decoding, tokenizing,
+    encoding/compressing/writing shards); peak resident memory of this process and of the
+    largest worker; `first_doc_s`: seconds from process start until the first batch of documents
+    was read and handed to tokenization.
+    """
+
+    parent_startup_cpu_s: float
+    parent_cpu_s: float
+    workers_cpu_s: float
+    parent_peak_rss_mib: float
+    worker_peak_rss_mib: float
+    first_doc_s: float | None
+
+    def summary(self, tokens: int) -> str:
+        per = 1e6 / tokens if tokens else 0.0
+        first = f"; first document read {self.first_doc_s:.2f} s after start" if self.first_doc_s else ""
+        return (
+            f"CPU: parent {self.parent_cpu_s:.2f} s ({self.parent_cpu_s * per:.4f} s per M tokens; start-up "
+            f"{self.parent_startup_cpu_s:.2f} s more), workers {self.workers_cpu_s:.2f} s "
+            f"({self.workers_cpu_s * per:.3f} s per M tokens); peak RSS parent {self.parent_peak_rss_mib:.0f} MiB, "
+            f"largest worker {self.worker_peak_rss_mib:.0f} MiB{first}"
+        )
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux: from /proc; elsewhere: since data_prep was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError, IndexError):
+        return time.perf_counter() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.perf_counter()
 
 
 def parse_size(value: int | str) -> int:
@@ -250,6 +301,7 @@ def convert(
     reader = _Reader(sources, counts, text_field, doc_sep)
     row_format = _RowFormat(seq_len, out_dtype, None if compression == "none" else compression, size_limit)
     todo = _docs_todo(out_dir, plans)
+    cpu0 = _cpu_seconds()
     # The pool first: its workers are forked, best before the progress bar starts a thread.
     with OrderedEncoder(tok, tok_info.eos_id, tok_info.bos_id, out_dtype, workers if todo else 1) as encoder:
         with _progress_bar(out_dir, plans, todo, progress) as bar:
@@ -257,6 +309,7 @@ def convert(
                 tokens_this_run += _convert_split(
                     out_dir / split, split, plan, reader, encoder, bar, row_format
                 )
+    usage = _usage(cpu0, reader.first_doc_s, encoder.worker_peak_rss_mib)
 
     splits = {split: _finish_split(out_dir / split, split, plan, seq_len) for split, plan in plans.items()}
     if not slice_ix:
@@ -293,7 +346,35 @@ def convert(
     state_path.unlink(missing_ok=True)
     if remote:
         _upload(out_dir, remote)
-    return ConvertResult(manifest, location, str(out_dir), time.perf_counter() - t0, tokens_this_run, False)
+    return ConvertResult(
+        manifest, location, str(out_dir), time.perf_counter() - t0, tokens_this_run, False, usage
+    )
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process and its threads, of its children that have been waited for)."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _usage(cpu0: tuple[float, float], first_doc_s: float | None, worker_peak_rss_mib: float) -> RunUsage:
+    import resource
+
+    parent, workers = _cpu_seconds()
+    if (parent_rss := peak_rss_mib()) is None:  # not Linux: ru_maxrss (KiB; bytes on macOS)
+        parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            2**20 if sys.platform == "darwin" else 1024
+        )
+    return RunUsage(
+        parent_startup_cpu_s=cpu0[0],
+        parent_cpu_s=parent - cpu0[0],
+        workers_cpu_s=workers - cpu0[1],
+        parent_peak_rss_mib=parent_rss,
+        worker_peak_rss_mib=worker_peak_rss_mib,
+        first_doc_s=first_doc_s,
+    )
 
 
 # ----------------------------------------------------------------------------- planning
@@ -354,39 +435,56 @@ def _prepare_out_dir(out_dir: Path, args: dict, overwrite: bool) -> str:
 
 
 class _Reader:
-    """Documents of the corpus by range, with the reader arguments bound."""
+    """Documents of the corpus by range, as raw records (decoded by the workers)."""
 
     def __init__(
         self, sources: Sequence[Source], counts: Sequence[int], text_field: str, doc_sep: str | None
     ):
         self.sources, self.counts, self.text_field, self.doc_sep = sources, counts, text_field, doc_sep
+        self.first_doc_s: float | None = None
 
-    def batches(self, parts: Sequence[tuple[int, int]], first_part: int) -> Iterator[_Batch]:
-        """Batches of the documents of `parts` (contiguous); a batch never spans two parts."""
-        docs = iter_documents(
+    def batches(self, parts: Sequence[tuple[int, int]], first_part: int) -> Iterator[RecordBatch]:
+        """Batches of the documents of `parts` (contiguous); a batch never spans two parts.
+
+        Work per document only: no decoding, and local .jsonl and .txt documents are byte ranges
+        (parquet documents row positions) that the workers read themselves.
+        """
+        records = iter_records(
             self.sources,
             self.counts,
             parts[0][0],
             parts[-1][1],
             text_field=self.text_field,
             doc_sep=self.doc_sep,
+            spans=True,
         )
         for k, (s, e) in enumerate(parts, first_part):
-            batch, chars = _Batch(k), 0
+            batch, source = RecordBatch(k, self.text_field), -1
             for _ in range(e - s):
-                text, invalid = next(docs)
-                batch.n_docs += 1
-                batch.n_invalid += invalid
-                if not text or text.isspace():
-                    batch.n_empty += 1
-                    continue
-                batch.texts.append(text)
-                chars += len(text)
-                if chars >= BATCH_CHARS or len(batch.texts) >= BATCH_DOCS:
-                    yield batch
-                    batch, chars = _Batch(k), 0
-            if batch.n_docs:
-                yield batch
+                i, number, raw = next(records)
+                if i != source:
+                    source = i
+                    batch.segments.append((len(batch.records), self.sources[i].path, self.sources[i].kind))
+                batch.records.append(raw)
+                batch.numbers.append(number)
+                if isinstance(raw, RowRef):
+                    batch.chars += raw.size
+                    if not raw.last:  # a batch reads its row groups whole: end it at a group's end
+                        continue
+                elif isinstance(raw, tuple):
+                    batch.chars += raw[1] - raw[0]
+                elif raw is not None:
+                    batch.chars += len(raw)
+                if batch.chars >= BATCH_CHARS or len(batch.records) >= BATCH_DOCS:
+                    yield self._first(batch)
+                    batch, source = RecordBatch(k, self.text_field), -1
+            if batch.records:
+                yield self._first(batch)
+
+    def _first(self, batch: RecordBatch) -> RecordBatch:
+        if self.first_doc_s is None:
+            self.first_doc_s = seconds_since_process_start()
+        return batch
 
 
 def _docs_todo(out_dir: Path, plans: dict[str, _SplitPlan]) -> int:
@@ -461,39 +559,46 @@ def _convert_split(
     encoded = encoder.map(reader.batches(todo, first))
     tokens_total = 0
     batch_delay = float(os.environ.get("DATA_PREP_TEST_BATCH_DELAY", 0))
+    warned: set[str] = set()
     for k, (s, e) in enumerate(todo, first):
         part_dir = _part_dir(split_dir, k)
-        writer = mds.open_writer(
+        writer = mds.ShardWriter(
             part_dir,
             dtype=fmt.dtype,
             seq_len=fmt.seq_len,
             compression=fmt.compression,
             size_limit=fmt.size_limit,
+            submit=encoder.submit,
+            max_pending=max(2, encoder.workers),
         )
         stats = dict.fromkeys(
             ("documents", "empty_documents_skipped", "invalid_utf8_documents", "tokens", "rows"), 0
         )
         covered = 0
-        while covered < e - s:
-            batch, tokens, lengths = next(encoded)
-            assert batch.part == k, "batches out of step with parts"
-            rows, doc_starts = packer.add(tokens, lengths)
-            for row, starts in zip(rows, doc_starts):
-                writer.write({"tokens": row, "doc_starts": mds.doc_starts_column(starts, fmt.seq_len)})
-            covered += batch.n_docs
-            stats["documents"] += len(batch.texts)
-            stats["empty_documents_skipped"] += batch.n_empty
-            stats["invalid_utf8_documents"] += batch.n_invalid
-            stats["tokens"] += len(tokens)
-            stats["rows"] += len(rows)
-            bar.update(batch.n_docs)
-            _test_hook(f"{split}:{k}:mid")
-            if batch_delay:
-                time.sleep(batch_delay)
-        writer.finish()
+        try:
+            while covered < e - s:
+                batch, enc = next(encoded)
+                assert batch.part == k, "batches out of step with parts"
+                rows, starts, counts = packer.add_flat(enc.tokens, enc.lengths)
+                writer.write(rows, starts, counts)
+                n_docs = len(batch.records)
+                covered += n_docs
+                stats["documents"] += n_docs - enc.n_empty
+                stats["empty_documents_skipped"] += enc.n_empty
+                stats["invalid_utf8_documents"] += len(enc.invalid)
+                stats["tokens"] += len(enc.tokens)
+                stats["rows"] += len(rows)
+                _warn_invalid(batch, enc.invalid, warned)
+                bar.update(n_docs)
+                _test_hook(f"{split}:{k}:mid")
+                if batch_delay:
+                    time.sleep(batch_delay)
+            index = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         mds.fsync_tree(part_dir)
         _test_hook(f"{split}:{k}:before_marker")
-        index = mds.read_index(part_dir)
         marker = {
             "part": k,
             "doc_range": [s, e],
@@ -507,6 +612,15 @@ def _convert_split(
         _test_hook(f"{split}:{k}:after_marker")
         tokens_total += stats["tokens"]
     return tokens_total
+
+
+def _warn_invalid(batch: RecordBatch, invalid: list[int], warned: set[str]) -> None:
+    """Log the invalid-UTF-8 warning once per file, in this process (where the user's log goes)."""
+    for i in invalid:
+        start, path, _ = max(seg for seg in batch.segments if seg[0] <= i)
+        if path not in warned:
+            warned.add(path)
+            warn_invalid_utf8(path, batch.numbers[i])
 
 
 def _finish_split(split_dir: Path, split: str, plan: _SplitPlan, seq_len: int) -> dict:

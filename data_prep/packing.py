@@ -34,7 +34,16 @@ class RowPacker:
 
         Returns (rows, doc_starts): rows is (n, seq_len) of the packer's dtype; doc_starts[r] is the
         sorted int64 array of positions in [0, seq_len) where a document begins in row r
-        (possibly empty: a row inside one long document).
+        (possibly empty: a row inside one long document). See `add_flat` for the same without a
+        list per row.
+        """
+        rows, starts, counts = self.add_flat(tokens, lengths)
+        return rows, np.split(starts, np.cumsum(counts)[:-1]) if len(rows) else []
+
+    def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `add`, with the document starts of all rows concatenated: (rows, starts, counts).
+
+        counts[r] starts belong to row r; starts are row-relative positions, int64. No work per row.
         """
         L = self.seq_len
         carry = len(self.carry_tokens)
@@ -43,9 +52,9 @@ class RowPacker:
         n_rows = len(stream) // L
         cut = n_rows * L
         rows = stream[:cut].reshape(n_rows, L)
-        # bounds[r]..bounds[r+1] indexes the starts that fall in row r.
-        bounds = np.searchsorted(starts, np.arange(n_rows + 1, dtype=np.int64) * L)
-        doc_starts = [starts[bounds[r] : bounds[r + 1]] - r * L for r in range(n_rows)]
+        inside = int(np.searchsorted(starts, cut))  # the starts that fall in full rows
+        row_of = starts[:inside] // L
+        counts = np.bincount(row_of, minlength=n_rows).astype(np.int64)
         self.carry_tokens = stream[cut:].copy()
-        self.carry_doc_starts = starts[bounds[n_rows] :] - cut
-        return rows, doc_starts
+        self.carry_doc_starts = starts[inside:] - cut
+        return rows, starts[:inside] - row_of * L, counts

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import IO
+from typing import IO, NamedTuple
 
 from data_prep.errors import DataPrepError
 
@@ -41,6 +41,9 @@ HUB_PARQUET_REVISION = "refs/convert/parquet"
 _KINDS = ((".jsonl.zst", "jsonl.zst"), (".jsonl", "jsonl"), (".parquet", "parquet"), (".txt", "txt"))
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _READ_CHUNK = 1 << 24
+# Parquet documents are handed over by position (RowRef) only in files whose row groups hold at
+# most this much text: each batch reads its row groups whole.
+PARQUET_REF_GROUP_BYTES = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -188,10 +191,10 @@ def count_documents(source: Source, *, text_field: str = "text", doc_sep: str | 
                 return sum(1 for _ in _txt_pieces(f, doc_sep))
         with _open_jsonl(source) as f:
             n = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
+            for lineno, (start, end, buf, base) in enumerate(_spans(f, b"\n"), 1):
+                if not _blank(buf, start - base, end - base):
                     if n == 0:  # fail early, before hours of work, on a wrong --text-field
-                        _jsonl_text(source, lineno, line, text_field)
+                        _jsonl_text(source.path, lineno, bytes(buf[start - base : end - base]), text_field)
                     n += 1
             return n
     except OSError as exc:
@@ -213,18 +216,58 @@ def iter_documents(
     """Yield (text, had_invalid_utf8) for corpus documents start..stop-1, in order.
 
     `counts[i]` is `count_documents(sources[i])`; sources wholly before `start` are not opened.
+    Invalid UTF-8 is logged once per file.
+    """
+    warned = set()
+    for i, number, raw in iter_records(sources, counts, start, stop, text_field=text_field, doc_sep=doc_sep):
+        source = sources[i]
+        text, invalid = decode_record(source.kind, raw, text_field, source.path, number)
+        if invalid and i not in warned:
+            warned.add(i)
+            warn_invalid_utf8(source.path, number)
+        yield text, invalid
+
+
+def warn_invalid_utf8(path: str, number: int) -> None:
+    """The once-per-file warning for a document that is not valid UTF-8 (`number` as in `iter_records`)."""
+    log.warning(
+        "%s: document %d (and maybe more in this file) is not valid UTF-8; "
+        "decoded with U+FFFD replacement and counted in the manifest",
+        path,
+        number,
+    )
+
+
+def iter_records(
+    sources: Sequence[Source],
+    counts: Sequence[int],
+    start: int,
+    stop: int,
+    *,
+    text_field: str = "text",
+    doc_sep: str | None = None,
+    spans: bool = False,
+) -> Iterator[tuple[int, int, bytes | tuple[int, int] | None]]:
+    """Yield (source index, number, raw record) for corpus documents start..stop-1, undecoded.
+
+    The raw record is what `decode_record` turns into text: a jsonl line, a txt piece or file, a
+    parquet value (bytes, or None for a null). `number` locates it in its file for messages: the
+    line number for jsonl, else the document's index in the file. Reading this way costs no work
+    per character, so the text can be decoded where it is tokenized (in worker processes).
+    With `spans`, a record of a local .jsonl file or a whole .txt file is its (start, end) byte
+    range in the file instead (see `read_spans`), and one of a parquet file with small row
+    groups a `RowRef` (see `read_rows`): the caller does not even read the text.
     """
     offset = 0
-    for source, count in zip(sources, counts):
+    for i, (source, count) in enumerate(zip(sources, counts)):
         lo, hi = max(start - offset, 0), min(stop - offset, count)
         offset += count
         if lo >= hi:
             continue
-        docs = islice(_iter_source(source, lo, text_field, doc_sep), hi - lo)
         n = 0
-        for doc in docs:
+        for number, raw in islice(_iter_raw(source, lo, text_field, doc_sep, spans), hi - lo):
             n += 1
-            yield doc
+            yield i, number, raw
         if n != hi - lo:
             raise DataPrepError(
                 f"input {source.path} has fewer documents than counted ({lo + n} < {hi}); "
@@ -234,26 +277,36 @@ def iter_documents(
             return
 
 
-def _iter_source(
-    source: Source, skip: int, text_field: str, doc_sep: str | None
-) -> Iterator[tuple[str, bool]]:
-    warned = False
+def decode_record(
+    kind: str, raw: bytes | str | None, text_field: str, path: str, number: int
+) -> tuple[str, bool]:
+    """(text, had_invalid_utf8) of a raw record of a `kind` file (see `iter_records`)."""
+    if kind in ("jsonl", "jsonl.zst"):
+        return _jsonl_text(path, number, raw, text_field)
+    if raw is None:
+        return "", False
+    if isinstance(raw, str):
+        return raw, False
+    return _decode(raw)
+
+
+def read_spans(path: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (start, end) range of a local file, ranges in file order (one read)."""
+    lo, hi = spans[0][0], spans[-1][1]
+    with open(path, "rb") as f:
+        f.seek(lo)
+        data = f.read(hi - lo)
+    return [data[a - lo : b - lo] for a, b in spans]
+
+
+def _iter_raw(
+    source: Source, skip: int, text_field: str, doc_sep: str | None, spans: bool
+) -> Iterator[tuple[int, bytes | tuple[int, int] | None]]:
     if source.kind == "parquet":
-        docs = _iter_parquet(source, skip, text_field)
-    elif source.kind == "txt":
-        docs = _iter_txt(source, skip, doc_sep)
-    else:
-        docs = _iter_jsonl(source, skip, text_field)
-    for i, (text, invalid) in enumerate(docs, skip):
-        if invalid and not warned:
-            warned = True
-            log.warning(
-                "%s: document %d (and maybe more in this file) is not valid UTF-8; "
-                "decoded with U+FFFD replacement and counted in the manifest",
-                source.path,
-                i,
-            )
-        yield text, invalid
+        return _iter_parquet(source, skip, text_field, spans)
+    if source.kind == "txt":
+        return _iter_txt(source, skip, doc_sep, spans and not source.is_hub)
+    return _iter_jsonl(source, skip, spans and source.kind == "jsonl" and not source.is_hub)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -263,26 +316,28 @@ def _decode(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[bytes]:
-    """Pieces of the file between separators that hold a non-space byte, read in bounded chunks."""
-    sep = doc_sep.encode("utf-8")
-    rest = b""
-    while chunk := f.read(_READ_CHUNK):
-        pieces = (rest + chunk).split(sep)
-        rest = pieces.pop()
-        yield from (p for p in pieces if p.strip())
-    if rest.strip():
-        yield rest
+def _txt_pieces(f: IO[bytes], doc_sep: str) -> Iterator[tuple[int, int, bytearray, int]]:
+    """As `_spans`: the pieces of the file between separators that hold a non-space byte."""
+    for start, end, buf, base in _spans(f, doc_sep.encode("utf-8")):
+        if not _blank(buf, start - base, end - base):
+            yield start, end, buf, base
 
 
-def _iter_txt(source: Source, skip: int, doc_sep: str | None) -> Iterator[tuple[str, bool]]:
+def _iter_txt(
+    source: Source, skip: int, doc_sep: str | None, spans: bool
+) -> Iterator[tuple[int, bytes | tuple[int, int]]]:
+    if doc_sep is None:
+        if skip == 0:
+            if spans:
+                yield 0, (0, os.path.getsize(source.path))
+            else:
+                with source.open() as f:
+                    yield 0, f.read()
+        return
     with source.open() as f:
-        if doc_sep is None:
-            if skip == 0:
-                yield _decode(f.read())
-            return
-        for piece in islice(_txt_pieces(f, doc_sep), skip, None):
-            yield _decode(piece)
+        for i, (start, end, buf, base) in enumerate(_txt_pieces(f, doc_sep)):
+            if i >= skip:
+                yield i, (start, end) if spans else bytes(buf[start - base : end - base])
 
 
 def _open_jsonl(source: Source) -> IO[bytes]:
@@ -296,25 +351,24 @@ def _open_jsonl(source: Source) -> IO[bytes]:
     return raw
 
 
-def _jsonl_text(source: Source, lineno: int, line: bytes, text_field: str) -> tuple[str, bool]:
+def _jsonl_text(path: str, lineno: int, line: bytes, text_field: str) -> tuple[str, bool]:
     line_text, invalid = _decode(line)
     try:
         record = json.loads(line_text)
     except json.JSONDecodeError as exc:
-        raise DataPrepError(f"{source.path}:{lineno}: not valid JSON ({exc})") from exc
+        raise DataPrepError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
     if not isinstance(record, dict):
-        raise DataPrepError(f"{source.path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise DataPrepError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
         raise DataPrepError(
-            f"{source.path}:{lineno}: no field {text_field!r} (fields present: {sorted(record)}); "
-            "set --text-field"
+            f"{path}:{lineno}: no field {text_field!r} (fields present: {sorted(record)}); set --text-field"
         )
     text = record[text_field]
     if text is None:
         return "", invalid
     if not isinstance(text, str):
         raise DataPrepError(
-            f"{source.path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+            f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
         )
     # JSON escapes can encode lone surrogates, which are not UTF-8 and which the tokenizer rejects.
     if "\\ud" in line_text or "\\uD" in line_text:
@@ -326,15 +380,58 @@ def _jsonl_text(source: Source, lineno: int, line: bytes, text_field: str) -> tu
     return text, invalid
 
 
-def _iter_jsonl(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
+def _spans(f: IO[bytes], sep: bytes) -> Iterator[tuple[int, int, bytearray, int]]:
+    """(start, end, buf, base) for every piece of `f` between separators `sep` (a line, for
+    b"\n"): its byte range in the file, found in `buf`, which holds the file from offset `base`
+    (valid until the next piece).
+
+    One reusable buffer and `find`: no copy of the text, which matters because the parent
+    process scans the whole corpus. The caller copies a piece out only if it wants its bytes.
+    """
+    try:  # no bigger than the file: many small files are common
+        size = min(_READ_CHUNK, os.fstat(f.fileno()).st_size + 1)
+    except (OSError, ValueError, AttributeError):  # a stream (decompressed, remote) has no size
+        size = _READ_CHUNK
+    buf = bytearray(max(size, 1))
+    base = pos = 0
+    n = f.readinto(buf)
+    while n:
+        found = buf.find(sep, pos, n)
+        if found >= 0:
+            yield base + pos, base + found, buf, base
+            pos = found + len(sep)
+            continue
+        rest = n - pos  # a partial piece (maybe ending in part of a separator): to the front
+        if rest == len(buf):
+            buf.extend(bytes(len(buf)))  # a piece longer than the buffer
+        buf[:rest] = buf[pos:n]
+        base += pos
+        with memoryview(buf) as view:
+            got = f.readinto(view[rest:])
+        if not got:
+            if rest:
+                yield base, base + rest, buf, base
+            return
+        n, pos = rest + got, 0
+
+
+_SPACE = b" \t\n\r\x0b\x0c"  # what bytes.isspace() and bytes.strip() count as space
+
+
+def _blank(buf: bytearray, start: int, end: int) -> bool:
+    # Nearly every piece starts with a non-space byte ("{" in jsonl): no copy of it then.
+    return start == end or (buf[start] in _SPACE and buf[start:end].isspace())
+
+
+def _iter_jsonl(source: Source, skip: int, spans: bool) -> Iterator[tuple[int, bytes | tuple[int, int]]]:
     with _open_jsonl(source) as f:
         seen = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for lineno, (start, end, buf, base) in enumerate(_spans(f, b"\n"), 1):
+            if _blank(buf, start - base, end - base):
                 continue
             seen += 1
             if seen > skip:
-                yield _jsonl_text(source, lineno, line, text_field)
+                yield lineno, (start, end) if spans else bytes(buf[start - base : end - base])
 
 
 def _parquet_file(source: Source, f: IO[bytes], text_field: str):
@@ -352,33 +449,79 @@ def _parquet_file(source: Source, f: IO[bytes], text_field: str):
     return pf
 
 
-def _iter_parquet(source: Source, skip: int, text_field: str) -> Iterator[tuple[str, bool]]:
-    import pyarrow as pa
+class RowRef(NamedTuple):
+    """A parquet document by position, for whoever tokenizes it to read (see `read_rows`)."""
 
+    group: int  # row group
+    row: int  # row within the row group
+    size: int  # estimated bytes: the row group's uncompressed text column over its rows
+    last: bool  # the last row of its row group
+
+
+def read_rows(path: str, text_field: str, refs: Sequence[RowRef]) -> list[bytes | None]:
+    """The raw values of `refs` (in file order) of a parquet file, reading each row group once."""
+    source = Source(path, "parquet")
+    values: list = []
+    out = []
     with source.open() as f:
         pf = _parquet_file(source, f, text_field)
+        group = -1
+        for ref in refs:
+            if ref.group != group:
+                group, values = ref.group, _row_group_values(source, pf, ref.group, text_field)
+            out.append(values[ref.row])
+    return out
+
+
+def _row_group_values(source: Source, pf, g: int, text_field: str) -> list[bytes | None]:
+    import pyarrow as pa
+
+    column = pf.read_row_group(g, columns=[text_field]).column(0)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        # Bytes, not str: decoding (and checking) UTF-8 is left to whoever tokenizes.
+        column = column.cast(pa.large_binary())
+    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise DataPrepError(f"{source.path}: column {text_field!r} has type {column.type}, expected string")
+    return column.to_pylist()
+
+
+def _group_sizes(pf, text_field: str) -> list[int]:
+    """Uncompressed bytes of the text column in each row group (from the footer)."""
+    sizes = []
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        sizes.append(
+            sum(
+                group.column(j).total_uncompressed_size
+                for j in range(group.num_columns)
+                if group.column(j).path_in_schema == text_field
+            )
+        )
+    return sizes
+
+
+def _iter_parquet(
+    source: Source, skip: int, text_field: str, refs: bool = False
+) -> Iterator[tuple[int, bytes | RowRef | None]]:
+    with source.open() as f:
+        pf = _parquet_file(source, f, text_field)
+        sizes = _group_sizes(pf, text_field)
+        # Positions only where row groups are small: a row group is read whole by whoever reads
+        # a row of it, and the batches of the caller end at row group ends (see RowRef.last).
+        refs = refs and max(sizes, default=0) <= PARQUET_REF_GROUP_BYTES
+        number = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if skip >= n:  # whole row group before the start: never read
                 skip -= n
+                number += n
                 continue
-            column = pf.read_row_group(g, columns=[text_field]).column(0)
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                try:
-                    values = column.to_pylist()
-                except UnicodeDecodeError:  # arrow does not validate strings it reads
-                    values = column.cast(pa.large_binary()).to_pylist()
-            elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-                values = column.to_pylist()
+            if refs:
+                size = sizes[g] // max(n, 1)
+                for i in range(skip, n):
+                    yield number + i, RowRef(g, i, size, i == n - 1)
             else:
-                raise DataPrepError(
-                    f"{source.path}: column {text_field!r} has type {column.type}, expected string"
-                )
-            for value in values[skip:]:
-                if value is None:
-                    yield "", False
-                elif isinstance(value, bytes):
-                    yield _decode(value)
-                else:
-                    yield value, False
+                values = _row_group_values(source, pf, g, text_field)
+                yield from enumerate(values[skip:], number + skip)
+            number += n
             skip = 0

@@ -256,3 +256,38 @@ def test_upload_tree_copies_everything_manifest_last(tmp_path):
         "manifest.json",
     ]
     assert all((tmp_path / "remote" / rel).read_text() == rel for rel in order)
+
+
+@pytest.mark.multiprocess
+def test_one_batch_across_files_of_every_kind_gives_the_reference_rows(tmp_path, tok, tokenizer_path):
+    """Records of several files in one batch: byte ranges (.jsonl, whole .txt) and row positions
+    (.parquet) that the workers read, and text (.jsonl.zst) sent to them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = make_docs(60, seed=11)
+    write_jsonl(tmp_path / "a.jsonl", docs[:20])
+    for i, d in enumerate(docs[20:30]):
+        (tmp_path / f"t{i:02d}.txt").write_text(d, encoding="utf-8")
+    payload = "".join(json.dumps({"text": d}) + "\n" for d in docs[30:45])
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload.encode()))
+    pq.write_table(pa.table({"text": docs[45:]}), tmp_path / "d.parquet", row_group_size=4)
+    inputs = [
+        tmp_path / "a.jsonl",
+        str(tmp_path / "t*.txt"),
+        tmp_path / "c.jsonl.zst",
+        tmp_path / "d.parquet",
+    ]
+    for workers, per_part in [(1, 1000), (2, 1000), (2, 7)]:  # parts of 7 cut row groups and batches
+        out = tmp_path / f"out{workers}-{per_part}"
+        result = run(inputs, out, tokenizer_path, workers=workers, seq_len=16, docs_per_part=per_part)
+        stream, starts = reference_stream(tok, docs)
+        rows, row_starts = read_rows(out / "train")
+        assert rows.reshape(-1).tolist() == stream[: rows.size] and len(stream) - rows.size < 16
+        assert [r * 16 + int(p) for r, s in enumerate(row_starts) for p in s] == [
+            p for p in starts if p < rows.size
+        ]
+        assert result.manifest["splits"]["train"]["empty_documents_skipped"] == sum(
+            1 for d in docs if not d.strip()
+        )

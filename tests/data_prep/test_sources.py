@@ -183,3 +183,70 @@ def test_unescape_turns_typed_escapes_into_characters():
     assert unescape(r"\n\n") == "\n\n"
     assert unescape(r"a\tb\\n") == "a\tb\\n"
     assert unescape("real\nnewline") == "real\nnewline"
+
+
+@pytest.mark.parametrize(
+    "chunk", [5, 64, 1 << 24]
+)  # lines straddle reads, are longer than the buffer, or not
+def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, monkeypatch, chunk):
+    """The fast path (convert's parent lists byte ranges, the workers read them) against plain reading."""
+    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    docs = make_docs(40, seed=5)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[3:3] = ["", "   ", "\t"]  # blank lines are not documents
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n  \n" + json.dumps({"text": "last, no newline"}))
+    (tmp_path / "b.txt").write_text("a whole file é\n\nis one document\n", encoding="utf-8")
+    srcs = resolve_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt"), str(tmp_path / "a.jsonl")])
+    counts = [count_documents(s) for s in srcs]
+    assert counts == [41, 1, 41]
+    for start, stop in [(0, 83), (7, 50), (40, 42)]:
+        plain = list(sources.iter_records(srcs, counts, start, stop))
+        ranged = list(sources.iter_records(srcs, counts, start, stop, spans=True))
+        assert all(isinstance(raw, tuple) for _, _, raw in ranged)
+        assert [(i, n) for i, n, _ in ranged] == [(i, n) for i, n, _ in plain]
+        read = [sources.read_spans(srcs[i].path, [raw])[0] for i, _, raw in ranged]
+        assert read == [raw for _, _, raw in plain]
+    texts = [t for t, _ in iter_documents(srcs, counts, 0, sum(counts))]
+    assert texts == docs + ["last, no newline", "a whole file é\n\nis one document\n"] + docs + [
+        "last, no newline"
+    ]
+
+
+@pytest.mark.parametrize("ref_limit", [1 << 24, 100])  # row positions, or (big row groups) the values
+def test_parquet_row_positions_read_back_the_same_records(tmp_path, monkeypatch, ref_limit):
+    monkeypatch.setattr(sources, "PARQUET_REF_GROUP_BYTES", ref_limit)
+    docs = make_docs(50, seed=9)
+    write_parquet(
+        tmp_path / "a.parquet", [None if i == 7 else d for i, d in enumerate(docs)], row_group_size=6
+    )
+    srcs = resolve_inputs([str(tmp_path / "a.parquet")])
+    for start, stop in [(0, 50), (5, 6), (11, 37)]:
+        plain = list(sources.iter_records(srcs, [50], start, stop))
+        ranged = list(sources.iter_records(srcs, [50], start, stop, spans=True))
+        assert (
+            [(i, n) for i, n, _ in ranged]
+            == [(i, n) for i, n, _ in plain]
+            == [(0, k) for k in range(start, stop)]
+        )
+        refs = [raw for _, _, raw in ranged]
+        if ref_limit == 100:
+            assert refs == [raw for _, _, raw in plain]  # row groups too big: the values themselves
+            continue
+        assert all(isinstance(r, sources.RowRef) for r in refs)
+        assert [r.last for r in refs] == [(k + 1) % 6 == 0 or k == 49 for k in range(start, stop)]
+        assert sources.read_rows(srcs[0].path, "text", refs) == [raw for _, _, raw in plain]
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 1 << 24])  # separators straddle reads, pieces outgrow the buffer
+def test_txt_pieces_as_byte_ranges_read_back_the_same_records(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    docs = [d for d in make_docs(30, seed=6) if d.strip()]
+    (tmp_path / "x.txt").write_text("\n\n  \n\n" + "\n\n".join(docs) + "\n\n\t\n\n\n", encoding="utf-8")
+    srcs = resolve_inputs([str(tmp_path / "x.txt")])
+    counts = [count_documents(s, doc_sep="\n\n") for s in srcs]
+    assert counts == [len(docs)]
+    plain = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n"))
+    ranged = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n", spans=True))
+    assert [n for _, n, _ in ranged] == [n for _, n, _ in plain] == list(range(2, len(docs)))
+    assert sources.read_spans(srcs[0].path, [raw for _, _, raw in ranged]) == [raw for _, _, raw in plain]
+    assert [raw.decode() for _, _, raw in plain] == docs[2:]
