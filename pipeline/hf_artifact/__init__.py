@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pipeline.hf_artifact.card import CardFacts, render_card
 
+__all__ = ["CardFacts", "write_artifact"]
+
 HERE = Path(__file__).parent
 REMOTE_CODE = ("configuration_bd3.py", "modeling_bd3.py")
 CLASS_PREFIX = {"llama": "BD3Llama", "qwen2": "BD3Qwen2", "mistral": "BD3Mistral"}
