@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ar", action="store_true", help="drop the mask/padding rows (transformers AR class)")
     card = ap.add_argument_group("model card (each optional; nothing else is invented)")
     card.add_argument("--eval-json", help="pipeline.eval --out of this checkpoint: the likelihood table")
-    card.add_argument("--baseline-json", help="pipeline.eval --out of the AR-init checkpoint (baseline column)")
+    card.add_argument(
+        "--baseline-json", help="pipeline.eval --out of the AR-init checkpoint (baseline column)"
+    )
     card.add_argument("--plot", help="pipeline.eval --plot PNG, copied into the folder and shown")
-    card.add_argument("--data", help="data_prep output folder (manifest.json); default: the run's, if reachable")
+    card.add_argument(
+        "--data", help="data_prep output folder (manifest.json); default: the run's, if reachable"
+    )
     card.add_argument("--base-model", help="hub id of the AR base model (default: the run's init_from)")
     card.add_argument("--license", help="license of the weights (e.g. the base model's: apache-2.0)")
     ap.add_argument(

@@ -28,7 +28,9 @@ MASK_TOKEN = "<|mask|>"
 PLOT_FILE = "likelihood_by_block_size.png"
 
 
-def write_artifact(model, out_dir: str | os.PathLike, facts: CardFacts | None = None, tokenizer_dir=None) -> Path:
+def write_artifact(
+    model, out_dir: str | os.PathLike, facts: CardFacts | None = None, tokenizer_dir=None
+) -> Path:
     """Export ``model`` (a ``BD3LM``) to ``out_dir`` as a folder anyone can load with ``transformers``.
 
     ``facts``: what the model card says about the run (a section without facts says so);
@@ -42,7 +44,9 @@ def write_artifact(model, out_dir: str | os.PathLike, facts: CardFacts | None = 
     write_tokenizer_config(out)
     if facts.plot is not None:
         shutil.copyfile(facts.plot, out / PLOT_FILE)
-    (out / "README.md").write_text(render_card(json.loads((out / "config.json").read_text()), facts, PLOT_FILE))
+    (out / "README.md").write_text(
+        render_card(json.loads((out / "config.json").read_text()), facts, PLOT_FILE)
+    )
     return out
 
 

@@ -104,7 +104,11 @@ def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str
         "causal (AR) forward; `model.bd3_generate(...)` samples block by block with the KV cache "
         "(`modeling_bd3.py` in this folder).",
         "## Base model\n\n"
-        + (f"Initialized from the AR checkpoint `{base}`." if base else "No data: the base model is not recorded."),
+        + (
+            f"Initialized from the AR checkpoint `{base}`."
+            if base
+            else "No data: the base model is not recorded."
+        ),
         "## Data\n\n" + _data_section(facts.manifest),
         "## Training\n\n" + _training_section(facts.run_config, sizes, bd3),
         "## Likelihood across block sizes\n\n" + _likelihood_section(facts, plot_file),
@@ -187,7 +191,9 @@ def _likelihood_section(facts: CardFacts, plot_file: str) -> str:
     ]
     for r in rows:
         base = "not measured" if r["baseline_ppl_bound"] is None else f"{r['baseline_ppl_bound']:.2f}"
-        table.append(f"| {r['block_size']} | {r['nelbo']:.4f} | {r['ppl_bound']:.2f} | {r['stderr']:.4f} | {base} |")
+        table.append(
+            f"| {r['block_size']} | {r['nelbo']:.4f} | {r['ppl_bound']:.2f} | {r['stderr']:.4f} | {base} |"
+        )
     out = head + "\n\n" + "\n".join(table)
     if facts.plot is not None:
         out += f"\n\n![perplexity bound vs block size]({plot_file})"

@@ -50,7 +50,11 @@ class BD3Mixin:
         # Every query sees the whole cache and the whole block: a 4D additive mask of zeros.
         mask = torch.zeros(B, 1, n, past + n, dtype=self.dtype, device=block.device)
         out = self(
-            input_ids=block, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=block,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
         )
         if not keep:
             cache.crop(past)  # a noisy block is never part of the context
@@ -108,13 +112,16 @@ class BD3Mixin:
         if not bs or bs < 1:
             raise ValueError("give block_size (the config records no trained block size)")
         if bs not in trained:
-            warnings.warn(f"block_size {bs} was not trained (trained: {trained}); expect worse samples")
+            warnings.warn(
+                f"block_size {bs} was not trained (trained: {trained}); expect worse samples", stacklevel=2
+            )
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         B, P = input_ids.shape
         if P < 1:
             raise ValueError("the prompt needs at least one token (e.g. BOS) to condition on")
-        context = min(self.config.max_position_embeddings, getattr(self.config, "sliding_window", None) or 1 << 62)
+        window = getattr(self.config, "sliding_window", None)
+        context = min(self.config.max_position_embeddings, window or self.config.max_position_embeddings)
         if -(-(P + max_new_tokens) // bs) * bs > context:
             raise ValueError(f"prompt + max_new_tokens in whole blocks exceeds the context length {context}")
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
@@ -144,7 +151,8 @@ class BD3Mixin:
                     logits = self._bd3_forward(block, cache, keep=False)
                 elif masked[:, 1:].any():
                     logits = self._bd3_forward(block, cache, keep=False)
-                    first = logits[:, :1] if last is None else last[:, None]  # no context: position 0 is given
+                    # Without a clean block before (a short prompt) position 0 is given: never predicted.
+                    first = logits[:, :1] if last is None else last[:, None]
                     logits = torch.cat([first, logits[:, :-1]], dim=1)
                 else:  # only first positions are masked: the previous block's logits suffice
                     logits = last[:, None].expand(B, bs, -1)

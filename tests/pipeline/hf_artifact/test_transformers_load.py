@@ -93,7 +93,9 @@ def test_bd3_generate_equals_pipeline_sampler(exported, block_size, sampler):
     assert torch.equal(ours, theirs)
     assert not (theirs >= 250).any()  # never the mask token or a padding row
     if sampler == "confidence" and block_size > 1:  # threshold 0.3 unmasks several tokens per step
-        steps = generate(model, prompt, SamplerConfig(block_size=block_size, max_new_tokens=n, threshold=0.3, seed=7))
+        steps = generate(
+            model, prompt, SamplerConfig(block_size=block_size, max_new_tokens=n, threshold=0.3, seed=7)
+        )
         assert steps.nfe < n
 
 
@@ -145,6 +147,8 @@ def test_remote_code_imports_only_torch_and_transformers(exported, tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK (1, 8) []" in res.stdout
