@@ -200,7 +200,8 @@ def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
 
     ids = Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True).values()
     # An exported folder's tokenizer names the mask token too (pipeline.hf_artifact): not a data token.
-    check_vocab(sum(i != config.mask_token_id for i in ids), config, where=str(tok))
+    needed = 1 + max((i for i in ids if i != config.mask_token_id), default=-1)
+    check_vocab(needed, config, where=str(tok))
 
 
 def check_vocab(tokenizer_vocab_size: int, config: ModelConfig, where: str = "the tokenizer") -> None:
