@@ -103,18 +103,21 @@ def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str
         f"size{'s' if len(sizes) > 1 else ''} {', '.join(map(str, sizes))}. `model(input_ids)` is its "
         "causal (AR) forward; `model.bd3_generate(...)` samples block by block with the KV cache "
         "(`modeling_bd3.py` in this folder).",
-        "## Base model\n\n"
-        + (
-            f"Initialized from the AR checkpoint `{base}`."
-            if base
-            else "No data: the base model is not recorded."
-        ),
+        "## Base model\n\n" + _base_section(base, facts.run_config),
         "## Data\n\n" + _data_section(facts.manifest),
         "## Training\n\n" + _training_section(facts.run_config, sizes, bd3),
         "## Likelihood across block sizes\n\n" + _likelihood_section(facts, plot_file),
         "## Usage\n\n" + _usage(sizes[0]),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _base_section(base, run) -> str:
+    if base:
+        return f"Initialized from the AR checkpoint `{base}`."
+    if run is not None and not (run.get("model") or {}).get("init_from"):
+        return "Trained from a random initialization (the run's `model.init_from` is null): no base model."
+    return "No data: the base model is not recorded."
 
 
 def _data_section(manifest) -> str:
