@@ -23,8 +23,8 @@ class CardFacts:
     """What the card says about the run; None means unknown (the section says so).
 
     Attributes:
-        base_model: the AR checkpoint the run started from (a hub id, or a local folder's name).
-        license: the license to declare (given by the user or the base model's config).
+        base_model: the AR checkpoint the run started from (a hub id, or a local folder).
+        license: the license to declare (given by the user, else the base model's card's).
         manifest: the data's manifest.json (data_prep).
         run_config: the run's resolved training config (``run_config.json``).
         eval: a ``pipeline.eval`` JSON of the exported model (``results``: one row per block size).
@@ -62,6 +62,8 @@ class CardFacts:
             data = local if local and (Path(local) / "manifest.json").exists() else None
         if fields.get("base_model") is None and run is not None:
             fields["base_model"] = (run.get("model") or {}).get("init_from")
+        if fields.get("license") is None and fields.get("base_model"):
+            fields["license"] = base_model_license(fields["base_model"])
         return cls(
             manifest=read(data),
             run_config=run,
@@ -72,22 +74,38 @@ class CardFacts:
         )
 
 
-def public_name(name: str | None) -> str | None:
-    """A hub id as is; a local path reduced to its last component (no paths of the training machine)."""
-    if name is None:
+def base_model_license(folder) -> str | None:
+    """The ``license:`` of a local base model's card (its README.md front matter), if it has one."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
         return None
-    name = str(name)
-    if HUB_ID.match(name) and not Path(name).exists():
+    text = readme.read_text(errors="replace")
+    front = text.split("---")[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    m = re.search(r"^license:\s*(\S+)\s*$", front, flags=re.M)
+    return m.group(1) if m else None
+
+
+def hub_id(name: str | None) -> str | None:
+    """``name`` if it is a Hugging Face hub id (``owner/name``, not a local folder), else None."""
+    if name is None or not HUB_ID.match(str(name)) or Path(name).exists():
+        return None
+    return str(name)
+
+
+def public_name(name: str | None, parts: int = 1) -> str | None:
+    """A hub id as is; a local path reduced to its last ``parts`` components (no paths of the
+    training machine)."""
+    if name is None or hub_id(name):
         return name
-    return Path(name.rstrip("/")).name or None
+    tail = Path(str(name).rstrip("/")).parts[-parts:]
+    return "/".join(p for p in tail if p not in ("/", "~", ".", "..")) or None
 
 
 def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str:
     """README.md text for the folder whose config.json is ``config``."""
-    base = public_name(facts.base_model)
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
-    if base and HUB_ID.match(base):
-        front.append(f"base_model: {base}")
+    if hub_id(facts.base_model):
+        front.append(f"base_model: {facts.base_model}")
     if facts.license:
         front.append(f"license: {facts.license}")
     front += ["tags:", *(f"  - {t}" for t in ["block-diffusion", "bd3lm", "diffusion-lm", *facts.extra_tags])]
@@ -103,7 +121,7 @@ def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str
         f"size{'s' if len(sizes) > 1 else ''} {', '.join(map(str, sizes))}. `model(input_ids)` is its "
         "causal (AR) forward; `model.bd3_generate(...)` samples block by block with the KV cache "
         "(`modeling_bd3.py` in this folder).",
-        "## Base model\n\n" + _base_section(base, facts.run_config),
+        "## Base model\n\n" + _base_section(facts.base_model, facts.run_config),
         "## Data\n\n" + _data_section(facts.manifest),
         "## Training\n\n" + _training_section(facts.run_config, sizes, bd3),
         "## Likelihood across block sizes\n\n" + _likelihood_section(facts, plot_file),
@@ -113,8 +131,10 @@ def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str
 
 
 def _base_section(base, run) -> str:
-    if base:
-        return f"Initialized from the AR checkpoint `{base}`."
+    if hub_id(base):
+        return f"Initialized from the AR checkpoint [`{base}`](https://huggingface.co/{base})."
+    if base:  # the folder and its parent (runs/ar-tiny/hf -> ar-tiny/hf): a name, not a path
+        return f"Initialized from a local AR checkpoint, `{public_name(base, parts=2)}` (not on the hub)."
     if run is not None and not (run.get("model") or {}).get("init_from"):
         return "Trained from a random initialization (the run's `model.init_from` is null): no base model."
     return "No data: the base model is not recorded."

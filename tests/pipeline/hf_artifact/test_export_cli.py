@@ -96,14 +96,15 @@ def test_card_table_equals_the_eval_json(run, exported_run):
     assert (exported_run / "likelihood_by_block_size.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_card_front_matter_data_and_training_come_from_the_run(exported_run):
+def test_card_front_matter_data_and_training_come_from_the_run(run, exported_run):
+    root = run[0]
     card = (exported_run / "README.md").read_text()
     front = card.split("---")[1]
     for line in ("library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0"):
         assert line in front
     assert "  - block-diffusion" in front and "  - bd3lm" in front
     assert "base_model:" not in front  # the run started from a local folder, not a hub id
-    assert "Initialized from the AR checkpoint `ar`." in card
+    assert f"Initialized from a local AR checkpoint, `{root.name}/ar` (not on the hub)." in card
     assert "- train: 16 rows, 512 tokens" in card and "- val: 16 rows, 512 tokens" in card
     assert f"- tokens seen: {STEPS * BATCH * SEQ}" in card
     assert "- noise interval: [0.3, 0.8]" in card and "DeepSpeed ZeRO-2" in card
@@ -130,12 +131,33 @@ def test_exported_folder_has_no_pickles_credentials_or_machine_paths(run, export
             assert needle.encode() not in data, f"{path} contains {needle!r}"
 
 
+def test_license_comes_from_the_base_models_card(run, tmp_path):
+    root, save, _ = run
+    (root / "ar" / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# AR\n")
+    try:
+        assert (
+            export.main(["--checkpoint", str(save), "--out", str(tmp_path / "hf"), "--trust-checkpoint"]) == 0
+        )
+    finally:
+        (root / "ar" / "README.md").unlink()
+    front = (tmp_path / "hf" / "README.md").read_text().split("---")[1]
+    assert "license: mit" in front
+
+
+def test_a_hub_base_model_is_named_in_the_front_matter(tmp_path):
+    facts = CardFacts(base_model="TinyLlama/TinyLlama_v1.1")
+    card = (export_tiny(tmp_path, "llama", facts=facts)[1] / "README.md").read_text()
+    assert "base_model: TinyLlama/TinyLlama_v1.1" in card.split("---")[1]
+    assert "[`TinyLlama/TinyLlama_v1.1`](https://huggingface.co/TinyLlama/TinyLlama_v1.1)" in card
+
+
 def test_card_without_facts_says_no_data(tmp_path):
     _, folder = export_tiny(tmp_path, "mistral", facts=CardFacts())
     card = (folder / "README.md").read_text()
     for section in ("## Data", "## Likelihood across block sizes"):
         assert card.split(section)[1].split("##")[0].strip().startswith("_No data")
     assert "No data: the base model is not recorded." in card
+    assert "license:" not in card.split("---")[1]  # none given, none known
     assert "Block size 4, shift True (config.json)" in card
     assert not table_rows(card)
 
