@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import card_table_rows
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -45,9 +47,7 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     # The transformers export's card shows the demo's table (the trained model's PPL bounds).
     card = (out / "bd3-tiny-hf" / "README.md").read_text()
     trained = json.loads((out / "eval_bd3_trained.json").read_text())["results"]
-    rows = [
-        line.strip("|").split("|") for line in card.splitlines() if line[:3] == "| " and line[2].isdigit()
-    ]
+    rows = card_table_rows(card)
     assert [(int(r[0]), float(r[2])) for r in rows] == [
         (r["block_size"], round(r["ppl_bound"], 2)) for r in trained
     ]

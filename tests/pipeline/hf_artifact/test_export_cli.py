@@ -4,7 +4,6 @@ folder holds no pickles, no credentials and no path of the training machine."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ from pipeline import eval as pipeline_eval
 from pipeline import export
 from pipeline.hf_artifact import CardFacts
 from pipeline.save_folder import MODEL_CONFIG_FILE, RUN_CONFIG_FILE
-from tests.factories import TINY_HF, tiny_data_folder, write_tokenizer
-from tests.pipeline.hf_artifact.conftest import export_tiny
+from tests.factories import TINY_HF, card_table_rows, tiny_data_folder, write_tiny_export, write_tokenizer
 
 SECRET = "AKIA-DO-NOT-LEAK-1234"
 STEPS, BATCH, SEQ = 10, 8, 32
@@ -25,7 +23,7 @@ def run(tmp_path_factory):
     """A save_folder as pipeline.train leaves it (config, tokenizer, run_config.json, a Composer
     checkpoint), its data folder, and pipeline.eval results of the run and of its AR init."""
     root = tmp_path_factory.mktemp("run")
-    model, _ = export_tiny(root, "llama")
+    model, _ = write_tiny_export(root, "llama")
     data = tiny_data_folder(root / "data", write_tokenizer(root / "data_tok" / "tokenizer.json"), 16, 16)
     save = root / "save"
     save.mkdir()
@@ -71,20 +69,12 @@ def exported_run(run):
     return out
 
 
-def table_rows(card: str) -> list[list[str]]:
-    return [
-        [c.strip() for c in line.strip("|").split("|")]
-        for line in card.splitlines()
-        if re.match(r"\| \d", line)
-    ]
-
-
 def test_card_table_equals_the_eval_json(run, exported_run):
     _, _, evals = run
     card = (exported_run / "README.md").read_text()
     ours = json.loads(evals["bd3"].read_text())["results"]
     base = {r["block_size"]: r for r in json.loads(evals["ar"].read_text())["results"]}
-    rows = table_rows(card)
+    rows = card_table_rows(card)
     assert [int(r[0]) for r in rows] == [r["block_size"] for r in ours] == [1, 4, 32]
     for row, r in zip(rows, ours):
         assert float(row[1]) == pytest.approx(r["nelbo"], abs=5e-5)
@@ -146,27 +136,27 @@ def test_license_comes_from_the_base_models_card(run, tmp_path):
 
 def test_a_hub_base_model_is_named_in_the_front_matter(tmp_path):
     facts = CardFacts(base_model="TinyLlama/TinyLlama_v1.1")
-    card = (export_tiny(tmp_path, "llama", facts=facts)[1] / "README.md").read_text()
+    card = (write_tiny_export(tmp_path, "llama", facts=facts)[1] / "README.md").read_text()
     assert "base_model: TinyLlama/TinyLlama_v1.1" in card.split("---")[1]
     assert "[`TinyLlama/TinyLlama_v1.1`](https://huggingface.co/TinyLlama/TinyLlama_v1.1)" in card
 
 
 def test_card_without_facts_says_no_data(tmp_path):
-    _, folder = export_tiny(tmp_path, "mistral", facts=CardFacts())
+    _, folder = write_tiny_export(tmp_path, "mistral", facts=CardFacts())
     card = (folder / "README.md").read_text()
     for section in ("## Data", "## Likelihood across block sizes"):
         assert card.split(section)[1].split("##")[0].strip().startswith("_No data")
     assert "No data: the base model is not recorded." in card
     assert "license:" not in card.split("---")[1]  # none given, none known
     assert "Block size 4, shift True (config.json)" in card
-    assert not table_rows(card)
+    assert not card_table_rows(card)
 
 
 def test_write_artifact_keeps_pipeline_loading(tmp_path):
     """The exported folder (mask token in its tokenizer) still loads in pipeline.model."""
     from pipeline.model import from_pretrained
 
-    model, folder = export_tiny(tmp_path, "qwen2")
+    model, folder = write_tiny_export(tmp_path, "qwen2")
     again = from_pretrained(folder)
     assert again.config == model.config
     x = torch.randint(0, 250, (1, 8))

@@ -35,8 +35,12 @@ def sharpened(model, folder, scale=4.0):
     return model, hf
 
 
-def test_auto_classes_load_with_the_bd3_config(exported):
-    arch, model, folder = exported
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_classes_load_with_the_bd3_config(tiny_export, arch):
+    model, folder = tiny_export(arch)
     hf = load(folder)
     config = json.loads((folder / "config.json").read_text())
     assert type(hf).__name__ == config["architectures"][0] and arch in type(hf).__name__.lower()
@@ -50,8 +54,9 @@ def test_auto_classes_load_with_the_bd3_config(exported):
     assert tok("w3 w7").input_ids[-2:] == [4, 8]
 
 
-def test_ar_logits_equal_pipeline_model(exported):
-    _, model, folder = exported
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ar_logits_equal_pipeline_model(tiny_export, arch):
+    model, folder = tiny_export(arch)
     hf = load(folder)
     x = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -77,13 +82,14 @@ def _both(model, hf, prompt, **kw):
 # Today's pipeline sampler shortens the last block to max_new_tokens and takes the confidence after
 # top-p; bd3_generate (like the pipeline after the parallel sampler change) denoises whole blocks and
 # takes the plain softmax. They draw the same numbers when the text ends on the block grid and top_p = 1.
+# The full grid on llama; the other shapes at the trained block size.
+GRID = [("llama", 1), ("llama", 4), ("llama", 16), ("mistral", 4), ("qwen2", 4)]
+
+
 @pytest.mark.parametrize("sampler", ["confidence", "first_hitting"])
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_bd3_generate_equals_pipeline_sampler(exported, block_size, sampler):
-    arch, model, folder = exported
-    if arch != "llama" and block_size != 4:
-        pytest.skip("the full grid runs on llama; the other shapes at the trained block size")
-    model, hf = sharpened(model, folder)
+@pytest.mark.parametrize("arch, block_size", GRID)
+def test_bd3_generate_equals_pipeline_sampler(tiny_export, arch, block_size, sampler):
+    model, hf = sharpened(*tiny_export(arch))
     prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     n = 3 * 16 - PROMPT_LEN  # ends on the grid of every block size
     ours, theirs = _both(
@@ -99,11 +105,8 @@ def test_bd3_generate_equals_pipeline_sampler(exported, block_size, sampler):
         assert steps.nfe < n
 
 
-def test_bd3_generate_stops_at_eos_like_pipeline(exported):
-    arch, model, folder = exported
-    if arch != "llama":
-        pytest.skip("one shape suffices")
-    model, hf = sharpened(model, folder)
+def test_bd3_generate_stops_at_eos_like_pipeline(tiny_export):
+    model, hf = sharpened(*tiny_export("llama"))
     prompt = torch.randint(3, 250, (3, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
     kw = dict(block_size=4, max_new_tokens=35, sampler="first_hitting", threshold=0.9, seed=3)
     free, _ = _both(model, hf, prompt, **kw)
@@ -114,10 +117,8 @@ def test_bd3_generate_stops_at_eos_like_pipeline(exported):
     assert first <= 6 and (theirs[0, first:] == eos).all()
 
 
-def test_bf16_loading_generates(exported):
-    arch, model, folder = exported
-    if arch != "qwen2":
-        pytest.skip("one shape suffices")
+def test_bf16_loading_generates(tiny_export):
+    model, folder = tiny_export("qwen2")
     hf = load(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
     x = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -129,9 +130,9 @@ def test_bf16_loading_generates(exported):
     assert out.shape == (1, 16) and not (out >= 250).any()
 
 
-def test_remote_code_imports_only_torch_and_transformers(exported, tmp_path):
+def test_remote_code_imports_only_torch_and_transformers(tiny_export, tmp_path):
     """Load and sample in a fresh interpreter where this project cannot be imported."""
-    _, _, folder = exported
+    _, folder = tiny_export("mistral")
     script = textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
@@ -152,3 +153,24 @@ def test_remote_code_imports_only_torch_and_transformers(exported, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK (1, 8) []" in res.stdout
+
+
+def test_blocks_are_denoised_whole_and_cut_afterwards(tiny_export):
+    """A shorter request is a prefix of a longer one: the last block is never shortened (the random
+    draws of a partial block would differ)."""
+    _, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
+    kw = dict(block_size=4, sampler="confidence", threshold=0.3, seed=5)
+    long = hf.bd3_generate(prompt, max_new_tokens=11, **kw)
+    for n in (9, 10):
+        assert torch.equal(hf.bd3_generate(prompt, max_new_tokens=n, **kw), long[:, : PROMPT_LEN + n])
+
+
+def test_confidence_is_the_plain_softmax_whatever_top_p(tiny_export):
+    """Greedy candidates do not depend on top-p; with the plain-softmax confidence neither do the
+    positions unmasked, so top_p changes nothing (a confidence after top-p renormalization would)."""
+    _, hf = sharpened(*tiny_export("llama"), scale=2.0)
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=27, block_size=16, sampler="confidence", threshold=0.3, temperature=0, seed=0)
+    plain = hf.bd3_generate(prompt, top_p=1.0, **kw)
+    assert torch.equal(hf.bd3_generate(prompt, top_p=0.3, **kw), plain)

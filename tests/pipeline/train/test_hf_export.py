@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.save_folder import RUN_CONFIG_FILE
-from tests.pipeline.hf_artifact.test_export_cli import table_rows
+from tests.factories import card_table_rows
 from tests.pipeline.train.conftest import SEQ_LEN
 from tests.pipeline.train.test_eval_callbacks import COMMON, callback, train
 
@@ -29,7 +29,7 @@ def test_hf_export_callback_writes_the_card_of_the_run(tiny_data, tmp_path, one_
 
     card = (hf / "README.md").read_text()
     results = callback(trainer, "BlockSizeLikelihood").last_results
-    rows = table_rows(card)
+    rows = card_table_rows(card)
     assert [int(r[0]) for r in rows] == [r.block_size for r in results] == [1, 4, SEQ_LEN]
     for row, r in zip(rows, results):
         assert float(row[1]) == pytest.approx(r.nelbo, abs=5e-5)
