@@ -136,15 +136,8 @@ class BD3Mixin:
         cache = DynamicCache()
         last = None  # logits at the last clean position (the shift's prediction of the next token)
 
-        n_full = P // bs
-        for b in range(n_full):
-            last = self._bd3_forward(input_ids[:, b * bs : (b + 1) * bs], cache, keep=True)[:, -1]
-        block = input_ids[:, n_full * bs :]
-        out = input_ids[:, :0]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        while out.shape[1] < max_new_tokens and not done.all():
-            given = block.shape[1]
-            block = torch.cat([block, torch.full((B, bs - given), mask_id, device=device)], dim=1)
+        def denoise(block, last):
+            """Unmask every mask token of ``block`` (B, L'), conditioned on the cache."""
             while (block == mask_id).any():
                 masked = block == mask_id
                 if not shift:
@@ -157,7 +150,7 @@ class BD3Mixin:
                 else:  # only first positions are masked: the previous block's logits suffice
                     logits = last[:, None].expand(B, bs, -1)
                 plain, probs = self._bd3_probs(logits, invalid, temperature, top_p)
-                if sampler == "first_hitting":
+                if sampler == "first_hitting":  # draw order as pipeline.sample: positions, then tokens
                     score = torch.rand(masked.shape, generator=gen, device=device).masked_fill(~masked, -1.0)
                     cand = self._bd3_draw(probs, gen, temperature)
                     unmask = torch.zeros_like(masked).scatter(1, score.argmax(1, keepdim=True), True)
@@ -167,14 +160,25 @@ class BD3Mixin:
                     best = torch.zeros_like(masked).scatter(1, conf.argmax(1, keepdim=True), True)
                     unmask = (conf > threshold) | best
                 block = torch.where(unmask & masked, cand, block)
-            new = block[:, given:]
+            return block
+
+        n_full = P // bs
+        for b in range(n_full):
+            last = self._bd3_forward(input_ids[:, b * bs : (b + 1) * bs], cache, keep=True)[:, -1]
+        given = input_ids[:, n_full * bs :]  # the prompt's tokens in the first block to generate
+        out = input_ids[:, :0]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        while out.shape[1] < max_new_tokens and not done.all():
+            masks = torch.full((B, bs - given.shape[1]), mask_id, device=device)
+            block = denoise(torch.cat([given, masks], dim=1), last)
+            new = block[:, given.shape[1] :]
             if stop:
                 new = torch.where(done[:, None], torch.full_like(new, eos), new)
                 done |= (new == eos).any(dim=1)
             out = torch.cat([out, new], dim=1)
             if out.shape[1] < max_new_tokens and not done.all():
                 last = self._bd3_forward(block, cache, keep=True)[:, -1]
-            block = block[:, :0]
+            given = block[:, :0]
         return torch.cat([input_ids, out[:, :max_new_tokens]], dim=1)
 
 
