@@ -197,10 +197,10 @@ class HFExport(Callback):
         facts = dataclasses.replace(self.facts) if self.facts is not None else CardFacts()
         bsl = next((c for c in state.callbacks if isinstance(c, BlockSizeLikelihood)), None)
         if bsl is not None and bsl.last_results:
-            rows = bsl.last_results[0].rows
+            split = ((facts.run_config or {}).get("eval_loader") or {}).get("split", "eval")
             facts.eval = {
-                "split": "eval_loader", "rows": rows, "draws": bsl.section.draws, "seed": bsl.section.seed,
-                "results": [r.as_dict() for r in bsl.last_results],
+                "split": split, "rows": bsl.last_results[0].rows, "draws": bsl.section.draws,
+                "seed": bsl.section.seed, "results": [r.as_dict() for r in bsl.last_results],
             }  # fmt: skip
         write_artifact(bd3, self.folder, facts, tokenizer_dir=self.tokenizer_dir)
 

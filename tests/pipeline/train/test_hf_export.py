@@ -35,6 +35,7 @@ def test_hf_export_callback_writes_the_card_of_the_run(tiny_data, tmp_path, one_
         assert float(row[1]) == pytest.approx(r.nelbo, abs=5e-5)
         assert float(row[2]) == pytest.approx(r.ppl_bound, abs=5e-3)
         assert row[4] == "not measured"  # no AR-init baseline in a run
+    assert f"on {results[0].rows} rows of the `val` split" in card
     manifest = json.loads((tiny_data[0] / "manifest.json").read_text())
     train_split = manifest["splits"]["train"]
     assert f"- train: {train_split['rows']} rows, {train_split['tokens']} tokens" in card
