@@ -72,7 +72,9 @@ def write_tokenizer_config(folder: Path) -> None:
     ``bd3.mask_token_id``) named as tokenizer.json names them; a new mask token gets ``MASK_TOKEN``
     (when its id follows the tokenizer's last id; otherwise the tokenizer has no mask token and its id
     is only in config.json).
-    Keys of a tokenizer_config.json copied from the AR checkpoint (a chat template...) are kept.
+    Keys of tokenizer_config.json / special_tokens_map.json copied from the AR checkpoint (a chat
+    template, the unknown and padding tokens...) are kept; ``added_tokens_decoder`` is dropped
+    (tokenizer.json holds the added tokens).
     """
     tok_path = folder / "tokenizer.json"
     if not tok_path.exists():
@@ -108,7 +110,9 @@ def write_tokenizer_config(folder: Path) -> None:
         "clean_up_tokenization_spaces": False,
     }
     tc_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+    sm_path = folder / "special_tokens_map.json"
+    previous = json.loads(sm_path.read_text()) if sm_path.exists() else {}
+    sm_path.write_text(json.dumps({**previous, **special}, indent=2, sort_keys=True) + "\n")
 
 
 def _vocab(tok: dict) -> dict[str, int]:

@@ -161,3 +161,24 @@ def test_write_artifact_keeps_pipeline_loading(tmp_path):
     assert again.config == model.config
     x = torch.randint(0, 250, (1, 8))
     assert torch.equal(again(x), model(x))
+
+
+def test_the_ar_checkpoints_tokenizer_settings_are_kept(tmp_path):
+    """A chat template and the padding token of the AR checkpoint survive; the mask token is added."""
+    from transformers import AutoTokenizer
+
+    from pipeline.hf_artifact import write_artifact
+    from pipeline.model import from_pretrained
+
+    model, folder = write_tiny_export(tmp_path, "llama")
+    source = folder.parent / "ar"
+    (source / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages }}", "tokenizer_class": "LlamaTokenizer",
+                    "added_tokens_decoder": {"0": {"content": "<|endoftext|>"}}})
+    )  # fmt: skip
+    (source / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    out = write_artifact(from_pretrained(source, block_size=4), tmp_path / "again")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == "{{ messages }}" and tok.pad_token_id == 0
+    assert tok.mask_token == "<|mask|>" and tok.mask_token_id == model.config.mask_token_id
+    assert "added_tokens_decoder" not in json.loads((out / "tokenizer_config.json").read_text())
