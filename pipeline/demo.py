@@ -10,8 +10,10 @@ Stages (each reuses its output when rerun):
      DeepSpeed ZeRO-2 (the DiffuLLaMA flow), one model for the block sizes 2, 4, 8 and 16 (each
      step draws one; BD3-LM's clipped intervals where the paper gives them);
   5. ``pipeline.eval`` across block sizes: the AR-init baseline and the trained BD3 model;
-  6. ``pipeline.sample`` at the trained block size with the KV cache;
-  7. a summary of where everything is.
+  6. ``pipeline.export``: the BD3 run as a Hugging Face folder with its modeling code and a model card
+     showing stage 5's table (``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``);
+  7. ``pipeline.sample`` at the trained block size with the KV cache;
+  8. a summary of where everything is.
 Every stage runs the real command line in a subprocess, as a user would type it.
 """
 
@@ -70,7 +72,7 @@ def write_hub_corpus(out: Path, n_docs: int) -> None:
 
 
 def header(n: int, title: str) -> None:
-    print(f"\n=== [{n}/7] {title} ===", flush=True)
+    print(f"\n=== [{n}/8] {title} ===", flush=True)
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -275,7 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in zip(tables["ar_init_baseline"], tables["bd3_trained"]):
         print(f"{a['block_size']:>10} {a['ppl_bound']:>18.2f} {b['ppl_bound']:>14.2f}")
 
-    header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
+    header(6, "the BD3 model as a Hugging Face folder with a model card (pipeline.export)")
+    hf_model = out / "bd3-tiny-hf"
+    sh(
+        [
+            py,
+            "-m",
+            "pipeline.export",
+            "--checkpoint",
+            str(bd3_dir),
+            "--out",
+            str(hf_model),
+            "--eval-json",
+            str(out / "eval_bd3_trained.json"),
+            "--baseline-json",
+            str(out / "eval_ar_init_baseline.json"),
+            "--plot",
+            str(out / "ppl_bd3_trained.png"),
+        ]
+    )
+
+    header(7, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
     sample = out / "sample.json"
     sh(
         [
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    header(7, "summary")
+    header(8, "summary")
     from pipeline.save_folder import ds_folder
 
     s = json.loads(sample.read_text())
@@ -312,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
   TensorBoard       tensorboard --logdir {out / "runs"}
   eval tables       {out}/eval_ar_init_baseline.json, {out}/eval_bd3_trained.json
   plots             {out}/ppl_ar_init_baseline.png, {out}/ppl_bd3_trained.png
+  transformers      {hf_model}  (trust_remote_code=True; model card README.md)
   sample            {sample}  ({len(s["tokens"])} tokens, {s["tokens_per_s"]:.1f} tokens/s, {s["nfe"]} NFEs)""")
     (out / "summary.json").write_text(json.dumps({"minutes": minutes, "eval": tables, "sample": s}, indent=2))
     return 0

@@ -3,6 +3,7 @@
 What the trainer writes there (every name and tag below is built by this module only)::
 
     hf_config.json               the model config, rank 0 at start      MODEL_CONFIG_FILE
+    run_config.json              the resolved training config (card)     RUN_CONFIG_FILE
     tokenizer.json               the run's tokenizer, beside it          TOKENIZER_FILE
     ep{E}-ba{N}-rank0.pt         Composer's checkpoint of batch N        composer_checkpoints
     ep{E}-ba{N}/                 the same, FSDP sharded (.metadata last)
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # the model is imported by the loaders only: the layout helpe
     from pipeline.model import BD3LM
 
 MODEL_CONFIG_FILE = "hf_config.json"  # written into save_folder by the trainer (rank 0) at start
+RUN_CONFIG_FILE = "run_config.json"  # the resolved TrainConfig, for the exported model card
 TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest-rank0.pt"  # Composer's default latest_filename, for rank 0
 LATEST_ANY_RANK = "latest-rank*.pt"
@@ -159,6 +161,13 @@ def load_for_inference(
         f"{path} is neither a Hugging Face-format folder (config.json) nor a save_folder of pipeline.train "
         f"({MODEL_CONFIG_FILE}); export a checkpoint with `python -m pipeline.export --checkpoint PATH --out DIR`"
     )
+
+
+def run_config_file(checkpoint: str | Path) -> Path:
+    """Where the resolved training config of the run that wrote ``checkpoint`` (a save_folder or a
+    file in it) is; it may not exist (runs before it was written, remote save_folders)."""
+    p = Path(checkpoint)
+    return (p if p.is_dir() else p.parent) / RUN_CONFIG_FILE
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

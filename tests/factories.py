@@ -3,6 +3,8 @@
 - ``tiny_model_config`` / ``random_model``: a random-init ``BD3LM`` (mask token appended, vocabulary
   padded to a multiple of 64), 64 wide and 2 layers unless told otherwise.
 - ``write_tiny_hf_checkpoint``: a ``transformers`` LLaMA/Qwen2/Mistral folder written offline.
+- ``write_tiny_export``: such a checkpoint exported by ``pipeline.hf_artifact`` (the transformers
+  folder with modeling code and card); ``card_table_rows`` reads a card's likelihood table.
 - ``write_tokenizer``, ``packed_rows``, ``write_data_folder``, ``write_manifest``: a data_prep-style
   output (MDS splits and manifest.json) written directly, so the training tests do not depend on
   data_prep's code; ``tiny_data_folder`` is the training tests' (``tiny_data``).
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.model import BD3LM, ModelConfig
+from pipeline.hf_artifact import write_artifact
+from pipeline.model import BD3LM, ModelConfig, from_pretrained
 
 # -- models -------------------------------------------------------------------------------------
 TINY_SHAPE = dict(
@@ -117,6 +121,32 @@ def write_tiny_hf_checkpoint(
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+# -- transformers exports (pipeline.hf_artifact) -------------------------------------------------
+TINY_EXPORT_CONFIGS = {  # the shapes exported for transformers: Qwen2 ties its embeddings
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "mistral": {"sliding_window": 128},
+}
+
+
+def write_tiny_export(root, arch: str, block_size: int = 4, facts=None):
+    """(pipeline's BD3LM in eval mode, the folder ``write_artifact`` wrote) for a tiny ``arch`` checkpoint
+    with a tokenizer of exactly its vocabulary (so the mask token is the tokenizer's next id)."""
+    ckpt, _ = write_tiny_hf_checkpoint(root / "ar", arch, **TINY_EXPORT_CONFIGS[arch])
+    write_tokenizer(ckpt / "tokenizer.json", n_words=TINY_HF["vocab_size"] - 1)
+    model = from_pretrained(ckpt, block_size=block_size).eval()
+    return model, write_artifact(model, root / "export", facts)
+
+
+def card_table_rows(card: str) -> list[list[str]]:
+    """The cells of the likelihood table's rows in a model card."""
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in card.splitlines()
+        if re.match(r"\| \d", line)
+    ]
 
 
 # -- data_prep output ---------------------------------------------------------------------------

@@ -198,8 +198,10 @@ def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
         return
     from tokenizers import Tokenizer
 
-    n = Tokenizer.from_file(str(tok)).get_vocab_size(with_added_tokens=True)
-    check_vocab(n, config, where=str(tok))
+    ids = Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True).values()
+    # An exported folder's tokenizer names the mask token too (pipeline.hf_artifact): not a data token.
+    needed = 1 + max((i for i in ids if i != config.mask_token_id), default=-1)
+    check_vocab(needed, config, where=str(tok))
 
 
 def check_vocab(tokenizer_vocab_size: int, config: ModelConfig, where: str = "the tokenizer") -> None:

@@ -12,6 +12,7 @@ weights as the safetensors folder of ``callbacks.hf_export`` (or ``pipeline.mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pipeline.model import BD3LM, apply_compile, from_pretrained
 from pipeline.save_folder import (
     LATEST_ANY_RANK,
     MODEL_CONFIG_FILE,
+    RUN_CONFIG_FILE,
     TENSORBOARD_SUBDIR,
     TOKENIZER_FILE,
     WRITE_PROBE,
@@ -112,7 +114,14 @@ def build_callbacks(
     if c.loss_log is not None:
         out.append(LossLog(c.loss_log.path, sample_ids=c.loss_log.sample_ids))
     if c.hf_export is not None:
-        out.append(HFExport(c.hf_export.folder, tokenizer_dir=inputs.tokenizer_file.parent))
+        from pipeline.hf_artifact import CardFacts
+
+        facts = CardFacts(
+            base_model=cfg.model.init_from,
+            manifest=inputs.manifest,
+            run_config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        )
+        out.append(HFExport(c.hf_export.folder, tokenizer_dir=inputs.tokenizer_file.parent, facts=facts))
     out += eval_callbacks(cfg, inputs.tokenizer_file)
     return out
 
@@ -204,6 +213,8 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> Non
     folder = Path(cfg.save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    # default=str: a few fields are tuples/paths; the card reads numbers and names only.
+    (folder / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
     if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():
         shutil.copy2(inputs.tokenizer_file, folder / TOKENIZER_FILE)
 

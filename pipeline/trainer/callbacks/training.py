@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -183,14 +184,31 @@ class LossLog(Callback):
 
 
 class HFExport(Callback):
-    """At FIT_END, write ``folder`` with ``pipeline.model.save_pretrained`` (rank 0; FSDP gathers first)."""
+    """At FIT_END, write ``folder`` with ``pipeline.hf_artifact.write_artifact`` (rank 0; FSDP gathers
+    first): the weights, modeling code for ``transformers`` and a model card from ``facts`` plus the
+    last ``block_size_likelihood`` evaluation of the run, when it has one."""
 
-    def __init__(self, folder: str | Path, tokenizer_dir: str | Path | None = None):
+    def __init__(self, folder: str | Path, tokenizer_dir: str | Path | None = None, facts=None):
         self.folder = Path(folder)
         self.tokenizer_dir = tokenizer_dir
+        self.facts = facts
+
+    def _save(self, bd3, state: State) -> None:
+        from pipeline.hf_artifact import CardFacts, write_artifact
+        from pipeline.trainer.callbacks.evaluation import BlockSizeLikelihood
+
+        facts = dataclasses.replace(self.facts) if self.facts is not None else CardFacts()
+        bsl = next((c for c in state.callbacks if isinstance(c, BlockSizeLikelihood)), None)
+        if bsl is not None and bsl.last_results:
+            split = ((facts.run_config or {}).get("eval_loader") or {}).get("split", "eval")
+            facts.eval = {
+                "split": split, "rows": bsl.last_results[0].rows, "draws": bsl.section.draws,
+                "seed": bsl.section.seed, "results": [r.as_dict() for r in bsl.last_results],
+            }  # fmt: skip
+        write_artifact(bd3, self.folder, facts, tokenizer_dir=self.tokenizer_dir)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        from pipeline.model import BD3LM, save_pretrained
+        from pipeline.model import BD3LM
 
         bd3 = unwrap(state).model
         if state.fsdp_enabled:
@@ -208,7 +226,7 @@ class HFExport(Callback):
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if dist.get_global_rank() == 0:
-                    save_pretrained(bd3, self.folder, tokenizer_dir=self.tokenizer_dir)
+                    self._save(bd3, state)
         elif dist.get_global_rank() == 0:
-            save_pretrained(bd3, self.folder, tokenizer_dir=self.tokenizer_dir)
+            self._save(bd3, state)
         dist.barrier()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import card_table_rows
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -42,6 +44,14 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     for name in ("eval_ar_init_baseline.json", "eval_bd3_trained.json"):
         sizes = [r["block_size"] for r in json.loads((out / name).read_text())["results"]]
         assert sizes == [1, 2, 4, 8, 16, seq_len]
+    # The transformers export's card shows the demo's table (the trained model's PPL bounds).
+    card = (out / "bd3-tiny-hf" / "README.md").read_text()
+    trained = json.loads((out / "eval_bd3_trained.json").read_text())["results"]
+    rows = card_table_rows(card)
+    assert [(int(r[0]), float(r[2])) for r in rows] == [
+        (r["block_size"], round(r["ppl_bound"], 2)) for r in trained
+    ]
+    assert (out / "bd3-tiny-hf" / "modeling_bd3.py").exists()
     sample = json.loads((out / "sample.json").read_text())
     assert len(sample["tokens"]) > 0 and sample["tokens_per_s"] > 0
     assert "finished in" in proc.stdout

@@ -1,0 +1,176 @@
+"""The exported folder loads with plain ``transformers`` (trust_remote_code) and behaves as pipeline's model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.diffusion.sampler import SamplerConfig, generate
+
+PROMPT_LEN = 5
+
+
+def load(folder, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained block sizes warn
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kw).eval()
+
+
+def sharpened(model, folder, scale=4.0):
+    """(a copy of pipeline's model, the loaded export), both with the output layer times ``scale``:
+    peaked distributions, so that the confidence sampler unmasks several tokens per step."""
+    model, hf = copy.deepcopy(model), load(folder)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+        hf.lm_head.weight.mul_(scale)
+    return model, hf
+
+
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_classes_load_with_the_bd3_config(tiny_export, arch):
+    model, folder = tiny_export(arch)
+    hf = load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert type(hf).__name__ == config["architectures"][0] and arch in type(hf).__name__.lower()
+    assert hf.config.bd3["mask_token_id"] == model.config.mask_token_id == 250
+    assert hf.config.vocab_size == model.config.vocab_size == 256
+    if arch == "qwen2":  # tied embeddings stay tied
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.mask_token_id == model.config.mask_token_id
+    assert tok.eos_token_id == model.config.eos_token_id and tok.bos_token_id == model.config.bos_token_id
+    assert tok("w3 w7").input_ids[-2:] == [4, 8]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ar_logits_equal_pipeline_model(tiny_export, arch):
+    model, folder = tiny_export(arch)
+    hf = load(folder)
+    x = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max().item() < 1e-5
+
+
+def _both(model, hf, prompt, **kw):
+    eos = kw.pop("eos_token_id", None)
+    cfg = SamplerConfig(eos_token_id=eos, stop_at_eos=eos is not None, **kw)
+    ours = generate(model, prompt, cfg).tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = hf.bd3_generate(
+            prompt, kw["max_new_tokens"], kw["block_size"], sampler=kw["sampler"], threshold=kw["threshold"],
+            top_p=kw.get("top_p", 1.0), seed=kw["seed"], stop_at_eos=eos is not None, eos_token_id=eos,
+        )  # fmt: skip
+    assert torch.equal(theirs[:, : prompt.shape[1]], prompt)
+    return ours, theirs[:, prompt.shape[1] :]
+
+
+# Today's pipeline sampler shortens the last block to max_new_tokens and takes the confidence after
+# top-p; bd3_generate (like the pipeline after the parallel sampler change) denoises whole blocks and
+# takes the plain softmax. They draw the same numbers when the text ends on the block grid and top_p = 1.
+# The full grid on llama; the other shapes at the trained block size.
+GRID = [("llama", 1), ("llama", 4), ("llama", 16), ("mistral", 4), ("qwen2", 4)]
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "first_hitting"])
+@pytest.mark.parametrize("arch, block_size", GRID)
+def test_bd3_generate_equals_pipeline_sampler(tiny_export, arch, block_size, sampler):
+    model, hf = sharpened(*tiny_export(arch))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    n = 3 * 16 - PROMPT_LEN  # ends on the grid of every block size
+    ours, theirs = _both(
+        model, hf, prompt, block_size=block_size, max_new_tokens=n, sampler=sampler, threshold=0.3, seed=7
+    )
+    assert ours.shape == theirs.shape == (2, n)
+    assert torch.equal(ours, theirs)
+    assert not (theirs >= 250).any()  # never the mask token or a padding row
+    if sampler == "confidence" and block_size > 1:  # threshold 0.3 unmasks several tokens per step
+        steps = generate(
+            model, prompt, SamplerConfig(block_size=block_size, max_new_tokens=n, threshold=0.3, seed=7)
+        )
+        assert steps.nfe < n
+
+
+def test_bd3_generate_stops_at_eos_like_pipeline(tiny_export):
+    model, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (3, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
+    kw = dict(block_size=4, max_new_tokens=35, sampler="first_hitting", threshold=0.9, seed=3)
+    free, _ = _both(model, hf, prompt, **kw)
+    eos = int(free[0, 6])  # a token that the first row generates early
+    ours, theirs = _both(model, hf, prompt, eos_token_id=eos, **kw)
+    assert torch.equal(ours, theirs)
+    first = int((theirs[0] == eos).nonzero()[0])
+    assert first <= 6 and (theirs[0, first:] == eos).all()
+
+
+def test_bf16_loading_generates(tiny_export):
+    model, folder = tiny_export("qwen2")
+    hf = load(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    x = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        logits = hf(x).logits.float()
+    assert (logits - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 rounding, not a different model
+    out = hf.bd3_generate(x[:, :4], max_new_tokens=12, block_size=4, seed=0)
+    assert out.shape == (1, 16) and not (out >= 250).any()
+
+
+def test_remote_code_imports_only_torch_and_transformers(tiny_export, tmp_path):
+    """Load and sample in a fresh interpreter where this project cannot be imported."""
+    _, folder = tiny_export("mistral")
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("pipeline", "tests", "data_prep"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        out = m.bd3_generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, block_size=4, seed=0)
+        print("OK", tuple(out.shape), sorted(k for k in sys.modules if k.split(".")[0] == "pipeline"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK (1, 8) []" in res.stdout
+
+
+def test_blocks_are_denoised_whole_and_cut_afterwards(tiny_export):
+    """A shorter request is a prefix of a longer one: the last block is never shortened (the random
+    draws of a partial block would differ)."""
+    _, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
+    kw = dict(block_size=4, sampler="confidence", threshold=0.3, seed=5)
+    long = hf.bd3_generate(prompt, max_new_tokens=11, **kw)
+    for n in (9, 10):
+        assert torch.equal(hf.bd3_generate(prompt, max_new_tokens=n, **kw), long[:, : PROMPT_LEN + n])
+
+
+def test_confidence_is_the_plain_softmax_whatever_top_p(tiny_export):
+    """Greedy candidates do not depend on top-p; with the plain-softmax confidence neither do the
+    positions unmasked, so top_p changes nothing (a confidence after top-p renormalization would)."""
+    _, hf = sharpened(*tiny_export("llama"), scale=2.0)
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=27, block_size=16, sampler="confidence", threshold=0.3, temperature=0, seed=0)
+    plain = hf.bd3_generate(prompt, top_p=1.0, **kw)
+    assert torch.equal(hf.bd3_generate(prompt, top_p=0.3, **kw), plain)
