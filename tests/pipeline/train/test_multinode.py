@@ -134,7 +134,7 @@ from composer.utils import dist, get_device
 
 import pipeline.trainer.run_inputs as resources
 from pipeline.trainer import load_config
-from pipeline.trainer.build import resources_local_rank_zero_first
+from pipeline.trainer.build import inputs_local_rank_zero_first
 
 log, folder, yaml, *overrides = sys.argv[1:]
 
@@ -150,7 +150,7 @@ def hub(name):  # stands in for the hub download: who fetched it, when
 
 resources.resolve_checkpoint_dir = hub
 dist.initialize_dist(get_device("cpu"))
-res = resources_local_rank_zero_first(load_config(yaml, overrides))
+res = inputs_local_rank_zero_first(load_config(yaml, overrides))
 assert res.init_dir == Path(folder)
 """
 
