@@ -79,10 +79,9 @@ def _both(model, hf, prompt, **kw):
     return ours, theirs[:, prompt.shape[1] :]
 
 
-# Today's pipeline sampler shortens the last block to max_new_tokens and takes the confidence after
-# top-p; bd3_generate (like the pipeline after the parallel sampler change) denoises whole blocks and
-# takes the plain softmax. They draw the same numbers when the text ends on the block grid and top_p = 1.
-# The full grid on llama; the other shapes at the trained block size.
+# Both denoise whole blocks (cut afterwards) and take a token's confidence from the plain softmax, so
+# they draw the same numbers at any length and top-p. The full grid on llama; the other shapes at the
+# trained block size.
 GRID = [("llama", 1), ("llama", 4), ("llama", 16), ("mistral", 4), ("qwen2", 4)]
 
 
@@ -103,6 +102,28 @@ def test_bd3_generate_equals_pipeline_sampler(tiny_export, arch, block_size, sam
             model, prompt, SamplerConfig(block_size=block_size, max_new_tokens=n, threshold=0.3, seed=7)
         )
         assert steps.nfe < n
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "first_hitting"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_bd3_generate_equals_pipeline_off_the_grid_with_top_p(tiny_export, block_size, sampler):
+    """A length that ends inside a block (the last block is denoised whole, then cut) and top-p 0.9."""
+    model, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
+    n = 3 * 16 - PROMPT_LEN - 3
+    ours, theirs = _both(
+        model,
+        hf,
+        prompt,
+        block_size=block_size,
+        max_new_tokens=n,
+        sampler=sampler,
+        threshold=0.3,
+        top_p=0.9,
+        seed=5,
+    )
+    assert ours.shape == theirs.shape == (2, n)
+    assert torch.equal(ours, theirs)
 
 
 def test_bd3_generate_stops_at_eos_like_pipeline(tiny_export):
