@@ -138,6 +138,13 @@ def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[
     from data_prep.tokenizer import tokenizer_sha256
 
     section = getattr(cfg, role)
+    if section.remote:
+        from data_prep.remote import check_access
+
+        try:
+            check_access(section.remote)  # a wrong bucket or credential: a config error, before any model
+        except DataPrepError as e:
+            raise ConfigError(f"{role}.remote", str(e)) from None
     try:
         manifest = read_manifest(section.local, section.remote)
     except (DataPrepError, OSError, ValueError) as e:
