@@ -15,7 +15,6 @@ from tests.pipeline.train.conftest import YAMLS, tiny_overrides
 from tests.pipeline.train.launch import launch, records
 
 
-
 def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
     tiny_data, tmp_path, s3, monkeypatch
 ):
