@@ -93,7 +93,7 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _genppl(args, model) -> dict:
+def _genppl(args, model, checkpoint: Path) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.diffusion.metrics import generative_perplexity
@@ -119,7 +119,7 @@ def _genppl(args, model) -> dict:
         seed=args.seed,
     )
     return generative_perplexity(
-        model, tokenizer_of(args.checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
+        model, tokenizer_of(checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
     )
 
 
@@ -128,14 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader
-    from pipeline.save_folder import load_for_inference
+    from pipeline.save_folder import load_for_inference, local_checkpoint
 
     rank, world = _init_distributed(args.device)
     try:
         reader = RowReader(args.data, args.split)
-        model = load_for_inference(
-            args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint
-        )
+        checkpoint = local_checkpoint(args.checkpoint)
+        model = load_for_inference(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
         reader.check_vocab(model.config.base_vocab_size)
         block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
         if args.genppl and not args.reference:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [r.as_dict() for r in results],
     }
     if args.genppl:
-        payload["generation"] = _genppl(args, model)
+        payload["generation"] = _genppl(args, model, checkpoint)
         g = payload["generation"]
         print(
             f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "

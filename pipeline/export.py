@@ -40,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.model import export_ar, save_pretrained
-    from pipeline.save_folder import load_training_checkpoint
+    from pipeline.save_folder import load_training_checkpoint, local_checkpoint
 
     try:
-        model, source = load_training_checkpoint(args.checkpoint, args.trust_checkpoint, args.batch)
+        checkpoint = local_checkpoint(args.checkpoint, args.batch)
+        model, source = load_training_checkpoint(checkpoint, args.trust_checkpoint, args.batch)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ What the trainer writes there (every name and tag below is built by this module 
     deepspeed/ba{N}.partial/     partitions still being written          partial_tag
     tensorboard/                 the default TensorBoard log dir         TENSORBOARD_SUBDIR
 
+A remote ``save_folder`` (s3://, gs://, oci://) holds the same names as objects; Composer uploads
+``latest-rank0.pt.symlink`` (its text: the key of the newest checkpoint) only once every file of
+that checkpoint exists remotely, so the symlink never names a partial checkpoint
+(``remote_checkpoints``, ``fetch_save_folder``, ``rotate_remote_checkpoints``).
+
 Safe formats only, unless the caller says otherwise: safetensors, DeepSpeed partitions and
 ``torch.load(weights_only=True)``; a Composer ``.pt`` (a pickle) is opened only with
 ``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``). Nothing here imports the trainer.
@@ -35,6 +40,7 @@ MODEL_CONFIG_FILE = "hf_config.json"  # written into save_folder by the trainer 
 TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest-rank0.pt"  # Composer's default latest_filename, for rank 0
 LATEST_ANY_RANK = "latest-rank*.pt"
+REMOTE_LATEST = f"{LATEST}.symlink"  # Composer's remote stand-in for the latest symlink
 PARTIAL = ".partial"
 DS_SUBDIR = "deepspeed"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -113,6 +119,118 @@ def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int,
         if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
             out[int(m.group(2))] = p
     return out
+
+
+def _object_store(uri: str):
+    """(Composer object store of ``uri``'s bucket, the key prefix of ``uri`` without a trailing '/')."""
+    from composer.utils import maybe_create_object_store_from_uri, parse_uri
+
+    return maybe_create_object_store_from_uri(uri), parse_uri(uri)[2].strip("/")
+
+
+def remote_checkpoints(uri: str) -> tuple[dict[int, str], int | None]:
+    """({batch: object key} of the Composer checkpoints under ``uri``, the batch its latest symlink names).
+
+    The latest is None when no symlink exists yet (no checkpoint is known to be complete).
+    """
+    import tempfile
+
+    store, prefix = _object_store(uri)
+    try:
+        keys = store.list_objects(f"{prefix}/")
+        found = {}
+        for key in keys:
+            rel = key[len(prefix) + 1 :]
+            if "/" not in rel and batch_of(rel) is not None:
+                found[batch_of(rel)] = key
+        latest = None
+        if f"{prefix}/{REMOTE_LATEST}" in keys:
+            with tempfile.TemporaryDirectory() as tmp:
+                store.download_object(f"{prefix}/{REMOTE_LATEST}", f"{tmp}/latest")
+                latest = batch_of(Path(Path(f"{tmp}/latest").read_text().strip()).name)
+        return found, latest
+    finally:
+        store.close()
+
+
+def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | None = None) -> Path:
+    """A local copy of what loading a remote ``save_folder`` needs: its config, tokenizer and the
+    checkpoint of ``batch`` (default: the one the latest symlink names, never a partial upload).
+
+    The copy goes to ``cache`` (default: a folder under the temp dir named after ``uri``) and is laid
+    out like a local save_folder, with ``latest-rank0.pt`` pointing at the fetched checkpoint.
+    """
+    import hashlib
+    import tempfile
+
+    found, latest = remote_checkpoints(uri)
+    batch = latest if batch is None else batch
+    if batch is None or batch not in found:
+        what = (
+            "no complete checkpoint (no latest symlink)"
+            if batch is None
+            else f"no checkpoint of batch {batch}"
+        )
+        raise FileNotFoundError(f"{uri} holds {what}; batches there: {sorted(found)}")
+    local = (
+        Path(cache)
+        if cache
+        else Path(tempfile.gettempdir())
+        / "pipeline-checkpoints"
+        / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    )
+    local.mkdir(parents=True, exist_ok=True)
+    store, prefix = _object_store(uri)
+    try:
+        keys = set(store.list_objects(f"{prefix}/"))
+        for name in (MODEL_CONFIG_FILE, TOKENIZER_FILE, Path(found[batch]).name):
+            if f"{prefix}/{name}" in keys:
+                store.download_object(f"{prefix}/{name}", str(local / name), overwrite=True)
+    finally:
+        store.close()
+    import os
+
+    tmp_link = local / partial_file(f"{LATEST}.{os.getpid()}")  # ranks of one eval may fetch at once
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(Path(found[batch]).name)
+    os.replace(tmp_link, local / LATEST)
+    return local
+
+
+def local_checkpoint(path: str | Path, batch: int | None = None) -> Path:
+    """``path`` itself when local; for a remote save_folder, its fetched local copy (``fetch_save_folder``)."""
+    return fetch_save_folder(str(path), batch=batch) if is_remote(path) else Path(path)
+
+
+def upload_run_files(uri: str, folder: str | Path) -> None:
+    """Upload the files of ``folder`` (the run's config and tokenizer) into the remote save_folder ``uri``."""
+    store, prefix = _object_store(uri)
+    try:
+        for file in sorted(Path(folder).iterdir()):
+            store.upload_object(f"{prefix}/{file.name}", str(file))
+    finally:
+        store.close()
+
+
+def rotate_remote_checkpoints(uri: str, keep: int) -> list[int]:
+    """Delete the remote Composer checkpoints older than the ``keep`` newest complete ones (s3:// only).
+
+    Complete means: at or before the batch the latest symlink names; newer ones may still be
+    uploading and are never touched. Returns the deleted batches.
+    """
+    if keep <= 0 or not uri.startswith("s3://"):
+        return []
+    found, latest = remote_checkpoints(uri)
+    complete = sorted(b for b in found if latest is not None and b <= latest)
+    doomed = complete[: max(0, len(complete) - keep)]
+    if doomed:
+        store, _ = _object_store(uri)
+        try:
+            for b in doomed:
+                store.client.delete_object(Bucket=store.bucket, Key=found[b])
+        finally:
+            store.close()
+    return doomed
 
 
 def consolidated_state_dict(

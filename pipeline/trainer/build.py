@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from pipeline.save_folder import (
     TOKENIZER_FILE,
     WRITE_PROBE,
     is_remote,
+    upload_run_files,
 )
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
@@ -199,9 +201,17 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> Non
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    if not cfg.save_folder or is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
+    if not cfg.save_folder or dist.get_global_rank() != 0:
         return
-    folder = Path(cfg.save_folder)
+    if is_remote(cfg.save_folder):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_run_files(Path(tmp), model, inputs)
+            upload_run_files(cfg.save_folder, tmp)
+    else:
+        write_run_files(Path(cfg.save_folder), model, inputs)
+
+
+def write_run_files(folder: Path, model: BD3LM, inputs: RunInputs) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():

@@ -37,6 +37,7 @@ from pipeline.save_folder import (
     is_remote,
     partial_file,
     partial_tag,
+    rotate_remote_checkpoints,
 )
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,33 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
             rotate_deepspeed_partitions(Path(save_folder), batch)
 
     saver._save_checkpoint = save
+    if save_folder is not None and is_remote(save_folder):
+        _install_remote_rotation(saver, save_folder, dist.get_global_rank() == 0)
+
+
+def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
+    """Composer rotates only its local staging copies of a remote save_folder: rank 0 deletes the
+    remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
+    complete one (after each save, and at the end of fit once every upload has finished)."""
+    # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
+    # run would spend most of its time waiting.
+    saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
+    keep = saver.num_checkpoints_to_keep
+    if not rank_zero or keep <= 0:
+        return
+    composer_save, composer_fit_end = saver._save_checkpoint, saver.fit_end
+
+    def save(state, logger):
+        composer_save(state, logger)
+        rotate_remote_checkpoints(save_folder, keep)
+
+    def fit_end(state, logger):
+        composer_fit_end(state, logger)
+        if saver.remote_uploader is not None:
+            saver.remote_uploader.wait()  # the latest symlink's upload
+        rotate_remote_checkpoints(save_folder, keep)
+
+    saver._save_checkpoint, saver.fit_end = save, fit_end
 
 
 def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:

@@ -6,13 +6,21 @@ Every byte goes through boto3 and HTTP; nothing in the project is patched.
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from data_prep import mds
+from pipeline.eval import main as eval_main
+from pipeline.export import main as export_main
+from pipeline.sample import main as sample_main
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.pipeline.train.conftest import YAMLS, tiny_overrides
 from tests.pipeline.train.launch import launch, records
+from tests.s3 import SECRET
 
 
 def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
@@ -41,20 +49,47 @@ def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_on_remote_data_train_exactly_like_on_the_local_copy(tiny_data, tmp_path, s3):
+def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_data, tmp_path, s3):
+    """2 processes (DDP), data read from the bucket through a node cache, save_folder in the bucket,
+    stopped at batch 10 and autoresumed from the bucket to 20: the losses equal, bit for bit, those of
+    an uninterrupted run on the local copy; rotation keeps one remote checkpoint; export, eval and
+    sample read ``--checkpoint s3://...``; the secret key is in no file any of it wrote."""
     data, _ = tiny_data
     mds.upload_tree(data, f"{s3.uri}/owt")
-    cache = tmp_path / "cache"
+    run_uri, cache = f"{s3.uri}/runs/ddp", tmp_path / "cache"
     launch(tiny_data, tmp_path / "local")
-    launch(
-        tiny_data,
-        tmp_path / "remote",
+    remote = (
         f"variables.data_remote={s3.uri}/owt",
         f"variables.data_local={cache}",
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
     )
-    local, remote = records(tmp_path / "local" / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
-    assert [r["batch"] for r in remote] == list(range(1, 21))
-    assert [r["loss/train/total"] for r in remote] == [r["loss/train/total"] for r in local]
+    launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
+    stored = s3.keys("runs/ddp/")
+    assert {"runs/ddp/ep0-ba10-rank0.pt", "runs/ddp/hf_config.json", "runs/ddp/tokenizer.json"} <= set(stored)
+    assert "runs/ddp/ep0-ba5-rank0.pt" not in stored  # rotated: save_num_checkpoints_to_keep=1
+    assert s3.get("runs/ddp/latest-rank0.pt.symlink").decode().endswith("ep0-ba10-rank0.pt")
+    launch(tiny_data, tmp_path / "remote", *remote)  # autoresume from the bucket
+    local, resumed = records(tmp_path / "local" / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
+    assert [r["batch"] for r in resumed] == list(range(1, 21))
+    assert [r["loss/train/total"] for r in resumed] == [r["loss/train/total"] for r in local]
+    assert [k for k in s3.keys("runs/ddp/") if k.endswith(".pt")] == ["runs/ddp/ep1-ba20-rank0.pt"]
     # The run read the bucket: the shards it trained on are now in the (empty before) node cache.
     index = mds.read_index(data / "train")
     assert all((cache / "train" / mds.stored_file(s)["basename"]).is_file() for s in index["shards"])
+
+    # Export from the bucket = export of the local run's checkpoint, bit for bit.
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(tmp_path / "local" / "ckpt"))):
+        assert export_main(["--checkpoint", ckpt, "--trust-checkpoint", "--out", str(tmp_path / name)]) == 0
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    common = ["--data", str(data), "--block-sizes", "1,4", "--max-rows", "8", "--trust-checkpoint"]
+    assert eval_main(["--checkpoint", run_uri, *common, "--out", str(tmp_path / "eval.json")]) == 0
+    sample = ["--max-new-tokens", "8", "--seed", "3", "--trust-checkpoint", "--device", "cpu"]
+    assert sample_main(["--checkpoint", run_uri, *sample, "--out", str(tmp_path / "sample.json")]) == 0
+    assert len(json.loads((tmp_path / "sample.json").read_text())["tokens"]) > 0
+
+    # The secret access key is in no log, checkpoint, cache, export or object the runs wrote.
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    leaked += [k for k in s3.keys() if SECRET.encode() in s3.get(k)]
+    assert leaked == []
