@@ -186,8 +186,11 @@ def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | No
         for name in (MODEL_CONFIG_FILE, TOKENIZER_FILE, Path(found[batch]).name):
             if f"{prefix}/{name}" in keys:
                 store.download_object(f"{prefix}/{name}", str(local / name), overwrite=True)
+        has_partitions = any(k.startswith(f"{prefix}/{DS_SUBDIR}/{ds_tag(batch)}/") for k in keys)
     finally:
         store.close()
+    if has_partitions:  # DeepSpeed: every rank's partition of that batch
+        download_ds_tag(uri, ds_tag(batch), ds_folder(local))
     import os
 
     tmp_link = local / partial_file(f"{LATEST}.{os.getpid()}")  # ranks of one eval may fetch at once
@@ -202,34 +205,74 @@ def local_checkpoint(path: str | Path, batch: int | None = None) -> Path:
     return fetch_save_folder(str(path), batch=batch) if is_remote(path) else Path(path)
 
 
-def upload_run_files(uri: str, folder: str | Path) -> None:
-    """Upload the files of ``folder`` (the run's config and tokenizer) into the remote save_folder ``uri``."""
+def upload_files(uri: str, folder: str | Path, under: str = "") -> None:
+    """Upload the files of ``folder`` into the remote save_folder ``uri`` (below ``under``, e.g.
+    ``deepspeed/ba10``); each returns once its object exists."""
     store, prefix = _object_store(uri)
+    dest = f"{prefix}/{under}".rstrip("/")
     try:
         for file in sorted(Path(folder).iterdir()):
-            store.upload_object(f"{prefix}/{file.name}", str(file))
+            store.upload_object(f"{dest}/{file.name}", str(file))
     finally:
         store.close()
 
 
+def ds_staging(save_folder: str, rank: int) -> Path:
+    """The local folder where ``rank`` writes (and reads back) its ZeRO partitions of a remote save_folder."""
+    import hashlib
+    import tempfile
+
+    run = hashlib.sha1(save_folder.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "pipeline-deepspeed" / run / f"rank{rank}"
+
+
+def rank_files(rank: int):
+    """A filter of DeepSpeed checkpoint file names: those ``rank`` loads (its ``zero_pp_rank_{rank}_``
+    partition and the files shared by all ranks)."""
+    return lambda name: "zero_pp_rank_" not in name or name.startswith(f"zero_pp_rank_{rank}_")
+
+
+def download_ds_tag(uri: str, tag: str, local_ds_dir: str | Path, wanted=lambda name: True) -> Path:
+    """Download the objects of ``uri``'s ``deepspeed/{tag}/`` that ``wanted`` accepts into ``local_ds_dir/tag``."""
+    store, prefix = _object_store(uri)
+    out = Path(local_ds_dir) / tag
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/{tag}/"):
+            name = key.rsplit("/", 1)[1]
+            if wanted(name):
+                store.download_object(key, str(out / name), overwrite=True)
+    finally:
+        store.close()
+    return out
+
+
 def rotate_remote_checkpoints(uri: str, keep: int) -> list[int]:
-    """Delete the remote Composer checkpoints older than the ``keep`` newest complete ones (s3:// only).
+    """Delete the remote Composer checkpoints older than the ``keep`` newest complete ones, with their
+    DeepSpeed partitions, and partitions of older batches left by killed runs (s3:// only).
 
     Complete means: at or before the batch the latest symlink names; newer ones may still be
-    uploading and are never touched. Returns the deleted batches.
+    uploading and are never touched. Returns the deleted Composer checkpoints' batches.
     """
     if keep <= 0 or not uri.startswith("s3://"):
         return []
     found, latest = remote_checkpoints(uri)
-    complete = sorted(b for b in found if latest is not None and b <= latest)
+    if latest is None:
+        return []
+    complete = sorted(b for b in found if b <= latest)
     doomed = complete[: max(0, len(complete) - keep)]
-    if doomed:
-        store, _ = _object_store(uri)
-        try:
-            for b in doomed:
-                store.client.delete_object(Bucket=store.bucket, Key=found[b])
-        finally:
-            store.close()
+    kept = set(complete) - set(doomed)
+    store, prefix = _object_store(uri)
+    try:
+        keys = [found[b] for b in doomed]
+        for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/"):
+            batch = ds_batch(key[len(prefix) + len(DS_SUBDIR) + 2 :].split("/", 1)[0])
+            if batch is not None and batch < latest and batch not in kept:
+                keys.append(key)
+        for key in keys:
+            store.client.delete_object(Bucket=store.bucket, Key=key)
+    finally:
+        store.close()
     return doomed
 
 

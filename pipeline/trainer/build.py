@@ -29,7 +29,7 @@ from pipeline.save_folder import (
     TOKENIZER_FILE,
     WRITE_PROBE,
     is_remote,
-    upload_run_files,
+    upload_files,
 )
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
@@ -206,7 +206,7 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> Non
     if is_remote(cfg.save_folder):
         with tempfile.TemporaryDirectory() as tmp:
             write_run_files(Path(tmp), model, inputs)
-            upload_run_files(cfg.save_folder, tmp)
+            upload_files(cfg.save_folder, tmp)
     else:
         write_run_files(Path(cfg.save_folder), model, inputs)
 

@@ -165,11 +165,26 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
 
 
 # -- DeepSpeed partitions ---------------------------------------------------------------------
-def save_deepspeed_partitions(engine, ds_dir: Path, batch: int) -> None:
-    """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective)."""
+def save_deepspeed_partitions(engine, ds_dir: Path, batch: int, remote: str | None = None) -> None:
+    """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective).
+
+    With a ``remote`` save_folder, ``ds_dir`` is this rank's local staging folder: each rank writes
+    its files there, uploads them to ``remote/deepspeed/ba{N}/`` and deletes them; the barrier after
+    it lets Composer write its file (and then the latest symlink) only once every partition is in
+    the bucket, so a tag without its Composer file is never resumed from.
+    """
     from composer.utils import dist
 
     tag = ds_tag(batch)
+    if remote is not None:
+        from pipeline.save_folder import DS_SUBDIR, upload_files
+
+        engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
+        upload_files(remote, ds_dir / tag, under=f"{DS_SUBDIR}/{tag}")
+        shutil.rmtree(ds_dir / tag, ignore_errors=True)
+        test_fault("deepspeed_upload", batch, dist.get_global_rank())
+        dist.barrier()  # every rank's partition is in the bucket
+        return
     engine.save_checkpoint(str(ds_dir), tag=partial_tag(tag), save_latest=False)
     test_fault("deepspeed_tmp", batch, dist.get_global_rank())
     dist.barrier()  # every partition is on disk
@@ -247,7 +262,7 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         batch = int(state.timestamp.batch)
         check_finite_parameters(state.model, batch, save_folder)
         if ds_dir is not None:
-            save_deepspeed_partitions(trainer.ds_engine, ds_dir, batch)
+            save_deepspeed_partitions(trainer.ds_engine, ds_dir, batch, None if local else save_folder)
         composer_save(state, logger)
         test_fault("after_save", batch)
         if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:

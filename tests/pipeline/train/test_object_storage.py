@@ -7,6 +7,7 @@ Every byte goes through boto3 and HTTP; nothing in the project is patched.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from pipeline.export import main as export_main
 from pipeline.sample import main as sample_main
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.pipeline.train.conftest import YAMLS, tiny_overrides
-from tests.pipeline.train.launch import launch, records
+from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+from tests.pipeline.train.launch import launch, records, train_command
 from tests.s3 import SECRET
 
 
@@ -93,3 +94,49 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     leaked += [k for k in s3.keys() if SECRET.encode() in s3.get(k)]
     assert leaked == []
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp_path, s3):
+    """ZeRO-2, 2 processes, data and save_folder in the bucket. Run 1 stops at batch 10; run 2 has
+    rank 1 SIGKILLed right after uploading its batch-15 partition (rank 0's Composer file never
+    follows); run 3 resumes from the bucket. The partial batch-15 tag is never taken as the latest,
+    the losses and the exported weights equal those of an uninterrupted local ZeRO-2 run, and
+    rotation leaves one checkpoint with its partitions."""
+    data, _ = tiny_data
+    mds.upload_tree(data, f"{s3.uri}/owt")
+    zero2 = "parallelism.deepspeed.zero_optimization.stage=2"
+    launch(tiny_data, tmp_path / "local", zero2)
+    run_uri = f"{s3.uri}/runs/zero2"
+    remote = (
+        zero2,
+        f"variables.data_remote={s3.uri}/owt",
+        f"variables.data_local={tmp_path / 'cache'}",
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
+    )
+    launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
+    cmd, env = train_command(tiny_data, tmp_path / "remote", *remote)
+    env["PIPELINE_TEST_FAULTS"] = "kill@deepspeed_upload:15:1"
+    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode != 0
+    stored = s3.keys("runs/zero2/")
+    assert any(k.startswith("runs/zero2/deepspeed/ba15/zero_pp_rank_1_") for k in stored)  # partial tag
+    assert not any("ba15-rank0.pt" in k for k in stored)
+    assert s3.get("runs/zero2/latest-rank0.pt.symlink").decode().endswith("ep0-ba10-rank0.pt")
+    launch(tiny_data, tmp_path / "remote", *remote)  # autoresume from batch 10
+    local, resumed = records(tmp_path / "local" / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
+    by_batch = {r["batch"]: r["loss/train/total"] for r in resumed}  # batches 11-15 ran twice
+    assert sorted(by_batch) == list(range(1, 21))
+    assert [by_batch[b] for b in range(1, 21)] == [r["loss/train/total"] for r in local]
+    after = set(s3.keys("runs/zero2/"))
+    assert {k for k in after if k.endswith(".pt") and "/deepspeed/" not in k} == {
+        "runs/zero2/ep1-ba20-rank0.pt"
+    }
+    assert {k.split("/")[3] for k in after if "/deepspeed/" in k} == {"ba20"}
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(tmp_path / "local" / "ckpt"))):
+        assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / name)]) == 0
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked + [k for k in after if SECRET.encode() in s3.get(k)] == []
