@@ -262,18 +262,37 @@ def rotate_remote_checkpoints(uri: str, keep: int) -> list[int]:
     complete = sorted(b for b in found if b <= latest)
     doomed = complete[: max(0, len(complete) - keep)]
     kept = set(complete) - set(doomed)
+    _delete_remote(uri, found, lambda b: b in doomed, lambda b: b < latest and b not in kept)
+    return doomed
+
+
+def repair_remote_save_folder(uri: str) -> list[int]:
+    """Delete what a killed run left beyond the latest symlink (s3:// only): checkpoints and DeepSpeed
+    partitions of later batches, which the resumed run will write again. Returns their batches."""
+    if not uri.startswith("s3://"):
+        return []
+    found, latest = remote_checkpoints(uri)
+    newer = (lambda b: True) if latest is None else (lambda b: b > latest)
+    return _delete_remote(uri, found, newer, newer)
+
+
+def _delete_remote(uri: str, found: dict[int, str], composer_batch, ds_batch_) -> list[int]:
+    """Delete the Composer checkpoints (``found``) whose batch ``composer_batch`` accepts and the
+    DeepSpeed partition objects whose batch ``ds_batch_`` accepts; returns the batches touched."""
     store, prefix = _object_store(uri)
+    touched = {b for b in found if composer_batch(b)}
     try:
-        keys = [found[b] for b in doomed]
+        keys = [found[b] for b in sorted(touched)]
         for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/"):
             batch = ds_batch(key[len(prefix) + len(DS_SUBDIR) + 2 :].split("/", 1)[0])
-            if batch is not None and batch < latest and batch not in kept:
+            if batch is not None and ds_batch_(batch):
                 keys.append(key)
+                touched.add(batch)
         for key in keys:
             store.client.delete_object(Bucket=store.bucket, Key=key)
     finally:
         store.close()
-    return doomed
+    return sorted(touched)
 
 
 def consolidated_state_dict(

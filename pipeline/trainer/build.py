@@ -357,6 +357,12 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
             problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
     if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
+    if cfg.save_folder and not local and cfg.autoresume and dist.get_global_rank() == 0:
+        from pipeline.save_folder import repair_remote_save_folder
+
+        removed = repair_remote_save_folder(cfg.save_folder)
+        if removed:
+            log.info("removed the unfinished checkpoints of batches %s from %s", removed, cfg.save_folder)
     problems = [p for p in dist.all_gather_object(problem) if p]
     if problems:
         raise ConfigError("save_folder", problems[0])

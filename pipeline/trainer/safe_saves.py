@@ -273,17 +273,40 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         _install_remote_rotation(saver, save_folder, dist.get_global_rank() == 0)
 
 
+class RemoteSaveError(RuntimeError):
+    """Writing a checkpoint to a remote save_folder failed after the retries of boto3/Composer."""
+
+
 def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
     """Composer rotates only its local staging copies of a remote save_folder: rank 0 deletes the
     remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
-    complete one (after each save, and at the end of fit once every upload has finished)."""
+    complete one (after each save, and at the end of fit once every upload has finished). Any
+    failure of the object store while saving becomes one ``RemoteSaveError``."""
     # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
     # run would spend most of its time waiting.
     saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
-    keep = saver.num_checkpoints_to_keep
-    if not rank_zero or keep <= 0:
-        return
-    composer_save, composer_fit_end = saver._save_checkpoint, saver.fit_end
+    keep = saver.num_checkpoints_to_keep if rank_zero else 0
+    composer_save, composer_batch_end, composer_fit_end = (
+        saver._save_checkpoint,
+        saver.batch_end,
+        saver.fit_end,
+    )
+
+    def guarded(step):
+        def run(state, logger):
+            try:
+                step(state, logger)
+            except (NonFiniteError, RemoteSaveError):
+                raise
+            except Exception as e:
+                cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RemoteSaveError(
+                    f"saving to {save_folder} failed after retries ({type(e).__name__}: {cause}); the "
+                    "checkpoint its latest-rank0.pt.symlink names is still complete: rerun the same "
+                    "command (autoresume) once the object store is reachable"
+                ) from e
+
+        return run
 
     def save(state, logger):
         composer_save(state, logger)
@@ -295,7 +318,11 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
             saver.remote_uploader.wait()  # the latest symlink's upload
         rotate_remote_checkpoints(save_folder, keep)
 
-    saver._save_checkpoint, saver.fit_end = save, fit_end
+    saver._save_checkpoint, saver.batch_end, saver.fit_end = (
+        guarded(save),
+        guarded(composer_batch_end),
+        guarded(fit_end),
+    )
 
 
 def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from pipeline.sample import main as sample_main
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import launch, records, train_command
+from tests.pipeline.train.launch import last_batch, launch, records, started, train_command
 from tests.s3 import SECRET
 
 
@@ -140,3 +141,44 @@ def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked + [k for k in after if SECRET.encode() in s3.get(k)] == []
+
+
+@pytest.mark.slow
+def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
+    tiny_data, tmp_path, s3, monkeypatch
+):
+    """The S3 server goes away after batch 2 of a run saving every 3 batches: the save fails after
+    the retries with exit code 5 and one `training stopped:` line; with a server back (same
+    objects), the latest symlink, if any, names a complete checkpoint and the same command finishes."""
+    from tests.s3 import MotoS3
+
+    private = MotoS3().start()
+    monkeypatch.setenv("S3_ENDPOINT_URL", private.endpoint)
+    run_uri = f"{s3.uri}/runs/stopped"
+    cmd, env = train_command(
+        tiny_data, tmp_path, f"variables.save_folder={run_uri}", "save_interval=3ba", nproc=0
+    )
+    with started(cmd, env, tmp_path) as proc:
+        while last_batch(tmp_path / "loss.jsonl") < 2:
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.02)
+        private.stop()
+        assert proc.wait(timeout=600) == 5
+    log = (tmp_path / "launcher.log").read_text()
+    stopped = [line for line in log.splitlines() if line.startswith("training stopped:")]
+    assert len(stopped) == 1 and stopped[0].startswith(
+        f"training stopped: saving to {run_uri} failed after retries"
+    )
+    assert last_batch(tmp_path / "loss.jsonl") < 20
+    back = MotoS3().start()  # moto keeps the objects in this process: the store comes back as it was
+    try:
+        env["S3_ENDPOINT_URL"] = back.endpoint
+        stored = s3.keys("runs/stopped/")
+        if "runs/stopped/latest-rank0.pt.symlink" in stored:
+            named = s3.get("runs/stopped/latest-rank0.pt.symlink").decode().strip()
+            assert named in stored and stored[named] > 0
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert last_batch(tmp_path / "loss.jsonl") == 20
+    finally:
+        back.stop()
