@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_model
 	$(PY) -m benchmarks.bench_sampler
 	$(PY) -m benchmarks.bench_train
+	$(PY) -m benchmarks.bench_object_storage
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
