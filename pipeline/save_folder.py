@@ -205,6 +205,25 @@ def local_checkpoint(path: str | Path, batch: int | None = None) -> Path:
     return fetch_save_folder(str(path), batch=batch) if is_remote(path) else Path(path)
 
 
+def remove_autoresume_copy(uri: str) -> None:
+    """Remove the local copy of the latest checkpoint that Composer's autoresume downloads for a
+    remote save_folder into ``os.path.abspath(uri)`` (``./s3:/bucket/...`` under the working
+    directory), and the folders it made. A copy left there by an earlier run would be loaded instead
+    of the bucket's newer latest checkpoint."""
+    import os
+    import shutil
+
+    folder = Path(os.path.abspath(uri))
+    for file in folder.glob(LATEST_ANY_RANK):
+        file.unlink(missing_ok=True)
+    root = Path(os.path.abspath(uri.split("://", 1)[0] + ":"))  # ./s3:
+    while folder != root and root in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+    if folder == root and root.is_dir() and not any(root.iterdir()):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def upload_files(uri: str, folder: str | Path, under: str = "") -> None:
     """Upload the files of ``folder`` into the remote save_folder ``uri`` (below ``under``, e.g.
     ``deepspeed/ba10``); each returns once its object exists."""

@@ -29,6 +29,7 @@ from pipeline.save_folder import (
     TOKENIZER_FILE,
     WRITE_PROBE,
     is_remote,
+    remove_autoresume_copy,
     upload_files,
 )
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
@@ -350,6 +351,8 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
+        if cfg.save_folder and not local:
+            remove_autoresume_copy(cfg.save_folder)  # stale: the bucket's latest symlink decides
         if local:
             with torch.device("meta"):
                 n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
@@ -378,6 +381,12 @@ def run(cfg: TrainConfig):
                 cfg.save_folder,
             )
     trainer = build_trainer(cfg)
+    if cfg.save_folder and is_remote(cfg.save_folder):
+        from composer.utils import dist
+
+        dist.barrier()  # every rank has loaded the autoresume copy
+        if dist.get_local_rank() == 0:
+            remove_autoresume_copy(cfg.save_folder)
     try:
         if cfg.eval_first and cfg.eval_loader is not None and trainer.state.timestamp.batch.value == 0:
             trainer.eval()

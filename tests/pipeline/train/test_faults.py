@@ -168,6 +168,7 @@ def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
         f"variables.data_remote={s3.uri}/owt",
         f"variables.data_local={tmp_path / 'cache'}",
         f"variables.save_folder={s3.uri}/runs/kill",
+        "loggers.tensorboard=null",  # its default log dir is under the working directory
     ]
     logged, _ = kill_at_random_batch(cmd, env, tmp_path, random.Random(), nproc)
     print(f"\n{variant} on S3: killed after batch {logged}; objects {sorted(s3.keys('runs/kill/'))}")

@@ -65,6 +65,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
         f"variables.data_local={cache}",
         f"variables.save_folder={run_uri}",
         "save_interval=5ba",
+        "loggers.tensorboard=null",  # its default log dir is under the working directory
     )
     launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
     stored = s3.keys("runs/ddp/")
@@ -76,6 +77,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert [r["batch"] for r in resumed] == list(range(1, 21))
     assert [r["loss/train/total"] for r in resumed] == [r["loss/train/total"] for r in local]
     assert [k for k in s3.keys("runs/ddp/") if k.endswith(".pt")] == ["runs/ddp/ep1-ba20-rank0.pt"]
+    assert not (REPO / f"s3:/{s3.name}").exists()  # Composer's autoresume copy was removed after loading
     # The run read the bucket: the shards it trained on are now in the (empty before) node cache.
     index = mds.read_index(data / "train")
     assert all((cache / "train" / mds.stored_file(s)["basename"]).is_file() for s in index["shards"])
@@ -116,6 +118,7 @@ def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp
         f"variables.data_local={tmp_path / 'cache'}",
         f"variables.save_folder={run_uri}",
         "save_interval=5ba",
+        "loggers.tensorboard=null",
     )
     launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
     cmd, env = train_command(tiny_data, tmp_path / "remote", *remote)
@@ -156,7 +159,12 @@ def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
     monkeypatch.setenv("S3_ENDPOINT_URL", private.endpoint)
     run_uri = f"{s3.uri}/runs/stopped"
     cmd, env = train_command(
-        tiny_data, tmp_path, f"variables.save_folder={run_uri}", "save_interval=3ba", nproc=0
+        tiny_data,
+        tmp_path,
+        f"variables.save_folder={run_uri}",
+        "save_interval=3ba",
+        "loggers.tensorboard=null",
+        nproc=0,
     )
     with started(cmd, env, tmp_path) as proc:
         while last_batch(tmp_path / "loss.jsonl") < 2:
