@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_sampler
 	$(PY) -m benchmarks.bench_train
 	$(PY) -m benchmarks.bench_block_sizes
+	$(PY) -m benchmarks.bench_object_storage
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -225,6 +225,9 @@ def convert(
             mds.check_remote(remote)
         except ValueError as exc:
             raise DataPrepError(f"--out {out}: {exc}") from exc
+        from data_prep.remote import check_access
+
+        check_access(remote)  # a wrong bucket or credential fails now, not after tokenizing
         default_cache = (
             Path(tempfile.gettempdir()) / "data_prep" / hashlib.sha1(out.encode()).hexdigest()[:16]
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +44,12 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
     it) has the raw-data size and hashes of the index; every row has tokens of shape (seq_len,) and the manifest's dtype, ids < vocab size,
     doc_starts sorted, < seq_len and each preceded by an EOS; per split, the rows, shards and bytes
     match the manifest and rows * seq_len + dropped_tail_tokens == tokens.
+    `folder` may be a remote URI (s3://, gs://, ...): its manifest, indexes and shards are downloaded
+    into a temporary folder first and checked the same way.
     Raises DataPrepError when `folder` is not a finished output.
     """
+    if mds.is_remote(str(folder)):
+        return _verify_remote(str(folder), max_errors=max_errors)
     folder = Path(folder)
     manifest = read_manifest(folder)
     report = VerifyReport(str(folder))
@@ -102,6 +107,62 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
                 f"dropped {m['dropped_tail_tokens']:,} != tokens {m['tokens']:,}"
             )
     return report
+
+
+def _verify_remote(uri: str, *, max_errors: int) -> VerifyReport:
+    with tempfile.TemporaryDirectory(prefix="data_prep-verify-") as tmp:
+        download_output(uri, tmp)
+        report = verify(tmp, max_errors=max_errors)
+    report.folder = uri.rstrip("/")
+    report.errors = [e.replace(tmp, report.folder) for e in report.errors]
+    return report
+
+
+def download_output(uri: str, local: str | os.PathLike) -> None:
+    """Download the manifest, each split's index and every shard it lists from `uri` into `local`.
+
+    A file the remote copy lacks is skipped (`verify` of `local` then names it). Raises DataPrepError when `uri` holds no manifest (not a finished output) or cannot be read.
+    """
+    from streaming.base.storage import CloudDownloader
+
+    from data_prep.errors import DataPrepError
+    from data_prep.manifest import MANIFEST
+    from data_prep.remote import check_access
+
+    uri = uri.rstrip("/")
+    check_access(uri)
+    downloader = CloudDownloader.get(uri)  # one client for every file
+
+    def fetch(rel: str) -> bool:
+        try:
+            downloader.download(f"{uri}/{rel}", os.path.join(local, rel))
+        except Exception as exc:
+            if is_missing_object(exc):
+                return False
+            raise
+        return True
+
+    try:
+        if not fetch(MANIFEST):
+            raise DataPrepError(f"{uri} is not a finished data_prep output (no {MANIFEST})")
+        for split in read_manifest(local)["splits"]:
+            if fetch(f"{split}/{mds.INDEX}"):
+                for shard in mds.read_index(Path(local) / split)["shards"]:
+                    fetch(f"{split}/{mds.stored_file(shard)['basename']}")
+    except DataPrepError:
+        raise
+    except Exception as exc:  # credentials, bucket, network: one line naming the cause
+        raise DataPrepError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        downloader.clean_up()
+
+
+def is_missing_object(exc: BaseException) -> bool:
+    """Whether a Streaming download error means "no such object" (not a bucket, credential or network error)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+    return code in ("404", "NoSuchKey")
 
 
 def _check_row(row: np.ndarray, column: np.ndarray, seq_len: int, dtype: np.dtype, tok: dict) -> str | None:

@@ -105,7 +105,7 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _genppl(args, model) -> dict:
+def _genppl(args, model, checkpoint: Path) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
@@ -133,7 +133,7 @@ def _genppl(args, model) -> dict:
         seed=args.seed,
     )
     out = generative_perplexity(
-        model, tokenizer_of(args.checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
+        model, tokenizer_of(checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
     )
     return {**out, "protocol": generation_protocol(cfg, args.num_samples, args.reference)}
 
@@ -143,14 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader
-    from pipeline.save_folder import load_for_inference
+    from pipeline.save_folder import load_for_inference, local_checkpoint
 
     rank, world = _init_distributed(args.device)
     try:
         reader = RowReader(args.data, args.split)
-        model = load_for_inference(
-            args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint
-        )
+        checkpoint = local_checkpoint(args.checkpoint)
+        model = load_for_inference(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
         reader.check_vocab(model.config.base_vocab_size)
         block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
         if args.genppl and not args.reference:
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [r.as_dict() for r in results],
     }
     if args.genppl:
-        payload["generation"] = _genppl(args, model)
+        payload["generation"] = _genppl(args, model, checkpoint)
         g = payload["generation"]
         pr = g["protocol"]
         print(

@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.hf_artifact import CardFacts, write_artifact
     from pipeline.model import export_ar
-    from pipeline.save_folder import load_training_checkpoint, run_config_file
+    from pipeline.save_folder import load_training_checkpoint, local_checkpoint, run_config_file
 
     try:
-        model, source = load_training_checkpoint(args.checkpoint, args.trust_checkpoint, args.batch)
-        run_config = run_config_file(args.checkpoint)
+        checkpoint = local_checkpoint(args.checkpoint, args.batch)
+        model, source = load_training_checkpoint(checkpoint, args.trust_checkpoint, args.batch)
+        run_config = run_config_file(checkpoint)
         facts = CardFacts.from_files(
             data=args.data,
             run_config=run_config if run_config.exists() else None,

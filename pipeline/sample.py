@@ -56,16 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenizers import Tokenizer
 
-    from pipeline.save_folder import load_for_inference
+    from pipeline.save_folder import load_for_inference, local_checkpoint
 
     try:
-        model = load_for_inference(
-            args.checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint
-        )
+        checkpoint = local_checkpoint(args.checkpoint)
+        model = load_for_inference(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
+    tok_path = Path(args.tokenizer) if args.tokenizer else checkpoint / "tokenizer.json"
     if not tok_path.exists():
         print(f"error: no tokenizer at {tok_path}; pass --tokenizer PATH/tokenizer.json", file=sys.stderr)
         return 2

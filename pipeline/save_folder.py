@@ -13,6 +13,11 @@ What the trainer writes there (every name and tag below is built by this module 
     deepspeed/ba{N}.partial/     partitions still being written          partial_tag
     tensorboard/                 the default TensorBoard log dir         TENSORBOARD_SUBDIR
 
+A remote ``save_folder`` (s3://, gs://, oci://) holds the same names as objects; Composer uploads
+``latest-rank0.pt.symlink`` (its text: the key of the newest checkpoint) only once every file of
+that checkpoint exists remotely, so the symlink never names a partial checkpoint
+(``remote_checkpoints``, ``fetch_save_folder``, ``rotate_remote_checkpoints``).
+
 Safe formats only, unless the caller says otherwise: safetensors, DeepSpeed partitions and
 ``torch.load(weights_only=True)``; a Composer ``.pt`` (a pickle) is opened only with
 ``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``). Nothing here imports the trainer.
@@ -37,6 +42,7 @@ RUN_CONFIG_FILE = "run_config.json"  # the resolved TrainConfig, for the exporte
 TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest-rank0.pt"  # Composer's default latest_filename, for rank 0
 LATEST_ANY_RANK = "latest-rank*.pt"
+REMOTE_LATEST = f"{LATEST}.symlink"  # Composer's remote stand-in for the latest symlink
 PARTIAL = ".partial"
 DS_SUBDIR = "deepspeed"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -115,6 +121,199 @@ def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int,
         if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
             out[int(m.group(2))] = p
     return out
+
+
+def _object_store(uri: str):
+    """(Composer object store of ``uri``'s bucket, the key prefix of ``uri`` without a trailing '/')."""
+    from composer.utils import maybe_create_object_store_from_uri, parse_uri
+
+    return maybe_create_object_store_from_uri(uri), parse_uri(uri)[2].strip("/")
+
+
+def remote_checkpoints(uri: str) -> tuple[dict[int, str], int | None]:
+    """({batch: object key} of the Composer checkpoints under ``uri``, the batch its latest symlink names).
+
+    The latest is None when no symlink exists yet (no checkpoint is known to be complete).
+    """
+    import tempfile
+
+    store, prefix = _object_store(uri)
+    try:
+        keys = store.list_objects(f"{prefix}/")
+        found = {}
+        for key in keys:
+            rel = key[len(prefix) + 1 :]
+            if "/" not in rel and batch_of(rel) is not None:
+                found[batch_of(rel)] = key
+        latest = None
+        if f"{prefix}/{REMOTE_LATEST}" in keys:
+            with tempfile.TemporaryDirectory() as tmp:
+                store.download_object(f"{prefix}/{REMOTE_LATEST}", f"{tmp}/latest")
+                latest = batch_of(Path(Path(f"{tmp}/latest").read_text().strip()).name)
+        return found, latest
+    finally:
+        store.close()
+
+
+def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | None = None) -> Path:
+    """A local copy of what loading a remote ``save_folder`` needs: its config, tokenizer and the
+    checkpoint of ``batch`` (default: the one the latest symlink names, never a partial upload).
+
+    The copy goes to ``cache`` (default: a folder under the temp dir named after ``uri``) and is laid
+    out like a local save_folder, with ``latest-rank0.pt`` pointing at the fetched checkpoint.
+    """
+    import hashlib
+    import tempfile
+
+    found, latest = remote_checkpoints(uri)
+    batch = latest if batch is None else batch
+    if batch is None or batch not in found:
+        what = (
+            "no complete checkpoint (no latest symlink)"
+            if batch is None
+            else f"no checkpoint of batch {batch}"
+        )
+        raise FileNotFoundError(f"{uri} holds {what}; batches there: {sorted(found)}")
+    local = (
+        Path(cache)
+        if cache
+        else Path(tempfile.gettempdir())
+        / "pipeline-checkpoints"
+        / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    )
+    local.mkdir(parents=True, exist_ok=True)
+    store, prefix = _object_store(uri)
+    try:
+        keys = set(store.list_objects(f"{prefix}/"))
+        for name in (MODEL_CONFIG_FILE, TOKENIZER_FILE, Path(found[batch]).name):
+            if f"{prefix}/{name}" in keys:
+                store.download_object(f"{prefix}/{name}", str(local / name), overwrite=True)
+        has_partitions = any(k.startswith(f"{prefix}/{DS_SUBDIR}/{ds_tag(batch)}/") for k in keys)
+    finally:
+        store.close()
+    if has_partitions:  # DeepSpeed: every rank's partition of that batch
+        download_ds_tag(uri, ds_tag(batch), ds_folder(local))
+    import os
+
+    tmp_link = local / partial_file(f"{LATEST}.{os.getpid()}")  # ranks of one eval may fetch at once
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(Path(found[batch]).name)
+    os.replace(tmp_link, local / LATEST)
+    return local
+
+
+def local_checkpoint(path: str | Path, batch: int | None = None) -> Path:
+    """``path`` itself when local; for a remote save_folder, its fetched local copy (``fetch_save_folder``)."""
+    return fetch_save_folder(str(path), batch=batch) if is_remote(path) else Path(path)
+
+
+def remove_autoresume_copy(uri: str) -> None:
+    """Remove the local copy of the latest checkpoint that Composer's autoresume downloads for a
+    remote save_folder into ``os.path.abspath(uri)`` (``./s3:/bucket/...`` under the working
+    directory), and the folders it made. A copy left there by an earlier run would be loaded instead
+    of the bucket's newer latest checkpoint."""
+    import os
+    import shutil
+
+    folder = Path(os.path.abspath(uri))
+    for file in folder.glob(LATEST_ANY_RANK):
+        file.unlink(missing_ok=True)
+    root = Path(os.path.abspath(uri.split("://", 1)[0] + ":"))  # ./s3:
+    while folder != root and root in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+    if folder == root and root.is_dir() and not any(root.iterdir()):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def upload_files(uri: str, folder: str | Path, under: str = "") -> None:
+    """Upload the files of ``folder`` into the remote save_folder ``uri`` (below ``under``, e.g.
+    ``deepspeed/ba10``); each returns once its object exists."""
+    store, prefix = _object_store(uri)
+    dest = f"{prefix}/{under}".rstrip("/")
+    try:
+        for file in sorted(Path(folder).iterdir()):
+            store.upload_object(f"{dest}/{file.name}", str(file))
+    finally:
+        store.close()
+
+
+def ds_staging(save_folder: str, rank: int) -> Path:
+    """The local folder where ``rank`` writes (and reads back) its ZeRO partitions of a remote save_folder."""
+    import hashlib
+    import tempfile
+
+    run = hashlib.sha1(save_folder.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "pipeline-deepspeed" / run / f"rank{rank}"
+
+
+def rank_files(rank: int):
+    """A filter of DeepSpeed checkpoint file names: those ``rank`` loads (its ``zero_pp_rank_{rank}_``
+    partition and the files shared by all ranks)."""
+    return lambda name: "zero_pp_rank_" not in name or name.startswith(f"zero_pp_rank_{rank}_")
+
+
+def download_ds_tag(uri: str, tag: str, local_ds_dir: str | Path, wanted=lambda name: True) -> Path:
+    """Download the objects of ``uri``'s ``deepspeed/{tag}/`` that ``wanted`` accepts into ``local_ds_dir/tag``."""
+    store, prefix = _object_store(uri)
+    out = Path(local_ds_dir) / tag
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/{tag}/"):
+            name = key.rsplit("/", 1)[1]
+            if wanted(name):
+                store.download_object(key, str(out / name), overwrite=True)
+    finally:
+        store.close()
+    return out
+
+
+def rotate_remote_checkpoints(uri: str, keep: int) -> list[int]:
+    """Delete the remote Composer checkpoints older than the ``keep`` newest complete ones, with their
+    DeepSpeed partitions, and partitions of older batches left by killed runs (s3:// only).
+
+    Complete means: at or before the batch the latest symlink names; newer ones may still be
+    uploading and are never touched. Returns the deleted Composer checkpoints' batches.
+    """
+    if keep <= 0 or not uri.startswith("s3://"):
+        return []
+    found, latest = remote_checkpoints(uri)
+    if latest is None:
+        return []
+    complete = sorted(b for b in found if b <= latest)
+    doomed = complete[: max(0, len(complete) - keep)]
+    kept = set(complete) - set(doomed)
+    _delete_remote(uri, found, lambda b: b in doomed, lambda b: b < latest and b not in kept)
+    return doomed
+
+
+def repair_remote_save_folder(uri: str) -> list[int]:
+    """Delete what a killed run left beyond the latest symlink (s3:// only): checkpoints and DeepSpeed
+    partitions of later batches, which the resumed run will write again. Returns their batches."""
+    if not uri.startswith("s3://"):
+        return []
+    found, latest = remote_checkpoints(uri)
+    newer = (lambda b: True) if latest is None else (lambda b: b > latest)
+    return _delete_remote(uri, found, newer, newer)
+
+
+def _delete_remote(uri: str, found: dict[int, str], composer_batch, ds_batch_) -> list[int]:
+    """Delete the Composer checkpoints (``found``) whose batch ``composer_batch`` accepts and the
+    DeepSpeed partition objects whose batch ``ds_batch_`` accepts; returns the batches touched."""
+    store, prefix = _object_store(uri)
+    touched = {b for b in found if composer_batch(b)}
+    try:
+        keys = [found[b] for b in sorted(touched)]
+        for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/"):
+            batch = ds_batch(key[len(prefix) + len(DS_SUBDIR) + 2 :].split("/", 1)[0])
+            if batch is not None and ds_batch_(batch):
+                keys.append(key)
+                touched.add(batch)
+        for key in keys:
+            store.client.delete_object(Bucket=store.bucket, Key=key)
+    finally:
+        store.close()
+    return sorted(touched)
 
 
 def consolidated_state_dict(

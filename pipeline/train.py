@@ -4,7 +4,8 @@ Also ``python -m pipeline.train yamls/X.yaml [key.sub=value ...]`` for one proce
 prints one line naming the key and exits with code 2 before any model is built; a NaN/Inf loss
 (``nonfinite_loss: stop``) prints the batch and the checkpoint to resume from and exits with code 3;
 a data shard that fails while training prints the shard, the fix and the checkpoint to resume from
-(the traceback is logged before it) and exits with code 4.
+(the traceback is logged before it) and exits with code 4; an object store that fails while a
+checkpoint is saved to it (after the retries) prints one line and exits with code 5.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.rows import ShardReadError
     from pipeline.trainer import ConfigError, load_config
-    from pipeline.trainer.safe_saves import NonFiniteError, resume_hint
+    from pipeline.trainer.safe_saves import NonFiniteError, RemoteSaveError, resume_hint
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except RemoteSaveError as e:
+        logging.getLogger("pipeline.train").error("writing a checkpoint failed", exc_info=True)
+        print(f"training stopped: {e}", file=sys.stderr, flush=True)
+        return 5
     except ShardReadError as e:
         logging.getLogger("pipeline.train").error("reading the training data failed", exc_info=True)
         hint = resume_hint(cfg.save_folder) if cfg is not None else ""

@@ -35,6 +35,38 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return write_tiny_hf_checkpoint(folder, "qwen2", tie_word_embeddings=True)[0]
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # `-m s3` selects every test that talks to the S3 server
+        if "s3" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto S3 server on a free port of 127.0.0.1 for the whole session, stopped at the end."""
+    import logging
+
+    from tests.s3 import MotoS3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = MotoS3().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """An empty bucket on the session's moto server, with S3_ENDPOINT_URL and dummy credentials in
+    the environment (inherited by subprocesses). Yields a ``tests.s3.S3Bucket``."""
+    from tests.s3 import S3Bucket
+
+    for key, value in moto_server.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    return S3Bucket(moto_server, moto_server.new_bucket())
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_streaming_shared_memory():
     """Close the shared memory of the StreamingDatasets a test module made in this process.

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from pipeline.save_folder import (
     TOKENIZER_FILE,
     WRITE_PROBE,
     is_remote,
+    remove_autoresume_copy,
+    upload_files,
 )
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
@@ -208,9 +211,18 @@ def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> Non
     """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
     from composer.utils import dist
 
-    if not cfg.save_folder or is_remote(cfg.save_folder) or dist.get_global_rank() != 0:
+    if not cfg.save_folder or dist.get_global_rank() != 0:
         return
-    folder = Path(cfg.save_folder)
+    if is_remote(cfg.save_folder):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_run_files(Path(tmp), cfg, model, inputs)
+            upload_files(cfg.save_folder, tmp)
+    else:
+        write_run_files(Path(cfg.save_folder), cfg, model, inputs)
+
+
+def write_run_files(folder: Path, cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
+    """The model's config.json, the resolved run config (read by the export's model card), the tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     # default=str: a few fields are tuples/paths; the card reads numbers and names only.
@@ -351,6 +363,8 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
+        if cfg.save_folder and not local:
+            remove_autoresume_copy(cfg.save_folder)  # stale: the bucket's latest symlink decides
         if local:
             with torch.device("meta"):
                 n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
@@ -358,6 +372,12 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
             problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
     if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
         repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
+    if cfg.save_folder and not local and cfg.autoresume and dist.get_global_rank() == 0:
+        from pipeline.save_folder import repair_remote_save_folder
+
+        removed = repair_remote_save_folder(cfg.save_folder)
+        if removed:
+            log.info("removed the unfinished checkpoints of batches %s from %s", removed, cfg.save_folder)
     problems = [p for p in dist.all_gather_object(problem) if p]
     if problems:
         raise ConfigError("save_folder", problems[0])
@@ -373,6 +393,12 @@ def run(cfg: TrainConfig):
                 cfg.save_folder,
             )
     trainer = build_trainer(cfg)
+    if cfg.save_folder and is_remote(cfg.save_folder):
+        from composer.utils import dist
+
+        dist.barrier()  # every rank has loaded the autoresume copy
+        if dist.get_local_rank() == 0:
+            remove_autoresume_copy(cfg.save_folder)
     try:
         if cfg.eval_first and cfg.eval_loader is not None and trainer.state.timestamp.batch.value == 0:
             trainer.eval()

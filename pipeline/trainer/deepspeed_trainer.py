@@ -27,7 +27,7 @@ import torch
 from composer import Trainer
 from composer.core import Event
 
-from pipeline.save_folder import ds_folder, ds_tag
+from pipeline.save_folder import download_ds_tag, ds_folder, ds_staging, ds_tag, is_remote, rank_files
 from pipeline.trainer.safe_saves import install_safe_saves
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,12 @@ class DeepSpeedTrainer(Trainer):
             model=model, optimizer=optimizers, config=ds_config, dist_init_required=False
         )
         self.ds_config = ds_config
-        self._ds_dir = ds_folder(save_folder) if save_folder else None
+        # A remote save_folder: each rank stages its partition locally, uploads it and fetches it back.
+        self._remote = save_folder if save_folder and is_remote(save_folder) else None
+        if self._remote:
+            self._ds_dir = ds_staging(self._remote, tdist.get_rank())
+        else:
+            self._ds_dir = ds_folder(save_folder) if save_folder else None
         ignore = ["state/model", "state/optimizers"]
         super().__init__(
             model=model,
@@ -74,7 +79,9 @@ class DeepSpeedTrainer(Trainer):
     # -- checkpoints ------------------------------------------------------------------------
     def load_deepspeed_checkpoint(self, batch: int) -> None:
         tag = ds_tag(batch)
-        if self._ds_dir is None or not (self._ds_dir / tag).is_dir():
+        if self._remote:  # this rank's partition and the shared files, not the other ranks'
+            download_ds_tag(self._remote, tag, self._ds_dir, rank_files(self.ds_engine.global_rank))
+        if self._ds_dir is None or not any((self._ds_dir / tag).glob("*")):
             raise FileNotFoundError(
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "
                 "missing: the save folder is incomplete (copied without deepspeed/?)"

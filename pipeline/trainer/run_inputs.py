@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep import DataPrepError
+from data_prep import DataPrepError, mds
 from pipeline.model import ModelConfig, ModelConfigError
 from pipeline.model.hf_io import check_vocab, resolve_checkpoint_dir, resolve_config, with_mask_token
 from pipeline.trainer.config import SHAPE_FIELDS, ConfigError, TrainConfig
@@ -42,6 +42,7 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
         download: resolve a hub name in ``model.init_from`` by downloading it (config, safetensors,
             tokenizer). Without it, ``model.init_from`` must be a local folder.
     """
+    _check_remote_access(cfg)
     init_dir = _init_dir(cfg.model.init_from, download)
     tok_file, tok = _tokenizer(cfg, init_dir)
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -61,6 +62,22 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
         )
     _check_context(cfg, model_config, init_dir)
     return RunInputs(manifest, tok_file, tok_vocab, model_config, init_dir)
+
+
+def _check_remote_access(cfg: TrainConfig) -> None:
+    """A missing bucket or a wrong credential in any remote location: a config error before any model."""
+    from data_prep.remote import check_access
+
+    for key, uri in (
+        ("train_loader.remote", cfg.train_loader.remote),
+        ("eval_loader.remote", cfg.eval_loader.remote if cfg.eval_loader else None),
+        ("save_folder", cfg.save_folder),
+    ):
+        if uri and mds.is_remote(uri):
+            try:
+                check_access(uri)
+            except DataPrepError as e:
+                raise ConfigError(key, str(e)) from None
 
 
 def _check_context(cfg: TrainConfig, config: ModelConfig, init_dir: Path | None) -> None:

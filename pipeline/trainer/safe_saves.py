@@ -37,6 +37,7 @@ from pipeline.save_folder import (
     is_remote,
     partial_file,
     partial_tag,
+    rotate_remote_checkpoints,
 )
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,26 @@ def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
 
 
 # -- DeepSpeed partitions ---------------------------------------------------------------------
-def save_deepspeed_partitions(engine, ds_dir: Path, batch: int) -> None:
-    """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective)."""
+def save_deepspeed_partitions(engine, ds_dir: Path, batch: int, remote: str | None = None) -> None:
+    """Every rank writes its ZeRO partition to ``ba{N}.partial``; rank 0 renames it to ``ba{N}`` (collective).
+
+    With a ``remote`` save_folder, ``ds_dir`` is this rank's local staging folder: each rank writes
+    its files there, uploads them to ``remote/deepspeed/ba{N}/`` and deletes them; the barrier after
+    it lets Composer write its file (and then the latest symlink) only once every partition is in
+    the bucket, so a tag without its Composer file is never resumed from.
+    """
     from composer.utils import dist
 
     tag = ds_tag(batch)
+    if remote is not None:
+        from pipeline.save_folder import DS_SUBDIR, upload_files
+
+        engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
+        upload_files(remote, ds_dir / tag, under=f"{DS_SUBDIR}/{tag}")
+        shutil.rmtree(ds_dir / tag, ignore_errors=True)
+        test_fault("deepspeed_upload", batch, dist.get_global_rank())
+        dist.barrier()  # every rank's partition is in the bucket
+        return
     engine.save_checkpoint(str(ds_dir), tag=partial_tag(tag), save_latest=False)
     test_fault("deepspeed_tmp", batch, dist.get_global_rank())
     dist.barrier()  # every partition is on disk
@@ -246,13 +262,67 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         batch = int(state.timestamp.batch)
         check_finite_parameters(state.model, batch, save_folder)
         if ds_dir is not None:
-            save_deepspeed_partitions(trainer.ds_engine, ds_dir, batch)
+            save_deepspeed_partitions(trainer.ds_engine, ds_dir, batch, None if local else save_folder)
         composer_save(state, logger)
         test_fault("after_save", batch)
         if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:
             rotate_deepspeed_partitions(Path(save_folder), batch)
 
     saver._save_checkpoint = save
+    if save_folder is not None and is_remote(save_folder):
+        _install_remote_rotation(saver, save_folder, dist.get_global_rank() == 0)
+
+
+class RemoteSaveError(RuntimeError):
+    """Writing a checkpoint to a remote save_folder failed after the retries of boto3/Composer."""
+
+
+def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
+    """Composer rotates only its local staging copies of a remote save_folder: rank 0 deletes the
+    remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
+    complete one (after each save, and at the end of fit once every upload has finished). Any
+    failure of the object store while saving becomes one ``RemoteSaveError``."""
+    # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
+    # run would spend most of its time waiting.
+    saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
+    keep = saver.num_checkpoints_to_keep if rank_zero else 0
+    composer_save, composer_batch_end, composer_fit_end = (
+        saver._save_checkpoint,
+        saver.batch_end,
+        saver.fit_end,
+    )
+
+    def guarded(step):
+        def run(state, logger):
+            try:
+                step(state, logger)
+            except (NonFiniteError, RemoteSaveError):
+                raise
+            except Exception as e:
+                cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RemoteSaveError(
+                    f"saving to {save_folder} failed after retries ({type(e).__name__}: {cause}); the "
+                    "checkpoint its latest-rank0.pt.symlink names is still complete: rerun the same "
+                    "command (autoresume) once the object store is reachable"
+                ) from e
+
+        return run
+
+    def save(state, logger):
+        composer_save(state, logger)
+        rotate_remote_checkpoints(save_folder, keep)
+
+    def fit_end(state, logger):
+        composer_fit_end(state, logger)
+        if saver.remote_uploader is not None:
+            saver.remote_uploader.wait()  # the latest symlink's upload
+        rotate_remote_checkpoints(save_folder, keep)
+
+    saver._save_checkpoint, saver.batch_end, saver.fit_end = (
+        guarded(save),
+        guarded(composer_batch_end),
+        guarded(fit_end),
+    )
 
 
 def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:

@@ -1,5 +1,6 @@
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -215,26 +216,38 @@ def test_parse_size_accepts_bytes_and_units():
         parse_size("5gb")  # over the 4 GiB MDS offset limit
 
 
-def test_remote_out_uploads_after_completion_and_only_once(tmp_path, corpus, tokenizer_path, monkeypatch):
+def test_remote_out_uploads_to_s3_after_completion_and_only_once(tmp_path, corpus, tokenizer_path, s3):
     from streaming import StreamingDataset
 
-    remote_dir = tmp_path / "bucket"
-    real_upload, uploads = mds.upload_tree, []
-
-    def fake_upload(local_dir, remote):
-        assert remote == "s3://bucket/data/slice-0-of-1"
-        assert (local_dir / MANIFEST).is_file()  # only a complete output is uploaded
-        uploads.append(real_upload(local_dir, str(remote_dir)))
-
-    monkeypatch.setattr(mds, "upload_tree", fake_upload)
     kw = dict(local_cache=str(tmp_path / "cache"), slice="0/1", val_docs=10)
-    result = run([corpus], "s3://bucket/data", tokenizer_path, **kw)
-    assert result.out == "s3://bucket/data/slice-0-of-1"
-    assert uploads[0][-1] == MANIFEST and not any(p.startswith(".") for p in uploads[0])
-    ds = StreamingDataset(local=str(remote_dir / "train"), shuffle=False, batch_size=1)
-    assert len(ds) == result.manifest["splits"]["train"]["rows"]
-    assert run([corpus], "s3://bucket/data", tokenizer_path, **kw).already_complete
-    assert len(uploads) == 1
+    result = run([corpus], f"{s3.uri}/data", tokenizer_path, **kw)
+    assert result.out == f"{s3.uri}/data/slice-0-of-1"
+    local = tmp_path / "cache"
+    stored = s3.keys("data/slice-0-of-1/")
+    assert f"data/slice-0-of-1/{MANIFEST}" in stored and not any("/." in k for k in stored)
+    uploaded = {k.removeprefix("data/slice-0-of-1/"): size for k, size in stored.items()}
+    built = next(p for p in local.rglob(MANIFEST)).parent
+    assert uploaded == {
+        str(p.relative_to(built)): p.stat().st_size
+        for p in built.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+    # Streaming reads it back over HTTP into a fresh cache.
+    ds = StreamingDataset(
+        remote=f"{result.out}/train", local=str(tmp_path / "read"), shuffle=False, batch_size=1
+    )
+    rows, _ = read_rows(built / "train")
+    assert len(ds) == result.manifest["splits"]["train"]["rows"] == len(rows)
+    assert all(np.array_equal(ds[i]["tokens"], rows[i]) for i in range(len(ds)))
+
+    def stamps():
+        head = s3.server.client().head_object
+        return {k: head(Bucket=s3.name, Key=k)["LastModified"] for k in stored}
+
+    before = stamps()
+    time.sleep(1.1)  # LastModified has one-second resolution
+    assert run([corpus], f"{s3.uri}/data", tokenizer_path, **kw).already_complete
+    assert stamps() == before  # uploaded once: the rerun writes nothing
 
 
 def test_upload_tree_copies_everything_manifest_last(tmp_path):
@@ -291,3 +304,18 @@ def test_one_batch_across_files_of_every_kind_gives_the_reference_rows(tmp_path,
         assert result.manifest["splits"]["train"]["empty_documents_skipped"] == sum(
             1 for d in docs if not d.strip()
         )
+
+
+def test_remote_out_with_a_missing_bucket_or_bad_credentials_fails_before_tokenizing(
+    tmp_path, corpus, tokenizer_path, s3, monkeypatch
+):
+    cache = tmp_path / "cache"
+    with pytest.raises(DataPrepError, match="bucket s3://no-such-bucket .*does not exist"):
+        run([corpus], "s3://no-such-bucket/data", tokenizer_path, local_cache=str(cache))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(DataPrepError, match="no credentials for s3://"):
+        run([corpus], f"{s3.uri}/data", tokenizer_path, local_cache=str(cache))
+    assert not cache.exists()  # nothing was built

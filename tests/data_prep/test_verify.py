@@ -115,3 +115,26 @@ def test_row_checks_catch_bad_rows():
     }
     for what, (row, starts) in bad.items():
         assert what in _check_row(row, starts, 8, np.dtype("uint16"), TOK)
+
+
+def test_remote_copy_on_s3_is_verified_and_damage_is_named(good, s3, capsys):
+    uri = f"{s3.uri}/owt"
+    mds.upload_tree(good, uri)
+    assert main(["verify", uri]) == 0
+    assert capsys.readouterr().out.startswith(f"OK {uri}: train ")
+    key = "owt/" + str(shard_path(good).relative_to(good))
+    data = s3.get(key)
+    s3.server.client().put_object(Bucket=s3.name, Key=key, Body=data[:-10])
+    report = verify(uri)
+    assert any(e.startswith(f"train: shard {s3.uri}/{key}: file has") for e in report.errors)
+    s3.server.client().delete_object(Bucket=s3.name, Key=key)
+    assert any(f"{s3.uri}/{key}: file is missing" in e for e in verify(uri).errors)
+
+
+def test_remote_folder_without_manifest_or_bucket_is_refused(s3):
+    with pytest.raises(DataPrepError, match="not a finished data_prep output"):
+        verify(f"{s3.uri}/nothing-here")
+    with pytest.raises(
+        DataPrepError, match=r"bucket s3://no-such-bucket-x at http://127.0.0.1:\d+ does not exist"
+    ):
+        verify("s3://no-such-bucket-x/owt")

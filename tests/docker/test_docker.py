@@ -274,6 +274,9 @@ def test_k8s_manifest_is_an_indexed_job_with_a_headless_service_and_secret_crede
     for name, e in env.items():
         if CREDENTIAL.search(name):
             assert "value" not in e and "secretKeyRef" in e["valueFrom"], name
+    # Everything remote: no shared volume (no PersistentVolumeClaim) is needed.
+    assert env["SAVE_FOLDER"]["value"].startswith("s3://") and env["DATA_REMOTE"]["value"].startswith("s3://")
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])

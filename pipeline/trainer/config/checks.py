@@ -14,7 +14,6 @@ from pathlib import Path
 
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model.masks import check_block_size
-from pipeline.save_folder import is_remote
 from pipeline.trainer.config.errors import ConfigError
 from pipeline.trainer.config.schema import REQUIRED_FROM_SCRATCH, TrainConfig
 
@@ -262,12 +261,6 @@ def check_deepspeed(cfg: TrainConfig, world: int) -> None:
             "nonfinite_loss",
             "skip is not supported under DeepSpeed (the engine owns the optimizer step); use stop and "
             "resume from the last checkpoint",
-        )
-    if cfg.save_folder and is_remote(cfg.save_folder):
-        raise ConfigError(
-            "save_folder",
-            "DeepSpeed checkpoints are written per rank to a shared local/network filesystem; use a "
-            "local or mounted path (remote object storage is supported without DeepSpeed)",
         )
     try:
         deepspeed_config(cfg, world)

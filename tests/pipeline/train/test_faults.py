@@ -154,6 +154,35 @@ def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("variant", ["1proc", "zero2"])
+def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
+    tiny_data, tmp_path, reference, variant, s3
+):
+    """The same kill with the data read from the S3 server (node cache) and save_folder in it: the
+    resumed run equals the uninterrupted local run, rows, losses and final weights."""
+    from data_prep import mds
+
+    ref = reference(variant)
+    nproc = VARIANTS[variant][0]
+    mds.upload_tree(tiny_data[0], f"{s3.uri}/owt")
+    cmd, env = command(tiny_data, tmp_path, variant)
+    cmd += [
+        f"variables.data_remote={s3.uri}/owt",
+        f"variables.data_local={tmp_path / 'cache'}",
+        f"variables.save_folder={s3.uri}/runs/kill",
+        "loggers.tensorboard=null",  # its default log dir is under the working directory
+    ]
+    logged, _ = kill_at_random_batch(cmd, env, tmp_path, random.Random(), nproc)
+    print(f"\n{variant} on S3: killed after batch {logged}; objects {sorted(s3.keys('runs/kill/'))}")
+    assert last_batch(tmp_path / "loss.jsonl") < 20, "finished before the kill"
+    p = run_to_end(cmd, env, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(tmp_path)
+    assert_same_run(ref, tmp_path)
+    assert s3.get("runs/kill/latest-rank0.pt.symlink").decode().endswith("ep1-ba20-rank0.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "variant, fault, leftover",
     [
