@@ -84,4 +84,7 @@ def _release_streaming_shared_memory():
         warnings.simplefilter("ignore")
         shared = [obj for obj in gc.get_objects() if isinstance(obj, memory.SharedMemory)]
     for obj in shared:
-        obj.cleanup()
+        try:
+            obj.cleanup()
+        except (BufferError, OSError):  # still mapped by a live array or another process: leave it
+            pass
