@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -80,9 +79,8 @@ def _release_streaming_shared_memory():
     memory = sys.modules.get("streaming.base.shared.memory")
     if memory is None:
         return
-    with warnings.catch_warnings():  # isinstance on torch's deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        shared = [obj for obj in gc.get_objects() if isinstance(obj, memory.SharedMemory)]
+    # type(), not isinstance(): isinstance on a dead weak proxy raises ReferenceError
+    shared = [obj for obj in gc.get_objects() if type(obj) is memory.SharedMemory]
     for obj in shared:
         try:
             obj.cleanup()
