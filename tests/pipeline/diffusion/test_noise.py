@@ -33,9 +33,11 @@ def test_noise_is_independent_of_how_the_global_batch_is_split(model):
         parts = [compute_nelbo(model, x[h], cfg, h) for h in halves]
     assert torch.equal(full.t, torch.cat([p.t for p in parts]))
     assert torch.equal(full.n_masked, torch.cat([p.n_masked for p in parts]))
-    torch.testing.assert_close(full.nelbo_sum, torch.cat([p.nelbo_sum for p in parts]), rtol=1e-6, atol=1e-6)
+    # The noise is identical (above, exactly); the losses differ only by float32 rounding: a batch of 8
+    # and two of 4 take other BLAS paths (2.3e-5 relative measured on 2 threads).
+    torch.testing.assert_close(full.nelbo_sum, torch.cat([p.nelbo_sum for p in parts]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
-        full.block_nelbo, torch.cat([p.block_nelbo for p in parts]), rtol=1e-6, atol=1e-6
+        full.block_nelbo, torch.cat([p.block_nelbo for p in parts]), rtol=1e-4, atol=1e-5
     )
 
 
