@@ -31,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="save_folder (latest checkpoint) or one checkpoint file"
     )
     ap.add_argument("--out", required=True, help="output folder (Hugging Face format, safetensors)")
-    ap.add_argument(
-        "--batch", type=int, help="DeepSpeed: export the checkpoint of this batch (default latest)"
-    )
+    ap.add_argument("--batch", type=int, help="export the checkpoint of this batch (default: the latest)")
     ap.add_argument("--ar", action="store_true", help="drop the mask/padding rows (transformers AR class)")
     card = ap.add_argument_group("model card (each optional; nothing else is invented)")
     card.add_argument("--eval-json", help="pipeline.eval --out of this checkpoint: the likelihood table")

@@ -47,6 +47,7 @@ PARTIAL = ".partial"
 DS_SUBDIR = "deepspeed"
 TENSORBOARD_SUBDIR = "tensorboard"
 WRITE_PROBE = ".write-probe"
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (a pickle)
 _CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 _SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 
@@ -103,6 +104,12 @@ def batch_of(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+def sharded_batch_of(name: str) -> int | None:
+    """The batch of an FSDP sharded checkpoint folder name ``ep{E}-ba{N}``; None for any other name."""
+    m = _SHARDED_RE.match(name)
+    return int(m.group(2)) if m else None
+
+
 def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int, Path]:
     """{batch: path} of the Composer checkpoints in ``folder``.
 
@@ -117,9 +124,9 @@ def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int,
         if batch is not None and p.is_file():
             out[batch] = p
             continue
-        m = _SHARDED_RE.match(p.name)
-        if m and p.is_dir() and (not complete or (p / ".metadata").is_file()):
-            out[int(m.group(2))] = p
+        sharded = sharded_batch_of(p.name)
+        if sharded is not None and p.is_dir() and (not complete or (p / SHARDED_METADATA).is_file()):
+            out[sharded] = p
     return out
 
 
@@ -133,7 +140,10 @@ def _object_store(uri: str):
 def remote_checkpoints(uri: str) -> tuple[dict[int, str], int | None]:
     """({batch: object key} of the Composer checkpoints under ``uri``, the batch its latest symlink names).
 
-    The latest is None when no symlink exists yet (no checkpoint is known to be complete).
+    A monolithic checkpoint is the key of its file; an FSDP sharded one is the key prefix of its
+    folder, ending in ``/`` (``runs/x/ep0-ba10/``: a shard per rank and ``.metadata``), listed as soon
+    as any of its objects exists. The latest is None when no symlink exists yet (no checkpoint is
+    known to be complete): Composer uploads the symlink only after every file it names.
     """
     import tempfile
 
@@ -145,24 +155,30 @@ def remote_checkpoints(uri: str) -> tuple[dict[int, str], int | None]:
             rel = key[len(prefix) + 1 :]
             if "/" not in rel and batch_of(rel) is not None:
                 found[batch_of(rel)] = key
+            elif "/" in rel and sharded_batch_of(rel.split("/", 1)[0]) is not None:
+                folder = rel.split("/", 1)[0]
+                found[sharded_batch_of(folder)] = f"{prefix}/{folder}/"
         latest = None
         if f"{prefix}/{REMOTE_LATEST}" in keys:
             with tempfile.TemporaryDirectory() as tmp:
                 store.download_object(f"{prefix}/{REMOTE_LATEST}", f"{tmp}/latest")
-                latest = batch_of(Path(Path(f"{tmp}/latest").read_text().strip()).name)
+                named = Path(Path(f"{tmp}/latest").read_text().strip()).name
+                latest = batch_of(named) if batch_of(named) is not None else sharded_batch_of(named)
         return found, latest
     finally:
         store.close()
 
 
 def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | None = None) -> Path:
-    """A local copy of what loading a remote ``save_folder`` needs: its config, tokenizer and the
-    checkpoint of ``batch`` (default: the one the latest symlink names, never a partial upload).
+    """A local copy of what loading a remote ``save_folder`` needs: its model and run configs, its
+    tokenizer and the checkpoint of ``batch`` (default: the one the latest symlink names, never a
+    partial upload): Composer's file or FSDP shards, and the DeepSpeed partitions of that batch.
 
     The copy goes to ``cache`` (default: a folder under the temp dir named after ``uri``) and is laid
     out like a local save_folder, with ``latest-rank0.pt`` pointing at the fetched checkpoint.
     """
     import hashlib
+    import os
     import tempfile
 
     found, latest = remote_checkpoints(uri)
@@ -182,22 +198,30 @@ def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | No
         / hashlib.sha1(uri.encode()).hexdigest()[:16]
     )
     local.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(found[batch]).name
     store, prefix = _object_store(uri)
     try:
-        keys = set(store.list_objects(f"{prefix}/"))
-        for name in (MODEL_CONFIG_FILE, TOKENIZER_FILE, Path(found[batch]).name):
+        keys = store.list_objects(f"{prefix}/")
+        for name in (MODEL_CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE):
             if f"{prefix}/{name}" in keys:
                 store.download_object(f"{prefix}/{name}", str(local / name), overwrite=True)
+        if found[batch].endswith("/"):  # FSDP sharded: every rank's shard and the metadata
+            (local / checkpoint).mkdir(exist_ok=True)
+            for key in keys:
+                if key.startswith(found[batch]):
+                    store.download_object(
+                        key, str(local / checkpoint / key[len(found[batch]) :]), overwrite=True
+                    )
+        else:
+            store.download_object(found[batch], str(local / checkpoint), overwrite=True)
         has_partitions = any(k.startswith(f"{prefix}/{DS_SUBDIR}/{ds_tag(batch)}/") for k in keys)
     finally:
         store.close()
     if has_partitions:  # DeepSpeed: every rank's partition of that batch
         download_ds_tag(uri, ds_tag(batch), ds_folder(local))
-    import os
-
     tmp_link = local / partial_file(f"{LATEST}.{os.getpid()}")  # ranks of one eval may fetch at once
     tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(Path(found[batch]).name)
+    tmp_link.symlink_to(checkpoint)
     os.replace(tmp_link, local / LATEST)
     return local
 
@@ -303,7 +327,9 @@ def _delete_remote(uri: str, found: dict[int, str], composer_batch, ds_batch_) -
     store, prefix = _object_store(uri)
     touched = {b for b in found if composer_batch(b)}
     try:
-        keys = [found[b] for b in sorted(touched)]
+        keys = []
+        for b in sorted(touched):  # an FSDP sharded checkpoint is every object under its folder
+            keys += store.list_objects(found[b]) if found[b].endswith("/") else [found[b]]
         for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/"):
             batch = ds_batch(key[len(prefix) + len(DS_SUBDIR) + 2 :].split("/", 1)[0])
             if batch is not None and ds_batch_(batch):
@@ -343,17 +369,16 @@ def load_for_inference(
 
     ``path`` is a Hugging Face-format folder (an export, or an AR checkpoint before any diffusion
     training), a training ``save_folder`` (its latest checkpoint: DeepSpeed partitions of any world
-    size, or Composer's file), or one Composer checkpoint file. Composer files are pickles and are
-    opened only with ``trust_checkpoint``.
+    size, Composer's file or FSDP shards), or one Composer checkpoint (a file, or a sharded folder
+    ``ep{E}-ba{N}``). Composer checkpoints are pickles and are opened only with ``trust_checkpoint``.
     """
     from pipeline.model import from_pretrained
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return from_pretrained(p, device=device, **overrides).eval()
-    if (p.is_dir() and (p / MODEL_CONFIG_FILE).exists()) or (
-        p.is_file() and (p.parent / MODEL_CONFIG_FILE).exists()
-    ):
+    one_checkpoint = p.is_file() or (p.is_dir() and sharded_batch_of(p.name) is not None)
+    if (p / MODEL_CONFIG_FILE).exists() or (one_checkpoint and (p.parent / MODEL_CONFIG_FILE).exists()):
         model, _ = load_training_checkpoint(p, trust_checkpoint)
         return model.to(device).eval()
     raise FileNotFoundError(
@@ -363,10 +388,39 @@ def load_for_inference(
 
 
 def run_config_file(checkpoint: str | Path) -> Path:
-    """Where the resolved training config of the run that wrote ``checkpoint`` (a save_folder or a
-    file in it) is; it may not exist (runs before it was written, remote save_folders)."""
+    """Where the resolved training config of the run that wrote ``checkpoint`` (a save_folder, or a
+    checkpoint file or sharded folder in it) is; it may not exist (runs before it was written)."""
     p = Path(checkpoint)
-    return (p if p.is_dir() else p.parent) / RUN_CONFIG_FILE
+    one_checkpoint = p.is_file() or sharded_batch_of(p.name) is not None
+    return (p.parent if one_checkpoint else p) / RUN_CONFIG_FILE
+
+
+def sharded_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights (``BD3ComposerModel`` names) of an FSDP sharded checkpoint folder, gathered
+    into full tensors in this one process, whatever the world size that wrote it. Only the model's
+    tensors are read, not the optimizer's. The folder's ``.metadata`` is a pickle: trusted input only.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    if not (folder / SHARDED_METADATA).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a complete sharded checkpoint: {SHARDED_METADATA} is missing"
+        )
+    reader = dcp.FileSystemReader(str(folder))
+    prefix = "state.model."  # Composer saves {"state": state.state_dict(), ...}; DCP flattens the keys
+    wanted = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not wanted:
+        raise ValueError(
+            f"{folder} holds no model weights (no {prefix}* tensors): not a checkpoint of pipeline.train"
+        )
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return {key[len(prefix) :]: value for key, value in wanted.items()}
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -390,32 +444,45 @@ def _config_folder(save_folder: Path) -> Path:
 
 
 def load_training_checkpoint(path: str | Path, trust_checkpoint: bool = False, batch: int | None = None):
-    """A ``BD3LM`` with the weights of a training checkpoint (DeepSpeed partitions or Composer file)."""
+    """A ``BD3LM`` with the weights of a training checkpoint: DeepSpeed partitions, Composer's file or
+    an FSDP sharded folder (``batch``: that batch's, default the latest)."""
     from pipeline.model import BD3LM, ModelConfig
 
     p = Path(path)
-    save_folder = p if p.is_dir() else p.parent
+    one_checkpoint = p.is_file() or (p.is_dir() and sharded_batch_of(p.name) is not None)
+    save_folder = p.parent if one_checkpoint else p
     config = ModelConfig.from_hf_config(
         json.loads((_config_folder(save_folder) / MODEL_CONFIG_FILE).read_text())
     )
-    if p.is_dir() and ds_folder(p).is_dir():
+    if not one_checkpoint and ds_folder(p).is_dir():
         state, tag = consolidated_state_dict(p, batch)
         source = f"{ds_folder(p) / tag}"
     else:
         file = p
-        if p.is_dir():
-            files = {b: f for b, f in composer_checkpoints(p).items() if f.is_file()}
+        if not one_checkpoint:
+            found = composer_checkpoints(p)
+            if batch is not None and batch not in found:
+                raise FileNotFoundError(
+                    f"no checkpoint of batch {batch} in {p}; batches there: {sorted(found)}"
+                )
             latest = sorted(p.glob(f"{LATEST}*"))
-            if not latest and not files:
+            if not latest and not found:
                 raise FileNotFoundError(f"no checkpoint in {p} (expected {DS_SUBDIR}/ or {LATEST})")
-            file = latest[-1].resolve() if latest else files[max(files)]  # by batch: ba9 before ba10
+            if batch is not None:
+                file = found[batch]
+            else:  # by batch, not by name: ba9 comes before ba10
+                file = latest[-1].resolve() if latest else found[max(found)]
         if not trust_checkpoint:
             raise PermissionError(
                 f"{file} is a Composer checkpoint, a pickle that can run code when loaded; pass "
                 "--trust-checkpoint only if your own run wrote it"
             )
-        blob = torch.load(file, map_location="cpu", weights_only=False)
-        state, source = blob["state"]["model"], str(file)
+        state = (
+            sharded_model_state(file)
+            if file.is_dir()
+            else torch.load(file, map_location="cpu", weights_only=False)["state"]["model"]
+        )
+        source = str(file)
     state = _strip(state)
     model = BD3LM(config)
     if config.tie_word_embeddings:

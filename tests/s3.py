@@ -7,7 +7,9 @@ and dummy credentials in the environment, exactly as it would find any S3-compat
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import urllib.request
 from dataclasses import dataclass, field
 
 # Dummy credentials; tests grep outputs for SECRET to prove it never leaks.
@@ -50,16 +52,50 @@ class MotoS3:
             "no_proxy": "127.0.0.1,localhost",
         }
 
-    def client(self):
+    def client(self, service: str = "s3"):
         import boto3
 
         return boto3.client(
-            "s3",
+            service,
             endpoint_url=self.endpoint,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET,
             region_name=REGION,
         )
+
+    def require_signatures(self) -> dict[str, str]:
+        """Turn on moto's IAM authentication and return the environment of a user allowed every s3
+        action (its own access key): from now on a wrong key or secret is refused with 403.
+        Process-wide in moto: call ``allow_anyone`` when done."""
+        iam = self.client("iam")
+        iam.create_user(UserName="trainer")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        self._auth(0)
+        return {
+            **self.env(),
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+
+    def allow_anyone(self) -> None:
+        """Turn moto's IAM authentication off again (the default: any credentials are accepted)."""
+        self._auth(float("inf"))
+
+    def _auth(self, free_requests: float) -> None:
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=str(free_requests).encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # a form body would be parsed away
+        )
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with no_proxy.open(request, timeout=30) as response:
+            assert response.status == 200
 
     def new_bucket(self) -> str:
         """Create a bucket with a fresh name (buckets outlive a test: the server is per session)."""

@@ -34,6 +34,15 @@ def tiny_overrides(data: Path, tokenizer: Path, save_folder: Path, *extra: str) 
     ]
 
 
+@pytest.fixture(scope="session")
+def one_process(tiny_data, tmp_path_factory):
+    """The 1-process reference run of ``tests.pipeline.train.launch.COMMON`` (20 batches), trained once
+    per session: (loss records, final weights, its save_folder). Read-only."""
+    from tests.pipeline.train.launch import one_process_run
+
+    return one_process_run(tiny_data, tmp_path_factory.mktemp("one"))
+
+
 @pytest.fixture
 def one_thread():
     """Single-threaded torch: on a shared 2-core machine extra threads make tiny runs 10-100x slower."""

@@ -10,14 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.pipeline.train.launch import assert_same_curve, launch, one_process_run, records
+from tests.pipeline.train.launch import assert_same_curve, launch, records
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_data, tmp_path_factory):
-    return one_process_run(tiny_data, tmp_path_factory.mktemp("one"))
 
 
 def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, one_process):
@@ -40,7 +35,7 @@ def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path):
     assert (tmp_path / "file" / "ckpt" / "latest-rank0.pt").exists()
 
 
-def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process):
+def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process, capsys):
     """FSDP2 SHARD_GRAD_OP, stopped at batch 10 and autoresumed from its sharded checkpoint to 20;
     the exported Hugging Face folder (gathered full state dict) holds the 1-process weights."""
     from pipeline.model import from_pretrained
@@ -58,6 +53,17 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     reference = one_process[1]
     for k, v in reference.items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
+    # pipeline.export gathers the shards of the latest sharded checkpoint (batch 20) in one process:
+    # the weights the callback gathered from the live model, bit for bit. Batch 10 was rotated away.
+    from pipeline.export import main as export_main
+
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--trust-checkpoint", "--out"]
+    assert export_main([*args, str(tmp_path / "export")]) == 0
+    from_shards = from_pretrained(tmp_path / "export").state_dict()
+    assert from_shards.keys() == exported.keys()
+    assert all(torch.equal(from_shards[k], exported[k]) for k in exported)
+    assert export_main([*args, str(tmp_path / "export10"), "--batch", "10"]) == 2
+    assert "no checkpoint of batch 10" in capsys.readouterr().err
 
 
 MIXED = [

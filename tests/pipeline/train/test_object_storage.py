@@ -17,11 +17,19 @@ from safetensors.torch import load_file
 from data_prep import mds
 from pipeline.eval import main as eval_main
 from pipeline.export import main as export_main
+from pipeline.model import from_pretrained
 from pipeline.sample import main as sample_main
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import last_batch, launch, records, started, train_command
+from tests.pipeline.train.launch import (
+    assert_same_curve,
+    last_batch,
+    launch,
+    records,
+    started,
+    train_command,
+)
 from tests.s3 import SECRET
 
 
@@ -47,6 +55,85 @@ def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="train_loader.remote.*no credentials"):
         inputs(f"{s3.uri}/owt")
+
+
+def test_wrong_credentials_are_a_config_error_naming_the_key(tiny_data, tmp_path, monkeypatch):
+    """A server that checks signatures (moto with IAM on, its own port): the user's key passes, a
+    wrong secret or an unknown key id is a config error on the key that names the remote, and the
+    message holds no secret."""
+    from tests.s3 import MotoS3
+
+    data, tok = tiny_data
+    server = MotoS3().start()
+    try:
+        bucket = server.new_bucket()
+        good = server.require_signatures()
+        for key, value in good.items():
+            monkeypatch.setenv(key, value)
+
+        def inputs():
+            overrides = tiny_overrides(data, tok, f"s3://{bucket}/runs/x")
+            return resolve_run_inputs(load_config(YAMLS / "bd3_tiny.yaml", overrides))
+
+        assert inputs()  # the user's own key
+        for key_id, secret in ((good["AWS_ACCESS_KEY_ID"], SECRET), ("AKIAUNKNOWN0000000000", SECRET)):
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            with pytest.raises(ConfigError, match=rf"save_folder.*access to s3://{bucket} at .* denied") as e:
+                inputs()
+            assert secret not in str(e.value) and good["AWS_SECRET_ACCESS_KEY"] not in str(e.value)
+    finally:
+        server.allow_anyone()
+        server.stop()
+
+
+def test_sharded_checkpoint_folders_are_listed_rotated_repaired_and_fetched(s3, tmp_path):
+    """FSDP sharded checkpoints in a bucket (a folder of objects per batch): the latest symlink names
+    a folder; a killed run's newer folder (one shard, no .metadata) is removed by the start-up repair,
+    rotation deletes every object of the older folder, and the fetch copies the whole latest folder."""
+    from pipeline.save_folder import (
+        fetch_save_folder,
+        remote_checkpoints,
+        repair_remote_save_folder,
+        rotate_remote_checkpoints,
+    )
+
+    client, run = s3.server.client(), "runs/fsdp"
+    shards = {
+        f"{b}/{f}": f"{b}:{f}"
+        for b in ("ep0-ba5", "ep0-ba10")
+        for f in ("__0_0.distcp", "__1_0.distcp", ".metadata")
+    }
+    objects = {
+        **shards,
+        "ep0-ba15/__1_0.distcp": "killed",
+        "hf_config.json": "{}",
+        "latest-rank0.pt.symlink": f"{run}/ep0-ba10",
+    }
+    for name, body in objects.items():
+        client.put_object(Bucket=s3.name, Key=f"{run}/{name}", Body=body.encode())
+    uri = f"{s3.uri}/{run}"
+    assert remote_checkpoints(uri) == (
+        {5: f"{run}/ep0-ba5/", 10: f"{run}/ep0-ba10/", 15: f"{run}/ep0-ba15/"},
+        10,
+    )
+    assert repair_remote_save_folder(uri) == [15]
+    assert rotate_remote_checkpoints(uri, keep=1) == [5]
+    left = {k[len(run) + 1 :] for k in s3.keys(f"{run}/")}
+    assert left == {
+        "ep0-ba10/__0_0.distcp",
+        "ep0-ba10/__1_0.distcp",
+        "ep0-ba10/.metadata",
+        "hf_config.json",
+        "latest-rank0.pt.symlink",
+    }
+    local = fetch_save_folder(uri, cache=tmp_path / "copy")
+    assert (local / "latest-rank0.pt").resolve() == local / "ep0-ba10"
+    assert {p.name: p.read_text() for p in (local / "ep0-ba10").iterdir()} == {
+        f: f"ep0-ba10:{f}" for f in ("__0_0.distcp", "__1_0.distcp", ".metadata")
+    }
+    with pytest.raises(FileNotFoundError, match="no checkpoint of batch 5"):
+        fetch_save_folder(uri, cache=tmp_path / "copy5", batch=5)
 
 
 @pytest.mark.slow
@@ -190,3 +277,63 @@ def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
         assert last_batch(tmp_path / "loss.jsonl") == 20
     finally:
         back.stop()
+
+
+REMOTE_PARALLELISM = {
+    "fsdp2": ["parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP"],
+    "zero1": ["parallelism.deepspeed.zero_optimization.stage=1"],
+    "zero3": ["parallelism.deepspeed.zero_optimization.stage=3"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallelism", sorted(REMOTE_PARALLELISM))
+def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
+    tiny_data, tmp_path, s3, one_process, parallelism
+):
+    """2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10 and autoresumed
+    from the bucket to 20: the curve equals the 1-process run; rotation left only batch 10's (then
+    20's) checkpoint: FSDP2's shard folder, or ZeRO's partitions (ZeRO-3: each rank's model states);
+    ``pipeline.export --checkpoint s3://...`` holds the 1-process weights. (The data is local here:
+    reading the bucket is the DDP test's.)"""
+    run_uri, run = f"{s3.uri}/runs/{parallelism}", f"runs/{parallelism}/"
+    remote = (
+        *REMOTE_PARALLELISM[parallelism],
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
+        "loggers.tensorboard=null",
+    )
+
+    def checkpoints() -> set[str]:
+        """The stored checkpoint objects, relative to the run, without the run's config files."""
+        return {k[len(run) :] for k in s3.keys(run) if k.startswith(f"{run}ep") or "/deepspeed/" in k}
+
+    launch(tiny_data, tmp_path, *remote, "max_duration=10ba")
+    if parallelism == "fsdp2":
+        assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10"
+        assert checkpoints() == {"ep0-ba10/.metadata", "ep0-ba10/__0_0.distcp", "ep0-ba10/__1_0.distcp"}
+    else:
+        assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10-rank0.pt"
+        stored = checkpoints()
+        assert {k for k in stored if not k.startswith("deepspeed/")} == {"ep0-ba10-rank0.pt"}
+        assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba10"}
+        per_rank = {f"deepspeed/ba10/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
+        assert per_rank <= stored if parallelism == "zero3" else not per_rank & stored
+    launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
+    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+    after = checkpoints()
+    assert after and all(k.startswith(("ep1-ba20", "deepspeed/ba20/")) for k in after), after
+
+    ckpt = ["--checkpoint", run_uri, "--trust-checkpoint"]
+    assert export_main([*ckpt, "--out", str(tmp_path / "export")]) == 0
+    exported = from_pretrained(tmp_path / "export").state_dict()
+    for k, v in one_process[1].items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["bd3"]["block_size"] > 0
+    card = (tmp_path / "export" / "README.md").read_text()  # its training section reads run_config.json
+    parallel = {"fsdp2": "FSDP", "zero1": "DeepSpeed ZeRO-1", "zero3": "DeepSpeed ZeRO-3"}[parallelism]
+    assert f"- parallelism: {parallel}\n" in card
+    if parallelism == "fsdp2":  # eval reads the shards of the bucket's latest checkpoint too
+        common = ["--data", str(tiny_data[0]), "--block-sizes", "4", "--max-rows", "8"]
+        assert eval_main([*ckpt, *common, "--out", str(tmp_path / "eval.json")]) == 0
