@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -250,14 +251,23 @@ def remove_autoresume_copy(uri: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def upload_files(uri: str, folder: str | Path, under: str = "") -> None:
-    """Upload the files of ``folder`` into the remote save_folder ``uri`` (below ``under``, e.g.
-    ``deepspeed/ba10``); each returns once its object exists."""
+def upload_files(uri: str, folder: str | Path, under: str = "", recursive: bool = False) -> None:
+    """Upload the files of ``folder`` (``recursive``: and of its subfolders, keeping their relative
+    paths) into the remote save_folder ``uri``, below ``under`` (e.g. ``deepspeed/ba10``); each
+    returns once its object exists."""
+    folder = Path(folder)
+    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    upload_paths(
+        uri, {f"{under}/{f.relative_to(folder).as_posix()}".lstrip("/"): f for f in files if f.is_file()}
+    )
+
+
+def upload_paths(uri: str, files: dict[str, Path]) -> None:
+    """Upload each local file of ``files`` ({name below ``uri``: path}) into the remote save_folder ``uri``."""
     store, prefix = _object_store(uri)
-    dest = f"{prefix}/{under}".rstrip("/")
     try:
-        for file in sorted(Path(folder).iterdir()):
-            store.upload_object(f"{dest}/{file.name}", str(file))
+        for name, file in files.items():
+            store.upload_object(f"{prefix}/{name}", str(file))
     finally:
         store.close()
 
@@ -419,7 +429,9 @@ def sharded_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{folder} holds no model weights (no {prefix}* tensors): not a checkpoint of pipeline.train"
         )
-    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # one process, on purpose: DCP warns about it on every load
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
     return {key[len(prefix) :]: value for key, value in wanted.items()}
 
 

@@ -91,6 +91,7 @@ def build_callbacks(
         LossLog,
         NonFiniteLoss,
         SampleIndexer,
+        TensorboardUpload,
         eval_callbacks,
     )
 
@@ -116,6 +117,8 @@ def build_callbacks(
         out.append(RuntimeEstimator(skip_batches=c.runtime_estimator.skip_batches))
     if c.loss_log is not None:
         out.append(LossLog(c.loss_log.path, sample_ids=c.loss_log.sample_ids))
+    if cfg.loggers.tensorboard is not None and cfg.save_folder is not None and is_remote(cfg.save_folder):
+        out.append(TensorboardUpload(tensorboard_dir(cfg), cfg.save_folder))
     if c.hf_export is not None:
         from pipeline.hf_artifact import CardFacts
 
@@ -136,6 +139,17 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return [EMA(half_life=cfg.callbacks.ema.half_life)] if cfg.callbacks.ema is not None else []
 
 
+def tensorboard_dir(cfg: TrainConfig) -> str:
+    """TensorBoard's local log dir: ``loggers.tensorboard.log_dir``, else ``{save_folder}/tensorboard``
+    for a local save_folder, else ``tensorboard/{run_name}`` under the working directory (a remote
+    save_folder gets a copy through ``TensorboardUpload``)."""
+    if cfg.loggers.tensorboard.log_dir is not None:
+        return cfg.loggers.tensorboard.log_dir
+    if cfg.save_folder is not None and not is_remote(cfg.save_folder):
+        return f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
+    return f"tensorboard/{cfg.run_name or 'run'}"
+
+
 def build_loggers(cfg: TrainConfig) -> list:
     """TensorBoard by default (offline); Weights & Biases and MLflow when their sections are set."""
     from composer.loggers import TensorboardLogger
@@ -143,15 +157,11 @@ def build_loggers(cfg: TrainConfig) -> list:
     out = []
     tb = cfg.loggers.tensorboard
     if tb is not None:
-        log_dir = tb.log_dir
-        if log_dir is None:
-            local_save = cfg.save_folder is not None and not is_remote(cfg.save_folder)
-            log_dir = (
-                f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
-                if local_save
-                else f"tensorboard/{cfg.run_name or 'run'}"
+        out.append(
+            TensorboardLogger(
+                log_dir=tensorboard_dir(cfg), flush_interval=tb.flush_interval, rank_zero_only=True
             )
-        out.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval, rank_zero_only=True))
+        )
     for key in ("wandb", "mlflow"):  # packages checked with the config (check_consistency)
         section = getattr(cfg.loggers, key)
         if section is None:

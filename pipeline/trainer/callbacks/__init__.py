@@ -18,6 +18,7 @@ from pipeline.trainer.callbacks.training import (
     LossLog,
     NonFiniteLoss,
     SampleIndexer,
+    TensorboardUpload,
 )
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "NoiseIntervalSearch",
     "NonFiniteLoss",
     "SampleIndexer",
+    "TensorboardUpload",
     "eval_callbacks",
 ]

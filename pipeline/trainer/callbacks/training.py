@@ -183,6 +183,48 @@ class LossLog(Callback):
             f.write(json.dumps(record) + "\n")
 
 
+class TensorboardUpload(Callback):
+    """Rank 0 copies this run's TensorBoard files (``{log_dir}/{run_name}``) to
+    ``tensorboard/{run_name}/`` in a remote save_folder, the layout a local save_folder has: after each
+    checkpoint, and once the run is over (``post_close``: after the logger closed its last file).
+    Files whose size is unchanged since their last upload are skipped. A failed upload is a warning:
+    these are logs, not the checkpoint."""
+
+    def __init__(self, log_dir: str | Path, save_folder: str):
+        self.log_dir, self.save_folder = Path(log_dir), save_folder
+        self.run_name: str | None = None
+        self._sizes: dict[Path, int] = {}
+
+    def init(self, state: State, logger: Logger) -> None:
+        self.run_name = state.run_name
+
+    def _upload(self) -> None:
+        from pipeline.save_folder import TENSORBOARD_SUBDIR, upload_paths
+
+        folder = self.log_dir / str(self.run_name)
+        if dist.get_global_rank() != 0 or self.run_name is None or not folder.is_dir():
+            return
+        sizes = {p: p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        changed = {p: n for p, n in sizes.items() if self._sizes.get(p) != n}
+        if not changed:
+            return
+        under = f"{TENSORBOARD_SUBDIR}/{self.run_name}"
+        try:
+            upload_paths(
+                self.save_folder, {f"{under}/{p.relative_to(folder).as_posix()}": p for p in changed}
+            )
+        except Exception as e:  # noqa: BLE001 - any object-store failure; training goes on
+            log.warning("could not upload the TensorBoard files %s to %s: %s", folder, self.save_folder, e)
+            return
+        self._sizes.update(changed)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._upload()
+
+    def post_close(self) -> None:
+        self._upload()
+
+
 class HFExport(Callback):
     """At FIT_END, write ``folder`` with ``pipeline.hf_artifact.write_artifact`` (rank 0; FSDP gathers
     first): the weights, modeling code for ``transformers`` and a model card from ``facts`` plus the

@@ -248,7 +248,7 @@ class ConsoleSection:
 
 @dataclass
 class TensorboardSection:
-    """``log_dir`` defaults to ``{save_folder}/tensorboard`` (``tensorboard/{run_name}`` without one)."""
+    """``log_dir`` defaults to ``{save_folder}/tensorboard`` (``tensorboard/{run_name}`` without a local one)."""
 
     log_dir: str | None = None
     flush_interval: int = 100

@@ -54,7 +54,7 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     for k, v in reference.items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
     # pipeline.export gathers the shards of the latest sharded checkpoint (batch 20) in one process:
-    # the weights the callback gathered from the live model, bit for bit. Batch 10 was rotated away.
+    # the weights the callback gathered from the live model, bit for bit; --batch picks another one.
     from pipeline.export import main as export_main
 
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--trust-checkpoint", "--out"]
@@ -62,8 +62,11 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     from_shards = from_pretrained(tmp_path / "export").state_dict()
     assert from_shards.keys() == exported.keys()
     assert all(torch.equal(from_shards[k], exported[k]) for k in exported)
-    assert export_main([*args, str(tmp_path / "export10"), "--batch", "10"]) == 2
-    assert "no checkpoint of batch 10" in capsys.readouterr().err
+    assert export_main([*args, str(tmp_path / "export10"), "--batch", "10"]) == 0  # the first run's
+    at10 = from_pretrained(tmp_path / "export10").state_dict()
+    assert not all(torch.equal(at10[k], exported[k]) for k in exported)
+    assert export_main([*args, str(tmp_path / "export7"), "--batch", "7"]) == 2
+    assert "no checkpoint of batch 7" in capsys.readouterr().err
 
 
 MIXED = [

@@ -152,7 +152,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
         f"variables.data_local={cache}",
         f"variables.save_folder={run_uri}",
         "save_interval=5ba",
-        "loggers.tensorboard=null",  # its default log dir is under the working directory
+        f"loggers.tensorboard.log_dir={tmp_path / 'tb'}",  # (the default is under the working directory)
     )
     launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
     stored = s3.keys("runs/ddp/")
@@ -165,6 +165,12 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert [r["loss/train/total"] for r in resumed] == [r["loss/train/total"] for r in local]
     assert [k for k in s3.keys("runs/ddp/") if k.endswith(".pt")] == ["runs/ddp/ep1-ba20-rank0.pt"]
     assert not (REPO / f"s3:/{s3.name}").exists()  # Composer's autoresume copy was removed after loading
+    # Both runs' TensorBoard files were copied under the run, as a local save_folder would hold them.
+    events = {p: p.stat().st_size for p in (tmp_path / "tb" / "dist-test").iterdir()}
+    assert len(events) >= 2 and all(events.values())
+    assert s3.keys("runs/ddp/tensorboard/") == {
+        f"runs/ddp/tensorboard/dist-test/{p.name}": n for p, n in events.items()
+    }
     # The run read the bucket: the shards it trained on are now in the (empty before) node cache.
     index = mds.read_index(data / "train")
     assert all((cache / "train" / mds.stored_file(s)["basename"]).is_file() for s in index["shards"])
