@@ -343,3 +343,5 @@ def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
     if parallelism == "fsdp2":  # eval reads the shards of the bucket's latest checkpoint too
         common = ["--data", str(tiny_data[0]), "--block-sizes", "4", "--max-rows", "8"]
         assert eval_main([*ckpt, *common, "--out", str(tmp_path / "eval.json")]) == 0
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
