@@ -77,7 +77,9 @@ def main(argv=None):
             order = ("local", "s3") if r % 2 == 0 else ("s3", "local")
             row = {}
             for name in order:
-                folder = str(root / f"local-run{r}" / "ckpt") if name == "local" else f"s3://{bucket}/runs/b{r}"
+                folder = (
+                    str(root / f"local-run{r}" / "ckpt") if name == "local" else f"s3://{bucket}/runs/b{r}"
+                )
                 row[f"save_{name}"], row[f"resume_{name}"] = save_and_resume(
                     data, tok, root / f"{name}-run{r}", folder, args.save_at
                 )
@@ -100,7 +102,9 @@ def main(argv=None):
         "throughput remote/local": [x["step_local"] / x["step_s3"] for x in rounds],
     }
     for name, values in ratios.items():
-        print(f"{name}: median {statistics.median(values):.3f} (rounds: {', '.join(f'{v:.3f}' for v in values)})")
+        print(
+            f"{name}: median {statistics.median(values):.3f} (rounds: {', '.join(f'{v:.3f}' for v in values)})"
+        )
     print(json.dumps({"rounds": rounds, "ratios": ratios}))
 
 
