@@ -110,7 +110,8 @@ class NoiseIntervalSearch(Callback):
         self._state: State | None = None
 
     def search(self, state: State) -> dict[int, tuple[tuple[float, float], list[dict]]]:
-        """L' -> (chosen interval, one record per candidate), for every trained block size."""
+        """L' -> (chosen interval, one record per candidate), for every trained block size (or the
+        section's ``block_sizes``)."""
         from pipeline.diffusion.metrics import noise_interval_search
 
         cm = composer_model(state)
@@ -120,7 +121,7 @@ class NoiseIntervalSearch(Callback):
                 bs: noise_interval_search(
                     bd3, batches, bs, cm.diffusion, self.grid, criterion=self.section.criterion
                 )
-                for bs in cm.diffusion.block_sizes
+                for bs in self.section.block_sizes or cm.diffusion.block_sizes
             }
 
     def apply(self, state: State) -> None:
@@ -145,7 +146,7 @@ class NoiseIntervalSearch(Callback):
     def _run(self, state: State, logger: Logger) -> None:
         found = self.search(state)
         self.schedule.last_batch = int(state.timestamp.batch)
-        several = len(found) > 1
+        several = len(composer_model(state).diffusion.block_sizes) > 1
         metrics = {}
         for bs, (best, records) in found.items():
             var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))
@@ -156,7 +157,7 @@ class NoiseIntervalSearch(Callback):
         logger.log_metrics(metrics)
         if self.adopt:
             d = composer_model(state).diffusion
-            before = {bs: d.interval_for(bs) for bs in d.block_sizes}
+            before = {bs: d.interval_for(bs) for bs in self.chosen}
             self.apply(state)
             if dist.get_global_rank() == 0 and before != self.chosen:
                 log.info("noise_interval_search: training noise intervals %s -> %s", before, self.chosen)

@@ -235,6 +235,17 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
             )
         if not 0.0 < nis.step <= 1.0:
             raise ConfigError("callbacks.noise_interval_search.step", f"must be in (0, 1], got {nis.step}")
+        trained = cfg.diffusion.block_sizes
+        if nis.block_sizes is not None and (
+            not nis.block_sizes
+            or not set(nis.block_sizes) <= set(trained)
+            or len(set(nis.block_sizes)) != len(nis.block_sizes)
+        ):
+            raise ConfigError(
+                "callbacks.noise_interval_search.block_sizes",
+                f"must list trained block sizes (diffusion.block_size: {trained}) once each, or be null "
+                f"for all of them; got {nis.block_sizes}",
+            )
     gen = c.generation  # the sampler settings validate themselves (SamplerConfig.__post_init__)
     if gen is not None:
         if gen.reference is not None and not Path(gen.reference).expanduser().is_dir():

@@ -185,12 +185,14 @@ class NoiseIntervalSearchSection:
     ``every_n_evals``-th tick of the evaluation schedule (``interval``, default: the
     block_size_likelihood interval, else ``eval_interval``), the interval [beta, beta + width] (widths
     x offsets on a ``step`` grid, plus [1e-3, 1]) whose training NELBO estimator has the lowest variance
-    over the first ``num_batches`` global eval batches, for every trained block size. ``criterion``:
-    "block" (BD3-LM: variance of the per-block mean loss) or "row" (variance of the per-row NELBO).
-    ``adopt``: train with it from then on (kept in the checkpoint, re-applied on resume). Logs
-    ``eval/noise_interval/{beta,omega,variance}`` (``eval/noise_interval/bs{N}/...`` with several sizes)."""
+    over the first ``num_batches`` global eval batches, for every trained block size (``block_sizes``:
+    only these of them; the others keep their intervals). ``criterion``: "block" (BD3-LM: variance of
+    the per-block mean loss) or "row" (variance of the per-row NELBO). ``adopt``: train with it from
+    then on (kept in the checkpoint, re-applied on resume). Logs ``eval/noise_interval/{beta,omega,variance}``
+    (``eval/noise_interval/bs{N}/...`` when several sizes are trained)."""
 
     every_n_evals: int = 1
+    block_sizes: list[int] | None = None
     interval: str | int | None = None
     num_batches: int = 4
     widths: list[float] = field(default_factory=lambda: list(INTERVAL_WIDTHS))

@@ -208,6 +208,41 @@ def test_adopted_noise_interval_survives_autoresume(tiny_data, tmp_path, one_thr
     assert fresh.chosen == callback(trainer, "NoiseIntervalSearch").chosen and fresh.schedule.ticks == 2
 
 
+def test_search_over_some_of_several_trained_sizes_adopts_only_theirs(
+    tiny_data, tmp_path, one_thread, monkeypatch
+):
+    """diffusion.block_size: [2, 4] with an interval each; the search restricted to [4]: only bs4 is
+    searched and logged (under bs4/, since several sizes are trained), its lowest-variance interval is
+    adopted, and size 2 keeps the interval the YAML gave it."""
+    trainer, cap = train(
+        tiny_data,
+        tmp_path,
+        *COMMON,
+        *callbacks_on(adopt=True),
+        "callbacks.block_size_likelihood=null",
+        "callbacks.generation=null",
+        "diffusion.block_size=[2, 4]",
+        "diffusion.noise_interval={2: [0.3, 0.8], 4: [0.45, 0.95]}",
+        "callbacks.noise_interval_search.block_sizes=[4]",
+        monkeypatch=monkeypatch,
+    )
+    search = callback(trainer, "NoiseIntervalSearch")
+    best = min(search.last_records[4], key=lambda r: r["variance"])
+    assert sorted(search.last_records) == [4] and search.chosen == {4: tuple(best["interval"])}
+    assert tuple(best["interval"]) != (0.45, 0.95)  # else adopting it would prove nothing
+    assert trainer.state.model.diffusion.noise_interval == {2: (0.3, 0.8), 4: tuple(best["interval"])}
+    assert logged(cap, "eval/noise_interval/bs4/beta")[4] == best["interval"][0]
+    assert not [k for k in cap.data if k.startswith(("eval/noise_interval/bs2/", "eval/noise_interval/beta"))]
+    with pytest.raises(ConfigError) as e:
+        config(
+            tiny_data,
+            tmp_path / "x",
+            "diffusion.block_size=[2, 4]",
+            "callbacks.noise_interval_search.block_sizes=[8]",
+        )
+    assert e.value.key == "callbacks.noise_interval_search.block_sizes" and "[2, 4]" in str(e.value)
+
+
 def test_evaluation_functions_leave_the_global_rng_alone():
     """evaluate_block_sizes, noise_interval_search and generate draw only from seeded generators."""
 
