@@ -25,7 +25,7 @@ from transformers import DynamicCache, LlamaForCausalLM, MistralForCausalLM, Qwe
 
 from .configuration_bd3 import BD3LlamaConfig, BD3MistralConfig, BD3Qwen2Config
 
-SAMPLERS = ("confidence", "first_hitting")
+SAMPLERS = ("confidence", "first_hitting", "ddpm_cache")
 
 
 def top_p_filter(probs, top_p):
@@ -86,6 +86,7 @@ class BD3Mixin:
         seed=0,
         stop_at_eos=True,
         eos_token_id=None,
+        steps_per_block=None,
     ):
         """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (B, P), P >= 1.
 
@@ -93,7 +94,10 @@ class BD3Mixin:
             block_size: tokens per block L' (default: the trained ``bd3.block_size``).
             sampler: ``"confidence"`` unmasks every position whose sampled token has probability
                 above ``threshold`` (at least the most confident one per step; Fast-dLLM);
-                ``"first_hitting"`` unmasks one uniformly random masked position per step.
+                ``"first_hitting"`` unmasks one uniformly random masked position per step;
+                ``"ddpm_cache"`` takes ``steps_per_block`` (default ``block_size``) DDPM reverse
+                steps on the linear schedule, each masked position unmasking with probability
+                (t - s) / t, and reuses the last probabilities when a step unmasked nothing.
             top_p, temperature: how candidates are drawn (temperature 0: argmax). The confidence of
                 a candidate is its plain softmax probability, whatever ``top_p``.
             seed: seeds the one ``torch.Generator`` of all random draws.
@@ -136,21 +140,38 @@ class BD3Mixin:
         cache = DynamicCache()
         last = None  # logits at the last clean position (the shift's prediction of the next token)
 
+        steps = steps_per_block or bs
+
+        def predictions(block, masked, last):
+            """(B, L', V) logits predicting each position of ``block``."""
+            if not shift:
+                return self._bd3_forward(block, cache, keep=False)
+            if masked[:, 1:].any():
+                logits = self._bd3_forward(block, cache, keep=False)
+                # Without a clean block before (a short prompt) position 0 is given: never predicted.
+                first = logits[:, :1] if last is None else last[:, None]
+                return torch.cat([first, logits[:, :-1]], dim=1)
+            return last[:, None].expand(B, bs, -1)  # only first positions masked: the last write's logits
+
         def denoise(block, last):
             """Unmask every mask token of ``block`` (B, L'), conditioned on the cache."""
+            step, probs = 0, None
             while (block == mask_id).any():
                 masked = block == mask_id
-                if not shift:
-                    logits = self._bd3_forward(block, cache, keep=False)
-                elif masked[:, 1:].any():
-                    logits = self._bd3_forward(block, cache, keep=False)
-                    # Without a clean block before (a short prompt) position 0 is given: never predicted.
-                    first = logits[:, :1] if last is None else last[:, None]
-                    logits = torch.cat([first, logits[:, :-1]], dim=1)
-                else:  # only first positions are masked: the previous block's logits suffice
-                    logits = last[:, None].expand(B, bs, -1)
-                plain, probs = self._bd3_probs(logits, invalid, temperature, top_p)
-                if sampler == "first_hitting":  # draw order as pipeline.sample: positions, then tokens
+                if probs is None or sampler != "ddpm_cache":
+                    plain, probs = self._bd3_probs(
+                        predictions(block, masked, last), invalid, temperature, top_p
+                    )
+                if sampler == "ddpm_cache":  # draw order as pipeline.sample: the coins, then tokens
+                    t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
+                    step += 1
+                    coins = torch.rand(masked.shape, generator=gen, device=device)
+                    unmask = masked & ((coins < (t - s) / t) if t > 0 else torch.ones_like(masked))
+                    if not unmask.any():
+                        continue  # nothing changed: the same probabilities hold, no network call
+                    cand = self._bd3_draw(probs, gen, temperature)
+                    probs = None
+                elif sampler == "first_hitting":  # draw order as pipeline.sample: positions, then tokens
                     score = torch.rand(masked.shape, generator=gen, device=device).masked_fill(~masked, -1.0)
                     cand = self._bd3_draw(probs, gen, temperature)
                     unmask = torch.zeros_like(masked).scatter(1, score.argmax(1, keepdim=True), True)

@@ -74,6 +74,7 @@ def _both(model, hf, prompt, **kw):
         theirs = hf.bd3_generate(
             prompt, kw["max_new_tokens"], kw["block_size"], sampler=kw["sampler"], threshold=kw["threshold"],
             top_p=kw.get("top_p", 1.0), seed=kw["seed"], stop_at_eos=eos is not None, eos_token_id=eos,
+            steps_per_block=kw.get("steps_per_block"),
         )  # fmt: skip
     assert torch.equal(theirs[:, : prompt.shape[1]], prompt)
     return ours, theirs[:, prompt.shape[1] :]
@@ -85,7 +86,7 @@ def _both(model, hf, prompt, **kw):
 GRID = [("llama", 1), ("llama", 4), ("llama", 16), ("mistral", 4), ("qwen2", 4)]
 
 
-@pytest.mark.parametrize("sampler", ["confidence", "first_hitting"])
+@pytest.mark.parametrize("sampler", ["confidence", "first_hitting", "ddpm_cache"])
 @pytest.mark.parametrize("arch, block_size", GRID)
 def test_bd3_generate_equals_pipeline_sampler(tiny_export, arch, block_size, sampler):
     model, hf = sharpened(*tiny_export(arch))
@@ -104,7 +105,7 @@ def test_bd3_generate_equals_pipeline_sampler(tiny_export, arch, block_size, sam
         assert steps.nfe < n
 
 
-@pytest.mark.parametrize("sampler", ["confidence", "first_hitting"])
+@pytest.mark.parametrize("sampler", ["confidence", "first_hitting", "ddpm_cache"])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_bd3_generate_equals_pipeline_off_the_grid_with_top_p(tiny_export, block_size, sampler):
     """A length that ends inside a block (the last block is denoised whole, then cut) and top-p 0.9."""
@@ -124,6 +125,26 @@ def test_bd3_generate_equals_pipeline_off_the_grid_with_top_p(tiny_export, block
     )
     assert ours.shape == theirs.shape == (2, n)
     assert torch.equal(ours, theirs)
+
+
+def test_bd3_generate_ddpm_cache_skips_the_network_when_nothing_changes(tiny_export):
+    """ddpm_cache with more steps than positions (8 steps for blocks of 4): many steps unmask nothing
+    and reuse the last probabilities. Same tokens as pipeline.sample, and the transformers model runs
+    exactly as many forwards as pipeline's network calls plus cache writes, fewer than the steps."""
+    model, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
+    kw = dict(block_size=4, max_new_tokens=3 * 16 - PROMPT_LEN, sampler="ddpm_cache", threshold=0.9, seed=11)
+    calls = []
+    hook = hf.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ours, theirs = _both(model, hf, prompt, steps_per_block=8, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(ours, theirs)
+    result = generate(model, prompt, SamplerConfig(steps_per_block=8, **kw))
+    assert len(calls) == result.nfe + result.cache_writes
+    blocks = -(-(PROMPT_LEN + kw["max_new_tokens"]) // 4) - PROMPT_LEN // 4
+    assert result.nfe < 8 * blocks
 
 
 def test_bd3_generate_stops_at_eos_like_pipeline(tiny_export):
