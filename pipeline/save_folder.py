@@ -111,6 +111,12 @@ def sharded_batch_of(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+def is_one_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is one Composer checkpoint (a file, or a sharded folder ``ep{E}-ba{N}``) inside
+    a save_folder, rather than the save_folder itself."""
+    return path.is_file() or (path.is_dir() and sharded_batch_of(path.name) is not None)
+
+
 def composer_checkpoints(folder: str | Path, complete: bool = True) -> dict[int, Path]:
     """{batch: path} of the Composer checkpoints in ``folder``.
 
@@ -251,15 +257,11 @@ def remove_autoresume_copy(uri: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def upload_files(uri: str, folder: str | Path, under: str = "", recursive: bool = False) -> None:
-    """Upload the files of ``folder`` (``recursive``: and of its subfolders, keeping their relative
-    paths) into the remote save_folder ``uri``, below ``under`` (e.g. ``deepspeed/ba10``); each
-    returns once its object exists."""
-    folder = Path(folder)
-    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
-    upload_paths(
-        uri, {f"{under}/{f.relative_to(folder).as_posix()}".lstrip("/"): f for f in files if f.is_file()}
-    )
+def upload_files(uri: str, folder: str | Path, under: str = "") -> None:
+    """Upload the files of ``folder`` into the remote save_folder ``uri``, below ``under`` (e.g.
+    ``deepspeed/ba10``); each returns once its object exists."""
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file())
+    upload_paths(uri, {f"{under}/{f.name}".lstrip("/"): f for f in files})
 
 
 def upload_paths(uri: str, files: dict[str, Path]) -> None:
@@ -387,8 +389,7 @@ def load_for_inference(
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return from_pretrained(p, device=device, **overrides).eval()
-    one_checkpoint = p.is_file() or (p.is_dir() and sharded_batch_of(p.name) is not None)
-    if (p / MODEL_CONFIG_FILE).exists() or (one_checkpoint and (p.parent / MODEL_CONFIG_FILE).exists()):
+    if (p / MODEL_CONFIG_FILE).exists() or (is_one_checkpoint(p) and (p.parent / MODEL_CONFIG_FILE).exists()):
         model, _ = load_training_checkpoint(p, trust_checkpoint)
         return model.to(device).eval()
     raise FileNotFoundError(
@@ -401,8 +402,7 @@ def run_config_file(checkpoint: str | Path) -> Path:
     """Where the resolved training config of the run that wrote ``checkpoint`` (a save_folder, or a
     checkpoint file or sharded folder in it) is; it may not exist (runs before it was written)."""
     p = Path(checkpoint)
-    one_checkpoint = p.is_file() or sharded_batch_of(p.name) is not None
-    return (p.parent if one_checkpoint else p) / RUN_CONFIG_FILE
+    return (p.parent if is_one_checkpoint(p) else p) / RUN_CONFIG_FILE
 
 
 def sharded_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -461,7 +461,7 @@ def load_training_checkpoint(path: str | Path, trust_checkpoint: bool = False, b
     from pipeline.model import BD3LM, ModelConfig
 
     p = Path(path)
-    one_checkpoint = p.is_file() or (p.is_dir() and sharded_batch_of(p.name) is not None)
+    one_checkpoint = is_one_checkpoint(p)
     save_folder = p.parent if one_checkpoint else p
     config = ModelConfig.from_hf_config(
         json.loads((_config_folder(save_folder) / MODEL_CONFIG_FILE).read_text())
