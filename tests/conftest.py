@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import write_tiny_hf_checkpoint
+from tests.factories import tiny_data_folder, write_tiny_hf_checkpoint, write_tokenizer
 
 
 @pytest.fixture
@@ -32,6 +32,26 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 checkpoint folder with qkv biases and tied input/output embeddings."""
     folder = tmp_path_factory.mktemp("tiny_qwen2")
     return write_tiny_hf_checkpoint(folder, "qwen2", tie_word_embeddings=True)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, tokenizer.json): a data_prep-style output of the training tests (see
+    ``tests.factories.tiny_data_folder``). Read-only: Streaming caches nothing when remote is None."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    tok = write_tokenizer(root / "tokenizer" / "tokenizer.json")
+    return tiny_data_folder(root / "data", tok), tok
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch: on a shared 2-core machine extra threads make tiny runs 10-100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(items):

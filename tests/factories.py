@@ -271,3 +271,20 @@ def tiny_data_folder(
     """The training tests' data: ``packed_rows`` with seed 0 in train/ and seed 1 in val/."""
     splits = {"train": packed_rows(train_rows, 0, seq_len), "val": packed_rows(val_rows, 1, seq_len)}
     return write_data_folder(root, splits, tokenizer)
+
+
+# -- the training recipe's overrides -----------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = REPO / "yamls"
+
+
+def tiny_overrides(data: Path, tokenizer: Path, save_folder: Path, *extra: str) -> list[str]:
+    """Overrides that point yamls/bd3_tiny.yaml (or ar_tiny.yaml) at the fixture data."""
+    return [
+        f"variables.data_local={data}",
+        f"variables.tokenizer={tokenizer}",
+        f"variables.max_seq_len={SEQ_LEN}",
+        f"variables.save_folder={save_folder}",
+        "loggers.progress_bar=null",
+        *extra,
+    ]

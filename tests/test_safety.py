@@ -5,7 +5,7 @@ writes or prints, and no code from datasets or checkpoints is ever executed.
    except behind an explicit ``trust_checkpoint`` refusal; ``pipeline.export``, ``pipeline.eval`` and ``pipeline.sample``
    refuse a Composer ``.pt`` without ``--trust-checkpoint`` and never unpickle it.
 2. Credentials come from the environment only: URLs with credentials are config errors (see
-   tests/pipeline/train/test_bad_input.py) and a real training run never writes or prints the values
+   tests/pipeline/trainer/test_bad_input.py) and a real training run never writes or prints the values
    of credential variables.
 3. Dataset loading scripts and checkpoint code (``auto_map`` modules) are never run, and nothing
    passes ``trust_remote_code``.
@@ -24,12 +24,7 @@ import pytest
 import torch
 
 from data_prep import DataPrepError, sources
-from tests.pipeline.train import conftest as train_fixtures
-from tests.pipeline.train.conftest import YAMLS, tiny_overrides
-
-# The training tests' fixtures, used here by name: the tiny data folder and single-threaded torch.
-tiny_data = train_fixtures.tiny_data
-one_thread = train_fixtures.one_thread
+from tests.factories import YAMLS, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FILES = sorted([*(REPO / "pipeline").rglob("*.py"), *(REPO / "data_prep").rglob("*.py")])

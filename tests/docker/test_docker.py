@@ -1,5 +1,5 @@
 """The container and cluster recipes (docker/): linted, honest about the repo, and rendering the
-launcher commands that the 2-node test (tests/pipeline/train/test_multinode.py) runs for real.
+launcher commands that the 2-node test (tests/pipeline/trainer/test_multinode.py) runs for real.
 
 No Docker engine or cluster here: the Dockerfile is linted (hadolint) and parsed; the SLURM script
 and the Kubernetes Job's script are executed with ``srun``/``scontrol``/``composer`` stubbed.

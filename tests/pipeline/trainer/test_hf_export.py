@@ -10,8 +10,8 @@ import torch
 
 from pipeline.save_folder import RUN_CONFIG_FILE
 from tests.factories import card_table_rows
-from tests.pipeline.train.conftest import SEQ_LEN
-from tests.pipeline.train.test_eval_callbacks import COMMON, callback, train
+from tests.factories import SEQ_LEN
+from tests.pipeline.trainer.test_eval_callbacks import COMMON, callback, train
 
 
 def test_hf_export_callback_writes_the_card_of_the_run(tiny_data, tmp_path, one_thread):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.save_folder import composer_checkpoints
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import COMMON, assert_same_curve, free_port, kill_group, launch, records
+from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.pipeline.trainer.launch import COMMON, assert_same_curve, free_port, kill_group, launch, records
 
 ZERO2 = "parallelism.deepspeed.zero_optimization.stage=2"
 

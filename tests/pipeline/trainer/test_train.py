@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.trainer import load_config, run
-from tests.pipeline.train.conftest import YAMLS, tiny_overrides
+from tests.factories import YAMLS, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

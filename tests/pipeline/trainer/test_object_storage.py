@@ -21,8 +21,8 @@ from pipeline.model import from_pretrained
 from pipeline.sample import main as sample_main
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import (
+from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.pipeline.trainer.launch import (
     assert_same_curve,
     last_batch,
     launch,

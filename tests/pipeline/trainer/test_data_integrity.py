@@ -22,8 +22,8 @@ from pipeline.rows import RowReader, ShardReadError, packed_rows_dataset_class
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.factories import N_WORDS, write_tokenizer
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import records, train_command
+from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.pipeline.trainer.launch import records, train_command
 
 SEQ_LEN = 32
 

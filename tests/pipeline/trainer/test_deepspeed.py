@@ -16,8 +16,8 @@ from pipeline.export import main as export_main
 from pipeline.model import from_pretrained
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.deepspeed_config import build_ds_config
-from tests.pipeline.train.conftest import YAMLS, tiny_overrides
-from tests.pipeline.train.launch import assert_same_curve, launch, records
+from tests.factories import YAMLS, tiny_overrides
+from tests.pipeline.trainer.launch import assert_same_curve, launch, records
 
 multiprocess = [pytest.mark.slow, pytest.mark.multiprocess]
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5  # 20 Adam steps of fp32 reductions in another order
@@ -30,7 +30,7 @@ def ds(stage: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_zero2_matches_one_process(tiny_data, tmp_path, one_process):
-    """(ZeRO-1 and ZeRO-3 against the same reference: tests/pipeline/train/test_object_storage.py.)"""
+    """(ZeRO-1 and ZeRO-3 against the same reference: tests/pipeline/trainer/test_object_storage.py.)"""
     launch(tiny_data, tmp_path, *ds(2))
     assert (tmp_path / "ckpt" / "deepspeed" / "ba20").is_dir()
     assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))

@@ -20,7 +20,7 @@ from pipeline.plan import main as plan_main
 from pipeline.planning import plan_run
 from pipeline.trainer import load_config
 from tests.factories import tiny_data_folder, tiny_model_config, write_tokenizer
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+from tests.factories import REPO, YAMLS, tiny_overrides
 
 GIB = 2**30
 TINYLLAMA = dict(

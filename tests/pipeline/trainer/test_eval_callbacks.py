@@ -16,7 +16,7 @@ import torch
 from composer.loggers import InMemoryLogger
 
 from pipeline.trainer import ConfigError, load_config, run
-from tests.pipeline.train.conftest import SEQ_LEN, YAMLS, tiny_overrides
+from tests.factories import SEQ_LEN, YAMLS, tiny_overrides
 
 BLOCK_SIZES = [1, 4, 8, SEQ_LEN]
 # A small grid (9 candidates) keeps the search fast; the default has 64.
@@ -353,8 +353,8 @@ def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_th
     import subprocess
     import sys
 
-    from tests.pipeline.train.conftest import REPO
-    from tests.pipeline.train.launch import free_port
+    from tests.factories import REPO
+    from tests.pipeline.trainer.launch import free_port
 
     data, tok = tiny_data
     extra = [*COMMON, *callbacks_on(adopt=False), "callbacks.generation.max_new_tokens=8", "run_name=ev"]

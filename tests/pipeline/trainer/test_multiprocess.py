@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.pipeline.train.launch import assert_same_curve, launch, records
+from tests.pipeline.trainer.launch import assert_same_curve, launch, records
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

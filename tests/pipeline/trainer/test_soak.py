@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.train.conftest import REPO
-from tests.pipeline.train.launch import kill_a_rank_after, last_batch, records, started, train_command
-from tests.pipeline.train.test_faults import rank_logs, weights
+from tests.factories import REPO
+from tests.pipeline.trainer.launch import kill_a_rank_after, last_batch, records, started, train_command
+from tests.pipeline.trainer.test_faults import rank_logs, weights
 
 STEPS = 3000
 KILLS = 8

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.trainer import load_config, run
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
+from tests.factories import REPO, YAMLS, tiny_overrides
 
 # float32 on CPU: the runs differ only in summation order (all-reduce, microbatch grouping).
 LOSS_RTOL = 1e-5  # measured: at most 1.2e-7 over 12 batches (1 vs 2 processes)

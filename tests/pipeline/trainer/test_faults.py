@@ -22,8 +22,8 @@ import torch
 from pipeline.save_folder import composer_checkpoints
 from pipeline.trainer import ConfigError, load_config, run
 from pipeline.trainer.safe_saves import NonFiniteError
-from tests.pipeline.train.conftest import REPO, YAMLS, tiny_overrides
-from tests.pipeline.train.launch import (
+from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.pipeline.trainer.launch import (
     kill_a_rank_after,
     kill_group,
     last_batch,
