@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import random
 import sys
 from pathlib import Path
 
@@ -52,6 +54,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SEED_VARIABLE = "PIPELINE_TEST_SEED"
+
+
+@pytest.fixture
+def kill_rng(request) -> random.Random:
+    """The random source of a test's kills (which batch, which rank, how long after): seeded from
+    ``PIPELINE_TEST_SEED`` when set, else from a fresh seed. The seed is printed, and pytest shows it
+    with a failure, so a failing draw replays exactly."""
+    given = os.environ.get(SEED_VARIABLE)
+    seed = int(given) if given else random.SystemRandom().randrange(2**32)
+    print(f"\n{request.node.nodeid}: random seed {seed} (replay: {SEED_VARIABLE}={seed})")
+    return random.Random(seed)
 
 
 def pytest_collection_modifyitems(items):

@@ -2,7 +2,6 @@
 
 import multiprocessing as mp
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -102,7 +101,9 @@ def _session_processes(sid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_cli_killed_at_random_times_resumes_and_leaves_no_workers(corpus, clean, tokenizer_path, tmp_path):
+def test_cli_killed_at_random_times_resumes_and_leaves_no_workers(
+    corpus, clean, tokenizer_path, tmp_path, kill_rng
+):
     """Several trials: the real CLI SIGKILLed at a random moment, rerun, killed again; then finished."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep", "convert", "--input", str(corpus), "--out", str(out)]
@@ -111,7 +112,7 @@ def test_cli_killed_at_random_times_resumes_and_leaves_no_workers(corpus, clean,
     # One batch per part here: 0.5 s a part, so a kill delay under 0.4 s leaves each trial about one
     # part past the last, and the seven parts (6 train, 1 val) outlast the three trials.
     env = dict(os.environ, DATA_PREP_TEST_BATCH_DELAY="0.5")
-    rng = random.Random()
+    rng = kill_rng
     kills = 0
     for trial in range(3):
         done_before = len(list(out.glob("train/part-*.done.json")))

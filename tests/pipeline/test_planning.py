@@ -19,8 +19,7 @@ from pipeline.model.memory import model_state_bytes, param_counts
 from pipeline.plan import main as plan_main
 from pipeline.planning import plan_run
 from pipeline.trainer import load_config
-from tests.factories import tiny_data_folder, tiny_model_config, write_tokenizer
-from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.factories import REPO, YAMLS, tiny_data_folder, tiny_model_config, tiny_overrides, write_tokenizer
 
 GIB = 2**30
 TINYLLAMA = dict(

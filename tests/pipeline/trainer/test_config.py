@@ -14,8 +14,7 @@ import pytest
 
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.factories import SEQ_LEN, write_manifest, write_tokenizer
-from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.factories import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_manifest, write_tokenizer
 
 TINY = YAMLS / "bd3_tiny.yaml"
 

@@ -21,8 +21,7 @@ from data_prep.verify import verify
 from pipeline.rows import RowReader, ShardReadError, packed_rows_dataset_class
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.factories import N_WORDS, write_tokenizer
-from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.factories import N_WORDS, REPO, YAMLS, tiny_overrides, write_tokenizer
 from tests.pipeline.trainer.launch import records, train_command
 
 SEQ_LEN = 32

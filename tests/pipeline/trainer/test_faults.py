@@ -121,9 +121,8 @@ def kill_at_random_batch(cmd, env, out: Path, rng: random.Random, nproc: int) ->
 
     Returns (the batch it had logged, seconds the launcher took to exit after the kill).
     """
-    target = rng.randint(
-        2, 10
-    )  # leaves 10 batches (with checkpoint writes) to land the kill in, even on a loaded machine
+    # leaves 10 batches (with checkpoint writes) to land the kill in, even on a loaded machine
+    target = rng.randint(2, 10)
     with started(cmd, env, out) as proc:
         # anywhere inside the next batch (or its checkpoint write)
         logged = kill_a_rank_after(proc, out, target, rng, max_delay=0.3, nproc=nproc)
@@ -136,12 +135,11 @@ def kill_at_random_batch(cmd, env, out: Path, rng: random.Random, nproc: int) ->
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, reference, variant):
+def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, reference, variant, kill_rng):
     ref = reference(variant)
     nproc = VARIANTS[variant][0]
-    rng = random.Random()
     cmd, env = command(tiny_data, tmp_path, variant)
-    logged, exit_s = kill_at_random_batch(cmd, env, tmp_path, rng, nproc)
+    logged, exit_s = kill_at_random_batch(cmd, env, tmp_path, kill_rng, nproc)
     print(f"\n{variant}: killed after batch {logged}; the launcher exited {exit_s:.1f} s later")
     assert last_batch(tmp_path / "loss.jsonl") < 20, "finished before the kill"
     if nproc:  # the launcher notices the dead rank and stops the others: bounded, not a hang
@@ -156,7 +154,7 @@ def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["1proc", "zero2"])
 def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
-    tiny_data, tmp_path, reference, variant, s3
+    tiny_data, tmp_path, reference, variant, s3, kill_rng
 ):
     """The same kill with the data read from the S3 server (node cache) and save_folder in it: the
     resumed run equals the uninterrupted local run, rows, losses and final weights."""
@@ -172,7 +170,7 @@ def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
         f"variables.save_folder={s3.uri}/runs/kill",
         "loggers.tensorboard=null",  # its default log dir is under the working directory
     ]
-    logged, _ = kill_at_random_batch(cmd, env, tmp_path, random.Random(), nproc)
+    logged, _ = kill_at_random_batch(cmd, env, tmp_path, kill_rng, nproc)
     print(f"\n{variant} on S3: killed after batch {logged}; objects {sorted(s3.keys('runs/kill/'))}")
     assert last_batch(tmp_path / "loss.jsonl") < 20, "finished before the kill"
     p = run_to_end(cmd, env, tmp_path)

@@ -1,4 +1,8 @@
-"""Soak: 3,000 steps on 2 processes with checkpoints every 50 and SIGKILLs at random moments.
+"""Soak: thousands of steps on 2 processes with checkpoints every 50 and SIGKILLs at random moments.
+
+Two sizes: 1,000 steps with 4 kills in the default suite, 3,000 steps with 8 kills behind
+``-m soak`` (deselected by default: ``pytest -m soak`` runs it). The kills draw from a printed seed
+(``PIPELINE_TEST_SEED`` replays one).
 
 The killed-and-resumed run must end like the uninterrupted one: every batch's rows and losses equal,
 every row once per epoch, the same final weights. The figures (kills, replayed batches, time) are
@@ -7,7 +11,6 @@ printed for the closing note of a change that touches training or checkpoints.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import time
 from pathlib import Path
@@ -19,17 +22,19 @@ from tests.factories import REPO
 from tests.pipeline.trainer.launch import kill_a_rank_after, last_batch, records, started, train_command
 from tests.pipeline.trainer.test_faults import rank_logs, weights
 
-STEPS = 3000
-KILLS = 8
 ROWS, BATCH = 256, 16  # tiny_data: one epoch is 16 global batches
+SIZES = [
+    pytest.param(1000, 4, id="1000steps-4kills"),
+    pytest.param(3000, 8, id="3000steps-8kills", marks=pytest.mark.soak),
+]
 
 
-def soak_command(tiny_data, out: Path):
+def soak_command(tiny_data, out: Path, steps: int):
     return train_command(
         tiny_data,
         out,
-        f"max_duration={STEPS}ba",
-        f"scheduler.t_max={STEPS}ba",
+        f"max_duration={steps}ba",
+        f"scheduler.t_max={steps}ba",
         "scheduler.t_warmup=20ba",
         "optimizer.lr=1.0e-3",
         "eval_loader=null",
@@ -46,26 +51,27 @@ def soak_command(tiny_data, out: Path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.soak
-def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path):
-    rng = random.Random()
+@pytest.mark.parametrize("steps, num_kills", SIZES)
+def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path, kill_rng, steps, num_kills):
+    rng = kill_rng
     ref = tmp_path / "reference"
-    cmd, env = soak_command(tiny_data, ref)
+    cmd, env = soak_command(tiny_data, ref, steps)
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:] + rank_logs(ref)
     ref_s = time.monotonic() - t0
 
     out = tmp_path / "killed"
-    cmd, env = soak_command(tiny_data, out)
+    cmd, env = soak_command(tiny_data, out, steps)
     kills, launches, t0 = 0, 0, time.monotonic()
     while True:
         launches += 1
-        assert launches <= KILLS + 3, "the run does not finish"
+        assert launches <= num_kills + 3, "the run does not finish"
         start = last_batch(out / "loss.jsonl")
         with started(cmd, env, out) as proc:
-            if kills < KILLS:
-                target = start + rng.randint(20, STEPS // KILLS)
+            if kills < num_kills:
+                # within the run, 20 batches before its end at the latest: every kill lands
+                target = min(start + rng.randint(20, steps // num_kills), steps - 20)
                 logged = kill_a_rank_after(proc, out, target, rng, max_delay=0.1)
                 if logged is not None:
                     kills += 1
@@ -78,7 +84,7 @@ def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path):
     got = records(out / "loss.jsonl")
     want = records(ref / "loss.jsonl")
     final = {r["batch"]: r for r in got}
-    assert [r["batch"] for r in want] == sorted(final) == list(range(1, STEPS + 1))
+    assert [r["batch"] for r in want] == sorted(final) == list(range(1, steps + 1))
     for r in want:
         f = final[r["batch"]]
         assert f["rows"] == r["rows"], r["batch"]
@@ -87,14 +93,14 @@ def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path):
     seen: dict[int, float] = {}
     for r in got:
         assert seen.setdefault(r["batch"], r["loss/train/total"]) == r["loss/train/total"], r["batch"]
-    for epoch in range(STEPS // (ROWS // BATCH)):
+    for epoch in range(steps // (ROWS // BATCH)):
         batches = range(epoch * ROWS // BATCH + 1, (epoch + 1) * ROWS // BATCH + 1)
         assert sorted(row for b in batches for row in final[b]["rows"]) == list(range(ROWS)), epoch
     w_ref, w_got = weights(ref / "hf"), weights(out / "hf")
     assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     assert want[-1]["loss/train/total"] < want[0]["loss/train/total"] - 0.5  # it trained
     print(
-        f"\nsoak: {STEPS} steps, {kills} kills, {launches} launches, {len(got) - STEPS} batches replayed; "
+        f"\nsoak: {steps} steps, {kills} kills, {launches} launches, {len(got) - steps} batches replayed; "
         f"{soak_s:.0f} s (uninterrupted: {ref_s:.0f} s)"
     )
-    assert kills == KILLS
+    assert kills == num_kills
