@@ -29,11 +29,10 @@ def ds(stage: int, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero2_matches_one_process(tiny_data, tmp_path, one_process):
+def test_zero2_matches_one_process(zero2_run, one_process):
     """(ZeRO-1 and ZeRO-3 against the same reference: tests/pipeline/trainer/test_object_storage.py.)"""
-    launch(tiny_data, tmp_path, *ds(2))
-    assert (tmp_path / "ckpt" / "deepspeed" / "ba20").is_dir()
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+    assert (zero2_run / "ckpt" / "deepspeed" / "ba20").is_dir()
+    assert_same_curve(one_process[0], records(zero2_run / "loss.jsonl"))
 
 
 @pytest.mark.slow

@@ -341,10 +341,32 @@ def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+TWO_PROCESS_EVAL = [
+    *COMMON,
+    *callbacks_on(adopt=False),
+    "callbacks.generation.max_new_tokens=8",
+    "run_name=ev",
+]
+
+
+@pytest.fixture(scope="module")
+def one_process_eval(tiny_data, tmp_path_factory) -> dict[int, float]:
+    """{block size: NELBO} of the last evaluation of ``TWO_PROCESS_EVAL`` in one process with the
+    whole global eval batch (16 rows), run once for the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("eval-one")
+        one, _ = train(tiny_data, out, *TWO_PROCESS_EVAL, "device_eval_batch_size=16")
+    finally:
+        torch.set_num_threads(threads)
+    return {r.block_size: r.nelbo for r in callback(one, "BlockSizeLikelihood").last_results}
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "zero3"])
-def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_thread, parallelism):
+def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_process_eval, parallelism):
     """``composer -n 2`` (gloo): each rank reads its own half of the first num_batches global eval
     batches and the sums are all-reduced, so the values equal one process with the whole global
     batch (2 x 8 rows). FSDP2 and ZeRO-3 shard the parameters: the forwards gather them on every
@@ -357,12 +379,7 @@ def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_th
     from tests.pipeline.trainer.launch import free_port
 
     data, tok = tiny_data
-    extra = [*COMMON, *callbacks_on(adopt=False), "callbacks.generation.max_new_tokens=8", "run_name=ev"]
-    one, _ = train(tiny_data, tmp_path / "one", *extra, "device_eval_batch_size=16")
-    expected = {
-        bs: r.nelbo
-        for bs, r in ((r.block_size, r) for r in callback(one, "BlockSizeLikelihood").last_results)
-    }
+    extra, expected = TWO_PROCESS_EVAL, one_process_eval
 
     out = tmp_path / "two"
     args = tiny_overrides(data, tok, out / "ckpt", *extra)

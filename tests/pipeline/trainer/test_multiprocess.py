@@ -15,21 +15,17 @@ from tests.pipeline.trainer.launch import assert_same_curve, launch, records
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, one_process):
-    launch(tiny_data, tmp_path)
-    assert (tmp_path / "ckpt" / "latest-rank0.pt").exists()  # DDP: rank 0 writes the monolithic checkpoint
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+def test_ddp_two_processes_match_one_process(ddp_run, one_process):
+    assert (ddp_run / "ckpt" / "latest-rank0.pt").exists()  # DDP: rank 0 writes the monolithic checkpoint
+    assert_same_curve(one_process[0], records(ddp_run / "loss.jsonl"))
 
 
-def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path):
+def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path, ddp_run):
     """``composer -n 2 launch yamls/bd3_tiny.yaml ...`` (the repository's ``launch`` file) is
-    ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...``: the same losses, bit for bit."""
+    ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` (the session's ``ddp_run``): the same
+    losses, bit for bit."""
     launch(tiny_data, tmp_path / "file", entry=("launch",))
-    launch(tiny_data, tmp_path / "module")
-    by_file, by_module = (
-        records(tmp_path / "file" / "loss.jsonl"),
-        records(tmp_path / "module" / "loss.jsonl"),
-    )
+    by_file, by_module = records(tmp_path / "file" / "loss.jsonl"), records(ddp_run / "loss.jsonl")
     assert [r["batch"] for r in by_file] == list(range(1, 21))
     assert [r["loss/train/total"] for r in by_file] == [r["loss/train/total"] for r in by_module]
     assert (tmp_path / "file" / "ckpt" / "latest-rank0.pt").exists()

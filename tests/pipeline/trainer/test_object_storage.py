@@ -138,15 +138,14 @@ def test_sharded_checkpoint_folders_are_listed_rotated_repaired_and_fetched(s3, 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_data, tmp_path, s3):
+def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_data, tmp_path, s3, ddp_run):
     """2 processes (DDP), data read from the bucket through a node cache, save_folder in the bucket,
     stopped at batch 10 and autoresumed from the bucket to 20: the losses equal, bit for bit, those of
-    an uninterrupted run on the local copy; rotation keeps one remote checkpoint; export, eval and
+    an uninterrupted run on the local copy (the session's ``ddp_run``); rotation keeps one remote checkpoint; export, eval and
     sample read ``--checkpoint s3://...``; the secret key is in no file any of it wrote."""
     data, _ = tiny_data
     mds.upload_tree(data, f"{s3.uri}/owt")
     run_uri, cache = f"{s3.uri}/runs/ddp", tmp_path / "cache"
-    launch(tiny_data, tmp_path / "local")
     remote = (
         f"variables.data_remote={s3.uri}/owt",
         f"variables.data_local={cache}",
@@ -160,7 +159,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert "runs/ddp/ep0-ba5-rank0.pt" not in stored  # rotated: save_num_checkpoints_to_keep=1
     assert s3.get("runs/ddp/latest-rank0.pt.symlink").decode().endswith("ep0-ba10-rank0.pt")
     launch(tiny_data, tmp_path / "remote", *remote)  # autoresume from the bucket
-    local, resumed = records(tmp_path / "local" / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
+    local, resumed = records(ddp_run / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
     assert [r["batch"] for r in resumed] == list(range(1, 21))
     assert [r["loss/train/total"] for r in resumed] == [r["loss/train/total"] for r in local]
     assert [k for k in s3.keys("runs/ddp/") if k.endswith(".pt")] == ["runs/ddp/ep1-ba20-rank0.pt"]
@@ -176,7 +175,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert all((cache / "train" / mds.stored_file(s)["basename"]).is_file() for s in index["shards"])
 
     # Export from the bucket = export of the local run's checkpoint, bit for bit.
-    for name, ckpt in (("from_s3", run_uri), ("from_local", str(tmp_path / "local" / "ckpt"))):
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(ddp_run / "ckpt"))):
         assert export_main(["--checkpoint", ckpt, "--trust-checkpoint", "--out", str(tmp_path / name)]) == 0
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -194,16 +193,15 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp_path, s3):
+def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp_path, s3, zero2_run):
     """ZeRO-2, 2 processes, data and save_folder in the bucket. Run 1 stops at batch 10; run 2 has
     rank 1 SIGKILLed right after uploading its batch-15 partition (rank 0's Composer file never
     follows); run 3 resumes from the bucket. The partial batch-15 tag is never taken as the latest,
     the losses and the exported weights equal those of an uninterrupted local ZeRO-2 run, and
-    rotation leaves one checkpoint with its partitions."""
+    rotation leaves one checkpoint with its partitions. (The local run is the session's ``zero2_run``.)"""
     data, _ = tiny_data
     mds.upload_tree(data, f"{s3.uri}/owt")
     zero2 = "parallelism.deepspeed.zero_optimization.stage=2"
-    launch(tiny_data, tmp_path / "local", zero2)
     run_uri = f"{s3.uri}/runs/zero2"
     remote = (
         zero2,
@@ -222,7 +220,7 @@ def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp
     assert not any("ba15-rank0.pt" in k for k in stored)
     assert s3.get("runs/zero2/latest-rank0.pt.symlink").decode().endswith("ep0-ba10-rank0.pt")
     launch(tiny_data, tmp_path / "remote", *remote)  # autoresume from batch 10
-    local, resumed = records(tmp_path / "local" / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
+    local, resumed = records(zero2_run / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
     by_batch = {r["batch"]: r["loss/train/total"] for r in resumed}  # batches 11-15 ran twice
     assert sorted(by_batch) == list(range(1, 21))
     assert [by_batch[b] for b in range(1, 21)] == [r["loss/train/total"] for r in local]
@@ -231,7 +229,7 @@ def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp
         "runs/zero2/ep1-ba20-rank0.pt"
     }
     assert {k.split("/")[3] for k in after if "/deepspeed/" in k} == {"ba20"}
-    for name, ckpt in (("from_s3", run_uri), ("from_local", str(tmp_path / "local" / "ckpt"))):
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(zero2_run / "ckpt"))):
         assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / name)]) == 0
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
