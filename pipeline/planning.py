@@ -160,9 +160,9 @@ def resolve_model_config(cfg: TrainConfig, online: bool = True) -> tuple[ModelCo
     notes.append(f"data checks skipped: train_loader.local {cfg.train_loader.local} does not exist")
     tok_vocab = None
     if cfg.tokenizer.path and Path(cfg.tokenizer.path).expanduser().exists():
-        from pipeline.trainer.run_inputs import _tokenizer
+        from pipeline.trainer.run_inputs import resolve_tokenizer
 
-        tok_vocab = _tokenizer(cfg, init_dir)[1].get_vocab_size(with_added_tokens=True)
+        tok_vocab = resolve_tokenizer(cfg, init_dir)[1].get_vocab_size(with_added_tokens=True)
     if init_dir is None and cfg.model.vocab_size is None and tok_vocab is None:
         raise ConfigError(
             "model.vocab_size",

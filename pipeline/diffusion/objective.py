@@ -66,7 +66,7 @@ class DiffusionConfig:
 
     block_size: int | list[int]
     block_size_weights: list[float] | None = None
-    noise_interval: tuple[float, float] | dict[int, tuple[float, float]] = (MIN_T, 1.0)
+    noise_interval: tuple[float, float] | dict[int, tuple[float, float]] = EVAL_INTERVAL
     resample: bool = True
     shift: bool = True
     anneal_steps: int = 0

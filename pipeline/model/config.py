@@ -15,6 +15,25 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 VOCAB_MULTIPLE = 64
 
+# TinyLlama/TinyLlama_v1.1's config.json (its architecture fields): the base model of the flagship
+# recipe (yamls/bd3_1b.yaml) and the 1.1B shape that plans, tests and benchmarks use.
+TINYLLAMA_1B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
 
 class ModelConfigError(ValueError):
     """A checkpoint or model config the project cannot use; the message says what to change."""

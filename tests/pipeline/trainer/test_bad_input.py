@@ -24,8 +24,16 @@ import pytest
 
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.factories import SEQ_LEN, packed_rows, tiny_data_folder, write_data_folder, write_tokenizer
-from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.factories import (
+    REPO,
+    SEQ_LEN,
+    YAMLS,
+    packed_rows,
+    tiny_data_folder,
+    tiny_overrides,
+    write_data_folder,
+    write_tokenizer,
+)
 
 TINY = YAMLS / "bd3_tiny.yaml"
 

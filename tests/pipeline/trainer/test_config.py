@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
+from pipeline.model.config import TINYLLAMA_1B_CONFIG
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.factories import SEQ_LEN, write_manifest, write_tokenizer
-from tests.factories import REPO, YAMLS, tiny_overrides
+from tests.factories import REPO, SEQ_LEN, YAMLS, tiny_overrides, write_manifest, write_tokenizer
 
 TINY = YAMLS / "bd3_tiny.yaml"
 
@@ -222,29 +222,11 @@ def test_cli_prints_one_line_and_exits_2(tiny_data, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
-TINYLLAMA_CONFIG = {  # TinyLlama/TinyLlama_v1.1 config.json (architecture fields)
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_hidden_layers": 22,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-}
-
-
 def test_bd3_1b_yaml_validates_offline(tmp_path):
     """The flagship YAML: schema, interpolation and consistency with local stand-ins, no download, no model."""
     ckpt = tmp_path / "TinyLlama_v1.1"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps(TINYLLAMA_CONFIG))
+    (ckpt / "config.json").write_text(json.dumps(TINYLLAMA_1B_CONFIG))
     tok = write_tokenizer(ckpt / "tokenizer.json", n_words=31999)  # 32000 ids like LLaMA's
     data = write_manifest(tmp_path / "owt", 2048, {"train": 100000, "val": 1000}, tok)
     for split, rows in (("train", 100000), ("val", 1000)):  # one (empty) shard file per split
@@ -278,7 +260,7 @@ def test_bd3_1b_yaml_validates_offline(tmp_path):
         and ds["gradient_accumulation_steps"] * 8 * cfg.device_train_microbatch_size == 256
     )
     assert res.model_config.mask_token_id == 32000 and res.model_config.vocab_size == 32064
-    assert res.model_config.num_hidden_layers == 22
+    assert res.model_config.num_hidden_layers == TINYLLAMA_1B_CONFIG["num_hidden_layers"]
     # The hub name is kept as the default: nothing was downloaded here.
     assert "TinyLlama/TinyLlama_v1.1" in (YAMLS / "bd3_1b.yaml").read_text()
 

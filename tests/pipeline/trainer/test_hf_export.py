@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from pipeline.save_folder import RUN_CONFIG_FILE
-from tests.factories import card_table_rows
-from tests.factories import SEQ_LEN
+from tests.factories import SEQ_LEN, card_table_rows
 from tests.pipeline.trainer.test_eval_callbacks import COMMON, callback, train
 
 
