@@ -77,6 +77,53 @@ class DiffusionConfig:
     stratify_group: int = 1
     loss_chunk_size: int = 4096
 
+    def __post_init__(self):
+        # Messages start with the field's name: the trainer reports them under the YAML key
+        # (``diffusion.<field>``); what spans YAML sections (L' dividing max_seq_len) is checked there.
+        sizes = self.block_sizes
+        if not sizes:
+            raise ValueError("block_size must be a block size or a non-empty list of them")
+        if not all(isinstance(b, int) and b >= 1 for b in sizes):
+            raise ValueError(f"block_size must be positive integers, got {self.block_size}")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"block_size lists a block size twice: {sizes}")
+        self._check_weights()
+        self._check_intervals()
+        for name, low in (("anneal_steps", 0), ("loss_chunk_size", 1), ("stratify_group", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.aux_ar_weight < 0:
+            raise ValueError(f"aux_ar_weight must be >= 0, got {self.aux_ar_weight}")
+
+    def _check_weights(self) -> None:
+        w, sizes = self.block_size_weights, self.block_sizes
+        if w is None:
+            return
+        if isinstance(self.block_size, int):
+            raise ValueError("block_size_weights needs block_size to be a list")
+        if len(w) != len(sizes) or not all(x >= 0 for x in w) or sum(w) <= 0:
+            raise ValueError(
+                f"block_size_weights must be {len(sizes)} non-negative numbers, not all 0 (one per block "
+                f"size {sizes}), got {w}"
+            )
+
+    def _check_intervals(self) -> None:
+        sizes = self.block_sizes
+        mapped = isinstance(self.noise_interval, dict)
+        intervals = self.noise_interval if mapped else {None: self.noise_interval}
+        if mapped and sorted(intervals) != sorted(sizes):
+            raise ValueError(
+                f"noise_interval maps block sizes {sorted(intervals)} but block_size is {sizes}: give "
+                "one [beta, omega] per trained block size"
+            )
+        for b, iv in intervals.items():
+            if not (len(iv) == 2 and 0.0 <= iv[0] < iv[1] <= 1.0):
+                raise ValueError(
+                    f"noise_interval{'' if b is None else f'.{b}'} must be [beta, omega] with "
+                    f"0 <= beta < omega <= 1, got {iv} (BD3-LM uses [0.3, 0.8] for block size 16, "
+                    "[0.45, 0.95] for 4)"
+                )
+
     @property
     def block_sizes(self) -> list[int]:
         """The trained block sizes, as listed (one element for an integer ``block_size``)."""

@@ -224,6 +224,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
         return cls(**kwargs)
     except ValueError as e:  # a library dataclass validating itself in __post_init__
         first, _, rest = str(e).partition(" ")
-        if first in names and rest:  # "top_p must be ..." -> key callbacks.generation.top_p
+        # "top_p must be ..." -> key callbacks.generation.top_p; "noise_interval.8 must ..." -> its entry
+        if first.split(".", 1)[0] in names and rest:
             raise ConfigError(f"{prefix}.{first}" if prefix else first, rest) from None
         raise ConfigError(prefix, str(e)) from None

@@ -8,19 +8,50 @@ fields that are not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
+from pipeline.model.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
-# Schema. Every section is a dataclass; a field without a default is a required key.
+# Schema. Every section is a dataclass; a field without a default is a required key. A section checks
+# its own values in ``__post_init__`` with a ValueError that starts with the field's name (``from_dict``
+# reports it under the dotted YAML key); checks that span sections are in ``checks``.
 # ---------------------------------------------------------------------------------------------
 
-# Shape fields of a from-scratch model. With ``init_from`` they are optional assertions: any that is
-# set must match the checkpoint's config.json.
+_DURATION = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur)$")
+
+
+def duration_problem(value: str | int) -> str | None:
+    """What is wrong with a duration (None when it is one)."""
+    # Durations are typed `str | int` only to catch bare numbers here: Composer reads them as epochs.
+    if isinstance(value, str) and _DURATION.match(value):
+        return None
+    return f"{value!r} is not a duration: write a number with a unit (ba, ep, sp, tok, dur), e.g. '100ba'"
+
+
+def _check_durations(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and (problem := duration_problem(value)) is not None:
+            raise ValueError(f"{name} {problem}")
+
+
+def _check_at_least_one(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(section, name)}")
+
+
+# Shape fields of a from-scratch model: ``ModelConfig``'s own fields (types and meaning), each optional
+# here. With ``init_from`` they are optional assertions: any that is set must match the checkpoint's
+# config.json. Left null from scratch, a field takes ``ModelConfig``'s default.
 SHAPE_FIELDS = (
     "architecture",
     "vocab_size",
@@ -37,31 +68,29 @@ SHAPE_FIELDS = (
 REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-@dataclass
-class ModelSection:
-    """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from scratch
-    with the shape fields. ``vocab_size`` is the base vocabulary before the mask token (default: the
-    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token.
-    ``compile``: ``torch.compile`` each decoder layer (``pipeline.model.apply_compile``; CUDA only, ignored
-    with a note on CPU)."""
+def _model_section():
+    """``ModelSection``: ``init_from``, the shape fields of ``ModelConfig`` (optional), its
+    ``initializer_range`` (with its default) and how the model runs (``BD3LM``'s keyword arguments)."""
+    types = typing.get_type_hints(ModelConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields = [
+        ("init_from", str | None, None),
+        *[(name, types[name] | None, None) for name in SHAPE_FIELDS],
+        ("initializer_range", float, defaults["initializer_range"]),
+        ("attn_backend", Literal["auto", "sdpa", "flex", "flash"], "auto"),
+        ("activation_checkpointing", bool, False),
+        ("compile", bool, False),
+        ("mask_token_id", int | None, None),
+    ]
+    return dataclasses.make_dataclass("ModelSection", fields, namespace={"__module__": __name__})
 
-    init_from: str | None = None
-    architecture: Literal["llama", "qwen2", "mistral"] | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    rms_norm_eps: float | None = None
-    tie_word_embeddings: bool | None = None
-    initializer_range: float = 0.02
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    mask_token_id: int | None = None
+
+ModelSection = _model_section()
+ModelSection.__doc__ = """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from
+scratch with the shape fields (``SHAPE_FIELDS``, those of ``pipeline.model.ModelConfig``). ``vocab_size``
+is the base vocabulary before the mask token (default: the tokenizer's). ``mask_token_id``: reuse an
+existing unused id instead of adding a new token. ``compile``: ``torch.compile`` each decoder layer
+(``pipeline.model.apply_compile``; CUDA only, ignored with a note on CPU)."""
 
 
 @dataclass
@@ -107,6 +136,12 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
 
 @dataclass
 class SchedulerSection:
@@ -117,6 +152,9 @@ class SchedulerSection:
     t_warmup: str | int = "0ba"
     t_max: str | int = "1dur"
     alpha_f: float = 0.0
+
+    def __post_init__(self):
+        _check_durations(self, "t_warmup", "t_max")
 
 
 @dataclass
@@ -143,6 +181,9 @@ class RuntimeEstimatorSection:
 @dataclass
 class EMASection:
     half_life: str | int = "1000ba"
+
+    def __post_init__(self):
+        _check_durations(self, "half_life")
 
 
 @dataclass
@@ -178,6 +219,15 @@ class BlockSizeLikelihoodSection:
     draws: int = 1
     seed: int = EVAL_SEED
 
+    def __post_init__(self):
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "num_batches", "draws")
+        if not self.block_sizes:
+            raise ValueError("block_sizes must list at least one block size")
+        for b in self.block_sizes:
+            if isinstance(b, str) and b != "L":
+                raise ValueError(f'block_sizes {b!r} is not a block size: use integers or "L" (max_seq_len)')
+
 
 @dataclass
 class NoiseIntervalSearchSection:
@@ -200,6 +250,14 @@ class NoiseIntervalSearchSection:
     criterion: Literal["block", "row"] = SEARCH_CRITERION
     adopt: bool = True
 
+    def __post_init__(self):
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "every_n_evals", "num_batches")
+        if not self.widths or not all(0.0 < w <= 1.0 for w in self.widths):
+            raise ValueError(f"widths must be numbers in (0, 1], got {self.widths}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+
 
 @dataclass
 class GenerationSection(SamplerConfig):
@@ -220,6 +278,11 @@ class GenerationSection(SamplerConfig):
     interval: str | int | None = None
     num_samples: int = 2
     reference: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "every_n_evals", "num_samples", "max_new_tokens")
 
 
 @dataclass
@@ -246,6 +309,9 @@ class ProgressBarSection:
 @dataclass
 class ConsoleSection:
     log_interval: str | int = "1ba"
+
+    def __post_init__(self):
+        _check_durations(self, "log_interval")
 
 
 @dataclass
