@@ -11,6 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from pipeline.diffusion.metrics import resolve_block_sizes
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model.masks import check_block_size
 from pipeline.trainer.config.errors import ConfigError
@@ -149,8 +150,13 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def block_size_list(cfg: TrainConfig) -> list[int]:
-    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len)."""
-    return [cfg.max_seq_len if b == "L" else b for b in cfg.callbacks.block_size_likelihood.block_sizes]
+    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len); ConfigError
+    when one does not divide max_seq_len."""
+    key = "callbacks.block_size_likelihood.block_sizes"
+    try:
+        return resolve_block_sizes(cfg.callbacks.block_size_likelihood.block_sizes, cfg.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
 
 
 def check_eval_callbacks(cfg: TrainConfig) -> None:
@@ -187,16 +193,10 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
 
 
 def _check_likelihood_block_sizes(cfg: TrainConfig) -> None:
-    key = "callbacks.block_size_likelihood.block_sizes"
     sizes = block_size_list(cfg)
-    for b in sizes:
-        try:
-            check_block_size(cfg.max_seq_len, b)
-        except ValueError as e:
-            raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
     if len(set(sizes)) != len(sizes):
         raise ConfigError(
-            key,
+            "callbacks.block_size_likelihood.block_sizes",
             f"lists a block size twice: {cfg.callbacks.block_size_likelihood.block_sizes} "
             f"(max_seq_len = {cfg.max_seq_len})",
         )

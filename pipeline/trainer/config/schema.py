@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
+from pipeline.diffusion.metrics import EVAL_BLOCK_SIZES, EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
 from pipeline.model.config import ModelConfig
@@ -213,7 +213,7 @@ class BlockSizeLikelihoodSection:
     ``eval/nelbo/bs{N}``, ``eval/ppl_bound/bs{N}``, ``eval/stderr/bs{N}`` and ``eval/train_block_size``.
     ``block_sizes``: divisors of max_seq_len; "L" is max_seq_len (MDLM)."""
 
-    block_sizes: list[int | str] = field(default_factory=lambda: [1, 4, 8, 16, "L"])
+    block_sizes: list[int | str] = field(default_factory=lambda: list(EVAL_BLOCK_SIZES))
     interval: str | int | None = None
     num_batches: int = 4
     draws: int = 1
