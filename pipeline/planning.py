@@ -246,7 +246,7 @@ def plan_run(
     diffusion = diffusion_config(cfg)
     L, mb, gb = cfg.max_seq_len, cfg.device_train_microbatch_size, cfg.global_train_batch_size
     bf16 = cfg.precision == "amp_bf16" and device == "cuda"
-    deepspeed = cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
+    deepspeed = cfg.uses_deepspeed
     trace = dict(
         seq_len=L,
         activation_checkpointing=cfg.model.activation_checkpointing,

@@ -72,7 +72,7 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
     if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
         missing = "save_folder" if not cfg.save_folder else "run_name"
         raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
-    if cfg.parallelism is not None and cfg.parallelism.deepspeed is not None:
+    if cfg.uses_deepspeed:
         check_deepspeed(cfg, world)
     check_model(cfg)
 

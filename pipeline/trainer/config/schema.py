@@ -418,3 +418,8 @@ class TrainConfig:
     # NaN/Inf loss on any rank: "stop" (raise before the update, name the checkpoint to resume from)
     # or "skip" (drop the batch's update on every rank and go on).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """``parallelism.deepspeed`` is set: the DeepSpeed engine owns the optimizer step."""
+        return self.parallelism is not None and self.parallelism.deepspeed is not None
