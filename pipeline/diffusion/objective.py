@@ -321,6 +321,8 @@ def compute_nelbo(
         t: explicit (b, n_blocks) noise levels (tests, enumeration); skips sampling.
         block_size: overrides ``cfg.block_size_at(step)`` (evaluating the same weights at other L').
     """
+    # One function from the corruption to the loss, top to bottom as the module docstring derives it
+    # (long on purpose: the steps share x_t, the masks and the weights).
     bsz, L = x0.shape
     bs = cfg.block_size_at(step) if block_size is None else block_size
     check_block_size(L, bs)
