@@ -1,9 +1,11 @@
 """The training YAML's schema: one dataclass per section; a field without a default is a required key.
 
-Sections that configure the plain-PyTorch layer are that layer's own dataclasses
-(``diffusion`` is ``pipeline.diffusion.objective.DiffusionConfig``; ``callbacks.generation`` extends
-``pipeline.diffusion.sampler.SamplerConfig``), so every default has one home. A class may name
-fields that are not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
+Sections that configure the plain-PyTorch layer are that layer's own dataclasses (``diffusion`` is
+``pipeline.diffusion.objective.DiffusionConfig``; ``callbacks.generation`` extends
+``pipeline.diffusion.sampler.SamplerConfig``) or derived from them (``ModelSection``'s shape keys are
+``pipeline.model.ModelConfig``'s fields), so every default has one home. Every section checks its own
+values in ``__post_init__``; ``checks`` holds what spans sections. A class may name fields that are
+not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
 """
 
 from __future__ import annotations
