@@ -16,18 +16,17 @@ Architecture = Literal["llama", "qwen2", "mistral"]
 SUPPORTED_ARCHITECTURES = typing.get_args(Architecture)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 VOCAB_MULTIPLE = 64
-POSITIVE_FIELDS = (
+# The sizes of a shape (a training YAML's from-scratch keys, with architecture and the numerics).
+SHAPE_SIZES = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
-    "head_dim",
     "max_position_embeddings",
-    "base_vocab_size",
-    "block_size",
 )
+POSITIVE_FIELDS = (*SHAPE_SIZES, "head_dim", "base_vocab_size", "block_size")
 
 # TinyLlama/TinyLlama_v1.1's config.json (its architecture fields): the base model of the flagship
 # recipe (yamls/bd3_1b.yaml) and the 1.1B shape that plans, tests and benchmarks use.

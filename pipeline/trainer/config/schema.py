@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 from pipeline.diffusion.metrics import EVAL_BLOCK_SIZES, EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import SHAPE_SIZES, ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Schema. Every section is a dataclass; a field without a default is a required key. A section checks
@@ -54,19 +54,7 @@ def _check_at_least_one(section, *names: str) -> None:
 # Shape fields of a from-scratch model: ``ModelConfig``'s own fields (types and meaning), each optional
 # here. With ``init_from`` they are optional assertions: any that is set must match the checkpoint's
 # config.json. Left null from scratch, a field takes ``ModelConfig``'s default.
-SHAPE_FIELDS = (
-    "architecture",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
+SHAPE_FIELDS = ("architecture", *SHAPE_SIZES, "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
