@@ -26,14 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.config import TINYLLAMA_1B_CONFIG
 from pipeline.model.masks import AttentionMask, check_block_size, dense_mask
 from tests.factories import random_model, tiny_model_config
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-TINYLLAMA = dict(
-    hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-    intermediate_size=5632, base_vocab_size=32000,
-)  # fmt: skip
+TINYLLAMA = {**TINYLLAMA_1B_CONFIG, "base_vocab_size": TINYLLAMA_1B_CONFIG["vocab_size"]}
 
 
 def build_model(hidden, layers, heads, kv_heads, intermediate, base_vocab, max_len, backend, device, seed=0):

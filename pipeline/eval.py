@@ -15,8 +15,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusion.metrics import EVAL_SEED, GENPPL_SAMPLER, GENPPL_TOP_P
-from pipeline.diffusion.sampler import SAMPLERS
+from pipeline.diffusion.metrics import (
+    EVAL_BLOCK_SIZES,
+    EVAL_SEED,
+    GENPPL_SAMPLER,
+    GENPPL_TOP_P,
+    resolve_block_sizes,
+)
+from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="val")
     p.add_argument(
-        "--block-sizes", default="1,4,8,16,L", help="comma list; L means the full sequence length (MDLM)"
+        "--block-sizes",
+        default=",".join(map(str, EVAL_BLOCK_SIZES)),
+        help="comma list; L means the full sequence length (MDLM)",
     )
     p.add_argument("--max-rows", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
@@ -64,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="block size for --genppl sampling (default: the checkpoint's smallest trained block size)",
     )
-    p.add_argument("--gen-tokens", type=int, default=256, help="tokens per sample for --genppl")
+    p.add_argument(
+        "--gen-tokens", type=int, default=SamplerConfig.max_new_tokens, help="tokens per sample for --genppl"
+    )
     p.add_argument(
         "--gen-sampler",
         choices=SAMPLERS,
@@ -86,14 +96,11 @@ def _init_distributed(device: str) -> tuple[int, int]:
 
 
 def parse_block_sizes(spec: str, seq_len: int) -> list[int]:
-    sizes = []
-    for item in spec.split(","):
-        item = item.strip()
-        size = seq_len if item == "L" else int(item)
-        if size < 1 or seq_len % size:
-            raise ValueError(f"--block-sizes: {size} does not divide the data's sequence length {seq_len}")
-        sizes.append(size)
-    return sorted(set(sizes))
+    """``--block-sizes`` ("1,4,L") as sorted distinct integers dividing ``seq_len``."""
+    try:
+        return sorted(set(resolve_block_sizes([item.strip() for item in spec.split(",")], seq_len)))
+    except ValueError as e:
+        raise ValueError(f"--block-sizes: {e}") from None
 
 
 def format_table(results) -> str:
@@ -109,7 +116,6 @@ def _genppl(args, model, checkpoint: Path) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
-    from pipeline.diffusion.sampler import SamplerConfig
     from pipeline.save_folder import load_for_inference
 
     def tokenizer_of(folder):

@@ -160,9 +160,9 @@ def resolve_model_config(cfg: TrainConfig, online: bool = True) -> tuple[ModelCo
     notes.append(f"data checks skipped: train_loader.local {cfg.train_loader.local} does not exist")
     tok_vocab = None
     if cfg.tokenizer.path and Path(cfg.tokenizer.path).expanduser().exists():
-        from pipeline.trainer.run_inputs import _tokenizer
+        from pipeline.trainer.run_inputs import resolve_tokenizer
 
-        tok_vocab = _tokenizer(cfg, init_dir)[1].get_vocab_size(with_added_tokens=True)
+        tok_vocab = resolve_tokenizer(cfg, init_dir)[1].get_vocab_size(with_added_tokens=True)
     if init_dir is None and cfg.model.vocab_size is None and tok_vocab is None:
         raise ConfigError(
             "model.vocab_size",
@@ -217,6 +217,55 @@ def _steps(cfg: TrainConfig, manifest: dict | None) -> float | None:
     return None
 
 
+def _trace_settings(cfg: TrainConfig, device: str, notes: list[str]) -> dict:
+    """``trace_train_step``'s keyword arguments for the run on ``device`` (notes what is planned otherwise)."""
+    bf16 = cfg.precision == "amp_bf16" and device == "cuda"
+    deepspeed = cfg.uses_deepspeed
+    if cfg.precision == "amp_bf16" and device != "cuda":
+        notes.append("precision amp_bf16 is planned as fp32 on CPU")
+    if cfg.model.compile and device != "cuda":
+        notes.append("model.compile is ignored on CPU")
+    return dict(
+        seq_len=cfg.max_seq_len,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        param_dtype=torch.bfloat16 if bf16 and deepspeed else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 and not deepspeed else None,
+        attention="fused" if device == "cuda" else "sdpa",
+    )
+
+
+def _largest_microbatch(
+    config: ModelConfig,
+    diffusion,
+    trace: dict,
+    mb_bytes: int,
+    mb: int,
+    per_gpu_rows: int,
+    states_bytes: int,
+    budget: int,
+) -> int:
+    """The largest microbatch dividing ``per_gpu_rows`` whose activations fit beside the model states
+    (``states_bytes``) in ``budget`` bytes; 0 when none does.
+
+    Activations grow linearly with the microbatch: a second trace (at 1, or 2 when ``mb`` is 1) gives
+    the slope from ``mb_bytes``; the extrapolated candidate is traced to confirm.
+    """
+    other_mb = 1 if mb > 1 else 2
+    other = trace_train_step(config, diffusion, batch=other_mb, **trace).activations_bytes
+    per_row = max(1.0, (mb_bytes - other) / (mb - other_mb))
+    fixed = mb_bytes - per_row * mb
+    fitting = [m for m in range(1, per_gpu_rows + 1) if per_gpu_rows % m == 0]
+    fitting = [m for m in fitting if states_bytes + fixed + per_row * m <= budget]
+    max_mb = fitting[-1] if fitting else 0
+    while max_mb and max_mb not in (mb, other_mb):  # confirm the extrapolation with a trace
+        act = trace_train_step(config, diffusion, batch=max_mb, **trace).activations_bytes
+        if states_bytes + act <= budget:
+            break
+        fitting.pop()
+        max_mb = fitting[-1] if fitting else 0
+    return max_mb
+
+
 def plan_run(
     cfg: TrainConfig,
     *,
@@ -245,35 +294,12 @@ def plan_run(
     states = model_state_bytes(params, largest, gpus, scheme, **kw)
     diffusion = diffusion_config(cfg)
     L, mb, gb = cfg.max_seq_len, cfg.device_train_microbatch_size, cfg.global_train_batch_size
-    bf16 = cfg.precision == "amp_bf16" and device == "cuda"
-    deepspeed = cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
-    trace = dict(
-        seq_len=L,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        param_dtype=torch.bfloat16 if bf16 and deepspeed else torch.float32,
-        autocast_dtype=torch.bfloat16 if bf16 and not deepspeed else None,
-        attention="fused" if device == "cuda" else "sdpa",
-    )
-    if cfg.precision == "amp_bf16" and device != "cuda":
-        notes.append("precision amp_bf16 is planned as fp32 on CPU")
-    if cfg.model.compile and device != "cuda":
-        notes.append("model.compile is ignored on CPU")
+    trace = _trace_settings(cfg, device, notes)
     first = trace_train_step(config, diffusion, batch=mb, count_flops=True, **trace)
-    other_mb = 1 if mb > 1 else 2
-    other = trace_train_step(config, diffusion, batch=other_mb, **trace).activations_bytes
     budget = int(gpu_memory_gib * GIB)
-    per_row = max(1.0, (first.activations_bytes - other) / (mb - other_mb))
-    fixed = first.activations_bytes - per_row * mb
-    per_gpu_rows = gb // gpus
-    fitting = [m for m in range(1, per_gpu_rows + 1) if per_gpu_rows % m == 0]
-    fitting = [m for m in fitting if states.total + fixed + per_row * m <= budget]
-    max_mb = fitting[-1] if fitting else 0
-    while max_mb and max_mb not in (mb, other_mb):  # confirm the extrapolation with a trace
-        act = trace_train_step(config, diffusion, batch=max_mb, **trace).activations_bytes
-        if states.total + act <= budget:
-            break
-        fitting.pop()
-        max_mb = fitting[-1] if fitting else 0
+    max_mb = _largest_microbatch(
+        config, diffusion, trace, first.activations_bytes, mb, gb // gpus, states.total, budget
+    )
     flops_allowed = gb * train_flops_per_sample(config, diffusion, L)
     flops_counter = first.flops * (gb / mb)
     seconds = flops_allowed / (gpus * mfu * peak_tflops * 1e12)

@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if block_size is None:
         print("error: the checkpoint records no block size; pass --block-size", file=sys.stderr)
         return 2
-    start = c.start_token_id
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else []
-    if start is not None and (not prompt or c.bos_token_id is not None):
-        prompt = [start] + prompt
+    prompt = prompt_ids(args.prompt, tokenizer, c)
     if not prompt:
         print("error: empty prompt and the checkpoint names no BOS/EOS token; pass --prompt", file=sys.stderr)
         return 2
@@ -105,21 +102,27 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "tokens": ids,
-                    "text": text,
-                    "nfe": result.nfe,
-                    "cache_writes": result.cache_writes,
-                    "tokens_per_s": result.tokens_per_s,
-                    "block_size": block_size,
-                    "sampler": args.sampler,
-                },
-                indent=2,
-            )
-        )
+        record = {
+            "tokens": ids,
+            "text": text,
+            "nfe": result.nfe,
+            "cache_writes": result.cache_writes,
+            "tokens_per_s": result.tokens_per_s,
+            "block_size": block_size,
+            "sampler": args.sampler,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def prompt_ids(text: str, tokenizer, config) -> list[int]:
+    """The prompt's token ids, after the model's start token (BOS; EOS when it has no BOS and the
+    prompt is empty); empty when there is neither text nor a start token."""
+    start = config.start_token_id
+    prompt = tokenizer.encode(text, add_special_tokens=False).ids if text else []
+    if start is not None and (not prompt or config.bos_token_id is not None):
+        prompt = [start] + prompt
+    return prompt
 
 
 if __name__ == "__main__":

@@ -230,7 +230,9 @@ def trace_train_step(
         diffusion.block_sizes,
         key=lambda b: (attention_pairs(seq_len, b, diffusion.shift)[0], masked_fraction(diffusion, b)),
     )
-    diffusion = dataclasses.replace(diffusion, block_size=widest, block_size_weights=None)
+    diffusion = dataclasses.replace(
+        diffusion, block_size=widest, block_size_weights=None, noise_interval=diffusion.interval_for(widest)
+    )
 
     if attention not in ("fused", "sdpa"):
         raise ValueError(f"attention must be 'fused' or 'sdpa', got {attention!r}")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pipeline.diffusion.noise import EVAL_INTERVAL
 from pipeline.diffusion.objective import DiffusionConfig, compute_nelbo
+from pipeline.model.masks import check_block_size
 
 DRAW_STRIDE = 1 << 40
 EVAL_SEED = 1234
@@ -31,6 +32,19 @@ SEARCH_CRITERION = "block"
 # BD3-LM's generative-perplexity protocol: one token per step (first hitting), nucleus 0.9.
 GENPPL_SAMPLER = "first_hitting"
 GENPPL_TOP_P = 0.9
+# The block sizes a likelihood curve evaluates by default; "L" is the sequence length (MDLM).
+EVAL_BLOCK_SIZES = (1, 4, 8, 16, "L")
+
+
+def resolve_block_sizes(sizes: Sequence[int | str], seq_len: int) -> list[int]:
+    """``sizes`` as integers, in order ("L" is ``seq_len``); each must divide ``seq_len`` (ValueError
+    naming a divisor otherwise). Strings of digits count as integers (command lines)."""
+    out = []
+    for b in sizes:
+        size = seq_len if b == "L" else int(b)
+        check_block_size(seq_len, size)
+        out.append(size)
+    return out
 
 
 @dataclass

@@ -27,8 +27,8 @@ import math
 
 import torch
 
-EVAL_INTERVAL = (1e-3, 1.0)
 MIN_T = 1e-3  # 1/t weights stay finite; the evaluation bound uses U[1e-3, 1] as in BD3-LM
+EVAL_INTERVAL = (MIN_T, 1.0)
 
 _STREAM_STRATA, _STREAM_OFFSET, _STREAM_MASK, _STREAM_COUNT, _STREAM_BLOCK_SIZE = 1, 2, 3, 4, 5
 _MASK64 = (1 << 64) - 1

@@ -66,7 +66,7 @@ class DiffusionConfig:
 
     block_size: int | list[int]
     block_size_weights: list[float] | None = None
-    noise_interval: tuple[float, float] | dict[int, tuple[float, float]] = (MIN_T, 1.0)
+    noise_interval: tuple[float, float] | dict[int, tuple[float, float]] = EVAL_INTERVAL
     resample: bool = True
     shift: bool = True
     anneal_steps: int = 0
@@ -76,6 +76,53 @@ class DiffusionConfig:
     seed: int = 0
     stratify_group: int = 1
     loss_chunk_size: int = 4096
+
+    def __post_init__(self):
+        # Messages start with the field's name: the trainer reports them under the YAML key
+        # (``diffusion.<field>``); what spans YAML sections (L' dividing max_seq_len) is checked there.
+        sizes = self.block_sizes
+        if not sizes:
+            raise ValueError("block_size must be a block size or a non-empty list of them")
+        if not all(isinstance(b, int) and b >= 1 for b in sizes):
+            raise ValueError(f"block_size must be positive integers, got {self.block_size}")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"block_size lists a block size twice: {sizes}")
+        self._check_weights()
+        self._check_intervals()
+        for name, low in (("anneal_steps", 0), ("loss_chunk_size", 1), ("stratify_group", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.aux_ar_weight < 0:
+            raise ValueError(f"aux_ar_weight must be >= 0, got {self.aux_ar_weight}")
+
+    def _check_weights(self) -> None:
+        w, sizes = self.block_size_weights, self.block_sizes
+        if w is None:
+            return
+        if isinstance(self.block_size, int):
+            raise ValueError("block_size_weights needs block_size to be a list")
+        if len(w) != len(sizes) or not all(x >= 0 for x in w) or sum(w) <= 0:
+            raise ValueError(
+                f"block_size_weights must be {len(sizes)} non-negative numbers, not all 0 (one per block "
+                f"size {sizes}), got {w}"
+            )
+
+    def _check_intervals(self) -> None:
+        sizes = self.block_sizes
+        mapped = isinstance(self.noise_interval, dict)
+        intervals = self.noise_interval if mapped else {None: self.noise_interval}
+        if mapped and sorted(intervals) != sorted(sizes):
+            raise ValueError(
+                f"noise_interval maps block sizes {sorted(intervals)} but block_size is {sizes}: give "
+                "one [beta, omega] per trained block size"
+            )
+        for b, iv in intervals.items():
+            if not (len(iv) == 2 and 0.0 <= iv[0] < iv[1] <= 1.0):
+                raise ValueError(
+                    f"noise_interval{'' if b is None else f'.{b}'} must be [beta, omega] with "
+                    f"0 <= beta < omega <= 1, got {iv} (BD3-LM uses [0.3, 0.8] for block size 16, "
+                    "[0.45, 0.95] for 4)"
+                )
 
     @property
     def block_sizes(self) -> list[int]:
@@ -274,6 +321,8 @@ def compute_nelbo(
         t: explicit (b, n_blocks) noise levels (tests, enumeration); skips sampling.
         block_size: overrides ``cfg.block_size_at(step)`` (evaluating the same weights at other L').
     """
+    # One function from the corruption to the loss, top to bottom as the module docstring derives it
+    # (long on purpose: the steps share x_t, the masks and the weights).
     bsz, L = x0.shape
     bs = cfg.block_size_at(step) if block_size is None else block_size
     check_block_size(L, bs)

@@ -51,6 +51,7 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Messages start with the field's name: the trainer reports them under the YAML key.
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -59,8 +60,10 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.block_size < 1 or self.max_new_tokens < 0:
-            raise ValueError("block_size must be >= 1 and max_new_tokens >= 0")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
 @dataclass

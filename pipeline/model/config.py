@@ -8,12 +8,44 @@ touching the ``transformers`` model classes.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+Architecture = Literal["llama", "qwen2", "mistral"]
+SUPPORTED_ARCHITECTURES = typing.get_args(Architecture)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 VOCAB_MULTIPLE = 64
+# The sizes of a shape (a training YAML's from-scratch keys, with architecture and the numerics).
+SHAPE_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+POSITIVE_FIELDS = (*SHAPE_SIZES, "head_dim", "base_vocab_size", "block_size")
+
+# TinyLlama/TinyLlama_v1.1's config.json (its architecture fields): the base model of the flagship
+# recipe (yamls/bd3_1b.yaml) and the 1.1B shape that plans, tests and benchmarks use.
+TINYLLAMA_1B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
 
 
 class ModelConfigError(ValueError):
@@ -31,7 +63,7 @@ class ModelConfig:
     ``BD3LM``'s keyword arguments.
     """
 
-    architecture: str = "llama"
+    architecture: Architecture = "llama"
     vocab_size: int = 32000
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -59,6 +91,15 @@ class ModelConfig:
     shift: bool = True
 
     def __post_init__(self):
+        # Messages that concern one field start with its name (the trainer reports them as model.<field>).
+        for name in POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ModelConfigError(f"{name} must be >= 1, got {value}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ModelConfigError(
+                f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps} and {self.rope_theta}"
+            )
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelConfigError(
                 f"unknown architecture {self.architecture!r}: supported are {SUPPORTED_ARCHITECTURES}"
@@ -82,6 +123,11 @@ class ModelConfig:
             )
         if self.base_vocab_size is None:
             self.base_vocab_size = self.vocab_size
+        if self.base_vocab_size > self.vocab_size:
+            raise ModelConfigError(
+                f"base_vocab_size {self.base_vocab_size} is larger than vocab_size {self.vocab_size} "
+                "(the embedding rows include the base vocabulary)"
+            )
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:

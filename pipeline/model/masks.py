@@ -105,11 +105,6 @@ def mask_predicate(mask: AttentionMask, seq_len: int):
     return bd3_train
 
 
-def query_length(mask: AttentionMask, seq_len: int) -> int:
-    """Number of query positions for a half-length ``seq_len`` (2L for ``bd3_train``)."""
-    return 2 * seq_len if mask.kind == "bd3_train" else seq_len
-
-
 def dense_mask(mask: AttentionMask, n_queries: int, n_keys: int, seq_len: int, device=None) -> torch.Tensor:
     """Boolean (n_queries, n_keys) matrix, True where attention is allowed."""
     q = torch.arange(n_queries, device=device)[:, None]

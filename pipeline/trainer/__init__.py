@@ -1,8 +1,10 @@
-"""The Composer training layer: YAML config, ComposerModel adapter, streaming data, callbacks.
+"""The Composer training layer: YAML config, run inputs, start-up, ComposerModel adapter, streaming
+data, callbacks.
 
 ``load_config(yaml, overrides)`` -> ``TrainConfig`` (raises ``ConfigError``), ``run(cfg)`` trains.
-Composer is imported only here and in ``pipeline.train``; ``pipeline.model`` and
-``pipeline.diffusion`` stay plain PyTorch.
+``pipeline.model`` and ``pipeline.diffusion`` stay plain PyTorch: Composer is imported by this
+package's modules (not by ``config`` and ``run_inputs``, so that a bad config fails fast) and by
+``pipeline.save_folder`` to read checkpoints.
 """
 
 from pipeline.trainer.config import ConfigError, TrainConfig, load_config

@@ -1,8 +1,9 @@
 """Build a Composer ``Trainer`` from a checked ``TrainConfig`` and run it.
 
-``run(cfg)`` = check resources -> init distributed -> build model, data, optimizer, scheduler,
-callbacks, loggers, algorithms -> ``Trainer`` -> (eval first) -> fit. Each ``build_*`` function
-maps one YAML section to Composer objects and nothing else.
+``run(cfg)`` = ``build_trainer`` -> (eval first) -> fit. ``build_trainer`` = start-up
+(``pipeline.trainer.startup``: distributed, run inputs, node and save_folder, the model's run-time
+switches) -> the ``build_*`` functions -> ``Trainer``. Each ``build_*`` function maps YAML sections to
+Composer objects (or the model) and changes nothing else.
 
 Checkpoints are Composer's (``save_folder``, ``save_interval``, ``autoresume``): they hold the model,
 optimizer, scheduler, timestamp, RNG and the streaming dataset position, and are pickles loaded
@@ -15,27 +16,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from pipeline.model import BD3LM, apply_compile, from_pretrained
+from pipeline.model import BD3LM, from_pretrained
 from pipeline.save_folder import (
     LATEST_ANY_RANK,
     MODEL_CONFIG_FILE,
     RUN_CONFIG_FILE,
     TENSORBOARD_SUBDIR,
     TOKENIZER_FILE,
-    WRITE_PROBE,
     is_remote,
     remove_autoresume_copy,
     upload_files,
 )
-from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
-from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
+from pipeline.trainer.config import TrainConfig, diffusion_config
+from pipeline.trainer.run_inputs import RunInputs
+from pipeline.trainer.startup import (
+    inputs_local_rank_zero_first,
+    prepare_model,
+    prepare_node,
+    start_distributed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,7 @@ def build_callbacks(
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 
     from pipeline.trainer.callbacks import (
+        BlockSizeLikelihood,
         GlooFSDPGradMean,
         GradientClipping,
         HFExport,
@@ -100,7 +106,7 @@ def build_callbacks(
     fsdp = cfg.parallelism is not None and cfg.parallelism.fsdp is not None
     if fsdp and device_name == "cpu" and world_size > 1:
         out.append(GlooFSDPGradMean())
-    if cfg.algorithms.gradient_clipping is not None and not _deepspeed(cfg):  # DeepSpeed clips itself
+    if cfg.algorithms.gradient_clipping is not None and not cfg.uses_deepspeed:  # DeepSpeed clips itself
         out.append(GradientClipping(cfg.algorithms.gradient_clipping.clipping_threshold))
     if c.speed_monitor is not None:
         out.append(
@@ -119,6 +125,7 @@ def build_callbacks(
         out.append(LossLog(c.loss_log.path, sample_ids=c.loss_log.sample_ids))
     if cfg.loggers.tensorboard is not None and cfg.save_folder is not None and is_remote(cfg.save_folder):
         out.append(TensorboardUpload(tensorboard_dir(cfg), cfg.save_folder))
+    evaluation = eval_callbacks(cfg, inputs.tokenizer_file)
     if c.hf_export is not None:
         from pipeline.hf_artifact import CardFacts
 
@@ -127,9 +134,10 @@ def build_callbacks(
             manifest=inputs.manifest,
             run_config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         )
-        out.append(HFExport(c.hf_export.folder, tokenizer_dir=inputs.tokenizer_file.parent, facts=facts))
-    out += eval_callbacks(cfg, inputs.tokenizer_file)
-    return out
+        likelihood = next((cb for cb in evaluation if isinstance(cb, BlockSizeLikelihood)), None)
+        latest = likelihood.latest_table if likelihood is not None else None
+        out.append(HFExport(c.hf_export.folder, inputs.tokenizer_file, facts, latest_eval=latest))
+    return out + evaluation
 
 
 def build_algorithms(cfg: TrainConfig) -> list:
@@ -192,17 +200,14 @@ def build_loggers(cfg: TrainConfig) -> list:
     return out
 
 
-def build_parallelism(cfg: TrainConfig, model: BD3LM) -> dict | None:
-    """null -> None (Composer wraps the model in DDP when world size > 1); fsdp -> Composer FSDP2."""
+def build_parallelism(cfg: TrainConfig) -> dict | None:
+    """null -> None (Composer wraps the model in DDP when world size > 1); fsdp -> Composer FSDP2 (its
+    units: ``startup.prepare_model``)."""
     if cfg.parallelism is None or cfg.parallelism.fsdp is None:
         return None
     from composer.utils.parallelism import FSDP2Config
 
-    from pipeline.model.transformer import DecoderLayer
-
     f = cfg.parallelism.fsdp
-    # One FSDP unit per decoder layer (prefetch and free layer by layer), the rest in the root unit.
-    model.fsdp_wrap_fn = lambda module: isinstance(module, DecoderLayer)
     fsdp2 = FSDP2Config(
         reshard_after_forward=f.sharding_strategy == "FULL_SHARD",
         mixed_precision=f.mixed_precision,
@@ -211,10 +216,6 @@ def build_parallelism(cfg: TrainConfig, model: BD3LM) -> dict | None:
         verbose=f.verbose,
     )
     return {"fsdp": fsdp2}
-
-
-def _deepspeed(cfg: TrainConfig) -> bool:
-    return cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
 
 
 def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
@@ -256,55 +257,53 @@ def _safe_trainer_class():
     return SafeTrainer
 
 
+def build_dataloaders(cfg: TrainConfig, world: int):
+    """(train dataloader, eval ``Evaluator`` or None) of ``train_loader`` / ``eval_loader``."""
+    from composer.core import Evaluator
+
+    from pipeline.trainer.composer_model import EVAL_METRICS
+    from pipeline.trainer.data import build_dataloader
+
+    train = build_dataloader(
+        cfg.train_loader, seq_len=cfg.max_seq_len, batch_size=cfg.global_train_batch_size // world
+    )
+    if cfg.eval_loader is None:
+        return train, None
+    eval_batch = cfg.device_eval_batch_size or cfg.device_train_microbatch_size
+    evaluator = Evaluator(
+        label="eval",
+        dataloader=build_dataloader(cfg.eval_loader, seq_len=cfg.max_seq_len, batch_size=eval_batch),
+        metric_names=list(EVAL_METRICS),
+    )
+    return train, evaluator
+
+
 def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
-    from composer.core import Evaluator
-    from composer.utils import dist, get_device
+    from composer.utils import dist
 
-    from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
-    from pipeline.trainer.data import build_dataloader
+    from pipeline.trainer.composer_model import BD3ComposerModel
     from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
 
-    device = get_device(cfg.device)
-    local_procs = dist.get_local_world_size()
-    if device.name == "cpu" and local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does: N processes x all cores each oversubscribes the CPU (10-100x slower).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    device = start_distributed(cfg)
     inputs = inputs or inputs_local_rank_zero_first(cfg)
     prepare_node(cfg, inputs)
     atomic_checkpoint_files()
     node_unique_signal_files()
-
     model = build_model(cfg, inputs)
-    if cfg.model.compile:
-        if device.name == "gpu":
-            apply_compile(model)
-        else:
-            log.warning("model.compile: ignored on CPU (torch.compile of FlexAttention needs CUDA)")
+    prepare_model(cfg, model, device.name)
     composer_model = BD3ComposerModel(model, diffusion_config(cfg))
     world = dist.get_world_size()
-    train = build_dataloader(
-        cfg.train_loader, seq_len=cfg.max_seq_len, batch_size=cfg.global_train_batch_size // world
-    )
-    evaluators = None
-    if cfg.eval_loader is not None:
-        eval_batch = cfg.device_eval_batch_size or cfg.device_train_microbatch_size
-        evaluators = Evaluator(
-            label="eval",
-            dataloader=build_dataloader(cfg.eval_loader, seq_len=cfg.max_seq_len, batch_size=eval_batch),
-            metric_names=list(EVAL_METRICS),
-        )
+    train, evaluators = build_dataloaders(cfg, world)
     write_run_metadata(cfg, model, inputs)
     optimizer = build_optimizer(cfg, composer_model)
-    trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
-    if _deepspeed(cfg):
+    trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg)}
+    if cfg.uses_deepspeed:
         from pipeline.trainer.config import deepspeed_config
         from pipeline.trainer.deepspeed_trainer import DeepSpeedTrainer
 
-        ds_config = deepspeed_config(cfg, world)
         # The engine holds bf16/fp16 weights itself; DeepSpeedTrainer runs its forward without autocast.
-        trainer_cls, extra = DeepSpeedTrainer, {"ds_config": ds_config}
+        trainer_cls, extra = DeepSpeedTrainer, {"ds_config": deepspeed_config(cfg, world)}
     return trainer_cls(
         model=composer_model,
         train_dataloader=train,
@@ -335,62 +334,6 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
-
-
-def inputs_local_rank_zero_first(cfg: TrainConfig) -> RunInputs:
-    """``resolve_run_inputs`` with downloads: local rank 0 of each node first, the others from its cache.
-
-    Every rank ends up with the same checks (a config error is raised on all of them, no rank waits
-    for a failed one); only one process per node talks to the hub.
-    """
-    from composer.utils import dist
-
-    inputs, err = None, None
-    if dist.get_local_rank() == 0:
-        try:
-            inputs = resolve_run_inputs(cfg, download=True)
-        except ConfigError as e:
-            err = e
-    dist.barrier()
-    if err is not None:
-        raise err
-    return inputs or resolve_run_inputs(cfg, download=True)
-
-
-def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
-    """Before any dataset or Trainer exists: stale shared memory, save_folder checks and repair.
-
-    Local rank 0 of each node removes Streaming's stale shared memory and probes save_folder (every
-    node writes there under DeepSpeed); global rank 0 repairs a save_folder left by a killed run.
-    Errors reach every rank (an all-gather), so none waits for a rank that failed.
-    """
-    from composer.utils import dist
-
-    from pipeline.trainer.data import clean_stale_streaming_memory
-    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
-
-    local = cfg.save_folder is not None and not is_remote(cfg.save_folder)
-    problem = None
-    if dist.get_local_rank() == 0:
-        clean_stale_streaming_memory()
-        if cfg.save_folder and not local:
-            remove_autoresume_copy(cfg.save_folder)  # stale: the bucket's latest symlink decides
-        if local:
-            with torch.device("meta"):
-                n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
-            probe = f"{WRITE_PROBE}-node{dist.get_node_rank()}"
-            problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
-    if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
-        repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
-    if cfg.save_folder and not local and cfg.autoresume and dist.get_global_rank() == 0:
-        from pipeline.save_folder import repair_remote_save_folder
-
-        removed = repair_remote_save_folder(cfg.save_folder)
-        if removed:
-            log.info("removed the unfinished checkpoints of batches %s from %s", removed, cfg.save_folder)
-    problems = [p for p in dist.all_gather_object(problem) if p]
-    if problems:
-        raise ConfigError("save_folder", problems[0])
 
 
 def run(cfg: TrainConfig):

@@ -25,6 +25,15 @@ from pipeline.model import BD3LM
 EVAL_METRICS = {"NELBO": "nelbo", "MaskedCE": "masked_ce", "ARNLL": "ar_nll"}
 
 
+def live_model(state) -> BD3ComposerModel:
+    """The run's ``BD3ComposerModel`` in a Composer ``State``: inside DDP's wrapper (``.module``); FSDP2
+    shards it in place and the DeepSpeed engine forwards to the same object, so it is the model itself."""
+    model = state.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model if hasattr(model, "diffusion") else getattr(model, "module", model)
+
+
 class TokenAverage(Metric):
     """sum / count accumulated in float64 and summed over ranks (per-token averages of a data set)."""
 

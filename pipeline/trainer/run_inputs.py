@@ -44,7 +44,7 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
     """
     _check_remote_access(cfg)
     init_dir = _init_dir(cfg.model.init_from, download)
-    tok_file, tok = _tokenizer(cfg, init_dir)
+    tok_file, tok = resolve_tokenizer(cfg, init_dir)
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
     manifest = _checked_manifest(cfg, "train_loader", tok, tok_vocab)
     if cfg.eval_loader is not None:
@@ -125,7 +125,9 @@ def _init_dir(init_from: str | None, download: bool) -> Path | None:
         raise ConfigError("model.init_from", str(e)) from None
 
 
-def _tokenizer(cfg: TrainConfig, init_dir: Path | None):
+def resolve_tokenizer(cfg: TrainConfig, init_dir: Path | None):
+    """(the tokenizer file, the loaded ``tokenizers.Tokenizer``) of ``tokenizer.path``, else the
+    tokenizer.json of the init checkpoint folder ``init_dir``; ``ConfigError`` naming tokenizer.path."""
     from tokenizers import Tokenizer
 
     path = cfg.tokenizer.path

@@ -233,15 +233,11 @@ def test_sbatch_launches_nothing_when_the_plan_fails(tmp_path, plan_rc):
 def test_sbatch_plan_command_runs_for_real_and_exits_3_when_it_does_not_fit(tmp_path):
     """The plan argv the script renders, run with the real ``python -m pipeline.plan`` on TinyLlama's
     config.json: 2 nodes x 8 GPUs of 8 GiB cannot hold bd3_1b at microbatch 8 (exit 3)."""
+    from pipeline.model.config import TINYLLAMA_1B_CONFIG
+
     cfg_dir = tmp_path / "tinyllama"
     cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(
-        json.dumps({
-            "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-            "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
-            "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        })
-    )  # fmt: skip
+    (cfg_dir / "config.json").write_text(json.dumps(TINYLLAMA_1B_CONFIG))
     hosts = ["gpu-a17", "gpu-a18"]
     bin_dir = stubs(tmp_path, hosts)
     env = sbatch_env(tmp_path, bin_dir, hosts, GPU_MEMORY_GB="8")

@@ -15,6 +15,7 @@ import torch
 from pipeline.diffusion.footprint import trace_train_step
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model import BD3LM
+from pipeline.model.config import TINYLLAMA_1B_CONFIG
 from pipeline.model.memory import model_state_bytes, param_counts
 from pipeline.plan import main as plan_main
 from pipeline.planning import plan_run
@@ -22,21 +23,6 @@ from pipeline.trainer import load_config
 from tests.factories import REPO, YAMLS, tiny_data_folder, tiny_model_config, tiny_overrides, write_tokenizer
 
 GIB = 2**30
-TINYLLAMA = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 # ------------------------------------------------------------------------------ DeepSpeed agreement
@@ -142,7 +128,7 @@ def test_trace_follows_the_objectives_switches():
 def tinyllama_dir(tmp_path):
     folder = tmp_path / "tinyllama"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(TINYLLAMA))
+    (folder / "config.json").write_text(json.dumps(TINYLLAMA_1B_CONFIG))
     return folder
 
 

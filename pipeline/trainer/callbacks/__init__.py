@@ -1,6 +1,7 @@
 """Composer callbacks of the BD3 trainer.
 
-- ``training``: the mechanics of a run (noise ids, clipping, NaN/Inf guard, loss log, HF export);
+- ``training``: the mechanics of a run (noise ids, clipping, NaN/Inf guard, loss log, TensorBoard
+  upload, HF export);
 - ``eval_base``: the schedule, eval rows and isolation that the evaluation callbacks share;
 - ``evaluation``: likelihood across block sizes, the noise-interval search, generation.
 """

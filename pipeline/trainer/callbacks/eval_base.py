@@ -18,7 +18,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from pipeline.trainer.callbacks.training import unwrap
+from pipeline.trainer.composer_model import live_model
 
 
 class EvalSchedule:
@@ -61,15 +61,9 @@ class EvalSchedule:
         self.last_batch = int(sd.get("last_batch", -1))
 
 
-def composer_model(state: State):
-    """The ``BD3ComposerModel`` of the run (inside DDP; the DeepSpeed engine shares the same object)."""
-    model = unwrap(state)
-    return getattr(model, "module", model) if not hasattr(model, "diffusion") else model
-
-
 def params_sharded(state: State) -> bool:
     """FSDP or DeepSpeed ZeRO-3: a forward gathers the parameters collectively (all ranks must run it)."""
-    return state.fsdp_enabled or any(hasattr(p, "ds_id") for p in composer_model(state).model.parameters())
+    return state.fsdp_enabled or any(hasattr(p, "ds_id") for p in live_model(state).model.parameters())
 
 
 @contextlib.contextmanager
@@ -84,7 +78,7 @@ def isolated_eval(state: State):
     devices = (
         [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     )
-    bd3 = composer_model(state).model
+    bd3 = live_model(state).model
     was_training = bd3.training
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         try:

@@ -27,10 +27,10 @@ from pipeline.trainer.callbacks.eval_base import (
     EvalRows,
     EvalSchedule,
     ScheduledEval,
-    composer_model,
     isolated_eval,
     params_sharded,
 )
+from pipeline.trainer.composer_model import live_model
 from pipeline.trainer.config.schema import (
     BlockSizeLikelihoodSection,
     GenerationSection,
@@ -69,7 +69,7 @@ class BlockSizeLikelihood(ScheduledEval):
 
         with isolated_eval(state) as bd3:
             batches = self.rows.batches(state, self.section.num_batches)
-            diffusion = composer_model(state).diffusion
+            diffusion = live_model(state).diffusion
             return evaluate_block_sizes(
                 bd3, batches, self.block_sizes, diffusion, self.section.draws, self.section.seed
             )
@@ -77,13 +77,25 @@ class BlockSizeLikelihood(ScheduledEval):
     def _run(self, state: State, logger: Logger) -> None:
         results = self.evaluate(state)
         self.schedule.last_batch = int(state.timestamp.batch)
-        metrics = {"eval/train_block_size": min(composer_model(state).diffusion.block_sizes)}
+        metrics = {"eval/train_block_size": min(live_model(state).diffusion.block_sizes)}
         for r in results:
             metrics[f"eval/nelbo/bs{r.block_size}"] = r.nelbo
             metrics[f"eval/ppl_bound/bs{r.block_size}"] = r.ppl_bound
             metrics[f"eval/stderr/bs{r.block_size}"] = r.stderr
         logger.log_metrics(metrics)
         self.last_results = results
+
+    def latest_table(self) -> dict | None:
+        """The last evaluation for a model card: eval rows, draws, seed and one dict per block size
+        (``BlockSizeResult.as_dict``); None before the first."""
+        if not self.last_results:
+            return None
+        return {
+            "rows": self.last_results[0].rows,
+            "draws": self.section.draws,
+            "seed": self.section.seed,
+            "results": [r.as_dict() for r in self.last_results],
+        }
 
 
 class NoiseIntervalSearch(Callback):
@@ -114,7 +126,7 @@ class NoiseIntervalSearch(Callback):
         section's ``block_sizes``)."""
         from pipeline.diffusion.metrics import noise_interval_search
 
-        cm = composer_model(state)
+        cm = live_model(state)
         with isolated_eval(state) as bd3:
             batches = list(self.rows.batches(state, self.section.num_batches))
             return {
@@ -128,12 +140,12 @@ class NoiseIntervalSearch(Callback):
         """Set the training objective's noise interval(s) to the chosen ones (when adopting)."""
         if not (self.adopt and self.chosen):
             return
-        d = composer_model(state).diffusion
+        d = live_model(state).diffusion
         if isinstance(d.block_size, int):
             d.noise_interval = self.chosen[d.block_size]
         else:
             d.noise_interval = {bs: self.chosen.get(bs, d.interval_for(bs)) for bs in d.block_sizes}
-        getattr(composer_model(state), "_flops_cache", {}).clear()  # FLOPs depend on the masked fraction
+        getattr(live_model(state), "_flops_cache", {}).clear()  # FLOPs depend on the masked fraction
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -146,7 +158,7 @@ class NoiseIntervalSearch(Callback):
     def _run(self, state: State, logger: Logger) -> None:
         found = self.search(state)
         self.schedule.last_batch = int(state.timestamp.batch)
-        several = len(composer_model(state).diffusion.block_sizes) > 1
+        several = len(live_model(state).diffusion.block_sizes) > 1
         metrics = {}
         for bs, (best, records) in found.items():
             var = next(r["variance"] for r in records if tuple(r["interval"]) == tuple(best))
@@ -156,7 +168,7 @@ class NoiseIntervalSearch(Callback):
             self.chosen[bs] = (float(best[0]), float(best[1]))
         logger.log_metrics(metrics)
         if self.adopt:
-            d = composer_model(state).diffusion
+            d = live_model(state).diffusion
             before = {bs: d.interval_for(bs) for bs in self.chosen}
             self.apply(state)
             if dist.get_global_rank() == 0 and before != self.chosen:
@@ -222,7 +234,7 @@ class Generation(ScheduledEval):
         """The section's sampler settings at the run's block size, EOS id and shift."""
         from pipeline.diffusion.sampler import SamplerConfig
 
-        cm = composer_model(state)
+        cm = live_model(state)
         settings = {f.name: getattr(self.section, f.name) for f in dataclasses.fields(SamplerConfig)}
         settings.update(
             block_size=min(cm.diffusion.block_sizes),

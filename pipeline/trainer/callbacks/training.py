@@ -6,7 +6,11 @@
 - ``NonFiniteLoss`` (always on): a NaN/Inf loss on any rank stops the run before the update, or
   drops the batch's update everywhere (``nonfinite_loss: skip``).
 - ``LossLog``: rank 0 appends the per-batch training losses (and optionally the rows) to a JSONL file.
+- ``TensorboardUpload``: copies the TensorBoard files to a remote save_folder.
 - ``HFExport``: writes a Hugging Face-format folder (safetensors) at the end of training.
+
+None of them imports another callback module: what one needs from another (HFExport: the latest
+likelihood table) is handed to it when the callbacks are built.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +30,10 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from pipeline.trainer.composer_model import live_model
 from pipeline.trainer.data import global_batch_positions
 
 log = logging.getLogger(__name__)
-
-
-def unwrap(state: State):
-    """The ``BD3ComposerModel`` inside a DDP wrapper (FSDP2 shards it in place)."""
-    model = state.model
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class SampleIndexer(Callback):
@@ -171,7 +173,7 @@ class LossLog(Callback):
             mine = list(zip(b["sample_index"].tolist(), b["dataset_index"].tolist()))
             pairs = sorted(p for part in dist.all_gather_object(mine) for p in part)
             rows = [row for _, row in pairs]
-            sizes = dist.all_gather_object(getattr(unwrap(state), "last_block_size", None))
+            sizes = dist.all_gather_object(getattr(live_model(state), "last_block_size", None))
         if dist.get_global_rank() != 0:
             return
         record = {"batch": int(state.timestamp.batch), "time": time.time(), **state.total_loss_dict}
@@ -227,32 +229,57 @@ class TensorboardUpload(Callback):
 
 class HFExport(Callback):
     """At FIT_END, write ``folder`` with ``pipeline.hf_artifact.write_artifact`` (rank 0; FSDP gathers
-    first): the weights, modeling code for ``transformers`` and a model card from ``facts`` plus the
-    last ``block_size_likelihood`` evaluation of the run, when it has one."""
+    first): the weights, modeling code for ``transformers``, the run's tokenizer and a model card from
+    ``facts`` plus the run's last likelihood table, when it has one.
 
-    def __init__(self, folder: str | Path, tokenizer_dir: str | Path | None = None, facts=None):
+    Args:
+        tokenizer_file: the run's tokenizer, whatever its file name: the folder gets it as
+            ``TOKENIZER_FILE`` (with the tokenizer_config.json etc. found beside it).
+        latest_eval: returns the latest likelihood table (rows, draws, seed, results) or None
+            (``BlockSizeLikelihood.latest_table``).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        tokenizer_file: str | Path | None = None,
+        facts=None,
+        latest_eval: Callable[[], dict | None] | None = None,
+    ):
         self.folder = Path(folder)
-        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer_file = None if tokenizer_file is None else Path(tokenizer_file)
         self.facts = facts
+        self.latest_eval = latest_eval
 
     def _save(self, bd3, state: State) -> None:
         from pipeline.hf_artifact import CardFacts, write_artifact
-        from pipeline.trainer.callbacks.evaluation import BlockSizeLikelihood
 
         facts = dataclasses.replace(self.facts) if self.facts is not None else CardFacts()
-        bsl = next((c for c in state.callbacks if isinstance(c, BlockSizeLikelihood)), None)
-        if bsl is not None and bsl.last_results:
+        table = self.latest_eval() if self.latest_eval is not None else None
+        if table is not None:
             split = ((facts.run_config or {}).get("eval_loader") or {}).get("split", "eval")
-            facts.eval = {
-                "split": split, "rows": bsl.last_results[0].rows, "draws": bsl.section.draws,
-                "seed": bsl.section.seed, "results": [r.as_dict() for r in bsl.last_results],
-            }  # fmt: skip
-        write_artifact(bd3, self.folder, facts, tokenizer_dir=self.tokenizer_dir)
+            facts.eval = {"split": split, **table}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_artifact(bd3, self.folder, facts, tokenizer_dir=self._tokenizer_folder(Path(tmp)))
+
+    def _tokenizer_folder(self, tmp: Path) -> Path | None:
+        """``tmp`` holding the run's tokenizer as ``TOKENIZER_FILE`` and its companion files (None
+        without a tokenizer: the export then takes the files of the folder the model came from)."""
+        from pipeline.model.hf_io import TOKENIZER_FILES
+        from pipeline.save_folder import TOKENIZER_FILE
+
+        if self.tokenizer_file is None:
+            return None
+        for name in TOKENIZER_FILES:
+            if name != TOKENIZER_FILE and (self.tokenizer_file.parent / name).exists():
+                shutil.copy2(self.tokenizer_file.parent / name, tmp / name)
+        shutil.copy2(self.tokenizer_file, tmp / TOKENIZER_FILE)
+        return tmp
 
     def fit_end(self, state: State, logger: Logger) -> None:
         from pipeline.model import BD3LM
 
-        bd3 = unwrap(state).model
+        bd3 = live_model(state).model
         if state.fsdp_enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -9,24 +9,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 from pathlib import Path
 
+from pipeline.diffusion.metrics import resolve_block_sizes
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model.masks import check_block_size
 from pipeline.trainer.config.errors import ConfigError
-from pipeline.trainer.config.schema import REQUIRED_FROM_SCRATCH, TrainConfig
-
-_DURATION = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur)$")
+from pipeline.trainer.config.schema import REQUIRED_FROM_SCRATCH, TrainConfig, duration_problem
 
 
 def _check_time(key: str, value: str | int) -> None:
-    # Durations are typed `str | int` only to catch bare numbers here: Composer reads them as epochs.
-    if not (isinstance(value, str) and _DURATION.match(value)):
-        raise ConfigError(
-            key,
-            f"{value!r} is not a duration: write a number with a unit (ba, ep, sp, tok, dur), e.g. '100ba'",
-        )
+    problem = duration_problem(value)
+    if problem is not None:
+        raise ConfigError(key, problem)
 
 
 # Keys that may name object storage or a hub; credentials in them would be logged and checkpointed.
@@ -60,21 +55,42 @@ def world_size_from_env() -> int:
 
 
 def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_len_source=None) -> None:
-    """Cross-field checks on the converted config (no file access).
+    """Cross-field checks on the converted config (no file access); each section has checked its own
+    values on construction.
 
     ``max_seq_len_source``: the unresolved YAML value (e.g. "${variables.max_seq_len}") for messages.
     """
     world = world_size or world_size_from_env()
-    d = cfg.diffusion
+    check_block_sizes(cfg, max_seq_len_source)
+    check_batch_sizes(cfg, world)
+    check_train_loader(cfg, world)
+    check_no_credentials(cfg)
+    for key in ("max_duration", "eval_interval", "save_interval"):
+        _check_time(key, getattr(cfg, key))
+    check_eval_callbacks(cfg)
+    check_loggers(cfg)
+    if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
+        missing = "save_folder" if not cfg.save_folder else "run_name"
+        raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
+    if cfg.uses_deepspeed:
+        check_deepspeed(cfg, world)
+    check_model(cfg)
+
+
+def check_block_sizes(cfg: TrainConfig, max_seq_len_source=None) -> None:
+    """Every ``diffusion.block_size`` divides ``max_seq_len``."""
     if cfg.max_seq_len < 2:
         raise ConfigError("max_seq_len", f"must be at least 2, got {cfg.max_seq_len}")
-    check_diffusion(cfg, max_seq_len_source)
-    for key in ("anneal_steps", "loss_chunk_size"):
-        if getattr(d, key) < (1 if key == "loss_chunk_size" else 0):
-            raise ConfigError(f"diffusion.{key}", f"must be positive, got {getattr(d, key)}")
-    if d.aux_ar_weight < 0:
-        raise ConfigError("diffusion.aux_ar_weight", f"must be >= 0, got {d.aux_ar_weight}")
+    for b in cfg.diffusion.block_sizes:
+        try:
+            check_block_size(cfg.max_seq_len, b)
+        except ValueError as e:
+            src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
+            raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
 
+
+def check_batch_sizes(cfg: TrainConfig, world: int) -> None:
+    """The global batch splits into ``world`` ranks x whole microbatches."""
     gb, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
     if gb < 1 or mb < 1:
         raise ConfigError(
@@ -90,13 +106,16 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
         )
     if cfg.device_eval_batch_size is not None and cfg.device_eval_batch_size < 1:
         raise ConfigError("device_eval_batch_size", "must be >= 1")
+
+
+def check_train_loader(cfg: TrainConfig, world: int) -> None:
+    """Full global batches (noise ids), and canonical nodes that fit the node count."""
     if not cfg.train_loader.drop_last:
         raise ConfigError(
             "train_loader.drop_last",
             "must be true: every global batch must be full so that each sample's noise id (its position "
             "in the training stream) is the same on any number of processes",
         )
-
     nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     canonical = cfg.train_loader.num_canonical_nodes
     if canonical is not None and (canonical < 1 or (canonical % nodes and nodes % canonical)):
@@ -107,32 +126,18 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
             "nodes run on 1, 2, 4, 8 or 16 nodes)",
         )
 
-    check_no_credentials(cfg)
-    _check_time("max_duration", cfg.max_duration)
-    _check_time("eval_interval", cfg.eval_interval)
-    _check_time("save_interval", cfg.save_interval)
-    _check_time("scheduler.t_warmup", cfg.scheduler.t_warmup)
-    _check_time("scheduler.t_max", cfg.scheduler.t_max)
-    if cfg.callbacks.ema is not None:
-        _check_time("callbacks.ema.half_life", cfg.callbacks.ema.half_life)
-    if cfg.loggers.console is not None:
-        _check_time("loggers.console.log_interval", cfg.loggers.console.log_interval)
-    check_eval_callbacks(cfg)
-    if len(cfg.optimizer.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optimizer.betas):
-        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError("optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
 
+def check_loggers(cfg: TrainConfig) -> None:
+    """Optional loggers need their package."""
     for key in ("wandb", "mlflow"):
         if getattr(cfg.loggers, key) is not None and importlib.util.find_spec(key) is None:
             raise ConfigError(
                 f"loggers.{key}", f"needs the {key} package: pip install {key}, or remove the section"
             )
-    if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
-        missing = "save_folder" if not cfg.save_folder else "run_name"
-        raise ConfigError(missing, "autoresume: true needs save_folder and run_name (the run to resume)")
-    if cfg.parallelism is not None and cfg.parallelism.deepspeed is not None:
-        check_deepspeed(cfg, world)
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """A model from scratch needs its shape; a reused mask token id is an id."""
     m = cfg.model
     if m.init_from is None:
         for key in REQUIRED_FROM_SCRATCH:
@@ -144,99 +149,31 @@ def check_consistency(cfg: TrainConfig, world_size: int | None = None, max_seq_l
         raise ConfigError("model.mask_token_id", f"must be >= 0, got {m.mask_token_id}")
 
 
-def check_diffusion(cfg: TrainConfig, max_seq_len_source=None) -> None:
-    """``diffusion.block_size`` (one size or a list), its weights and the noise interval(s)."""
-    d = cfg.diffusion
-    sizes = d.block_sizes
-    if not sizes:
-        raise ConfigError("diffusion.block_size", "must be a block size or a non-empty list of them")
-    if len(set(sizes)) != len(sizes):
-        raise ConfigError("diffusion.block_size", f"lists a block size twice: {sizes}")
-    for b in sizes:
-        try:
-            check_block_size(cfg.max_seq_len, b)
-        except ValueError as e:
-            src = f" = {max_seq_len_source}" if isinstance(max_seq_len_source, str) else ""
-            raise ConfigError("diffusion.block_size", f"{e} (max_seq_len{src})") from None
-    w = d.block_size_weights
-    if w is not None:
-        if isinstance(d.block_size, int):
-            raise ConfigError("diffusion.block_size_weights", "needs diffusion.block_size to be a list")
-        if len(w) != len(sizes) or not all(x >= 0 for x in w) or sum(w) <= 0:
-            raise ConfigError(
-                "diffusion.block_size_weights",
-                f"must be {len(sizes)} non-negative numbers, not all 0 (one per block size {sizes}), got {w}",
-            )
-    intervals = d.noise_interval if isinstance(d.noise_interval, dict) else {None: d.noise_interval}
-    if isinstance(d.noise_interval, dict):
-        missing = [b for b in sizes if b not in intervals]
-        extra = [b for b in intervals if b not in sizes]
-        if missing or extra:
-            raise ConfigError(
-                "diffusion.noise_interval",
-                f"maps block sizes {sorted(intervals)} but diffusion.block_size is {sizes}: give one "
-                "[beta, omega] per trained block size",
-            )
-    for b, iv in intervals.items():
-        if len(iv) != 2 or not 0.0 <= iv[0] < iv[1] <= 1.0:
-            raise ConfigError(
-                "diffusion.noise_interval" + ("" if b is None else f".{b}"),
-                f"must be [beta, omega] with 0 <= beta < omega <= 1, got {iv} "
-                "(BD3-LM uses [0.3, 0.8] for block size 16, [0.45, 0.95] for 4)",
-            )
-
-
 def block_size_list(cfg: TrainConfig) -> list[int]:
-    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len)."""
-    return [cfg.max_seq_len if b == "L" else b for b in cfg.callbacks.block_size_likelihood.block_sizes]
+    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len); ConfigError
+    when one does not divide max_seq_len."""
+    key = "callbacks.block_size_likelihood.block_sizes"
+    try:
+        return resolve_block_sizes(cfg.callbacks.block_size_likelihood.block_sizes, cfg.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
 
 
 def check_eval_callbacks(cfg: TrainConfig) -> None:
-    """The evaluation callbacks (block_size_likelihood, noise_interval_search, generation)."""
+    """What the evaluation callbacks need from the rest of the config: eval rows, block sizes that
+    divide max_seq_len, trained block sizes to search, a reference model folder."""
     c = cfg.callbacks
-    on = {
-        name: getattr(c, name)
-        for name in ("block_size_likelihood", "noise_interval_search", "generation")
-        if getattr(c, name) is not None
-    }
-    for name, sec in on.items():
-        if sec.interval is not None:
-            _check_time(f"callbacks.{name}.interval", sec.interval)
-        for key in ("num_batches", "draws", "every_n_evals", "num_samples", "max_new_tokens"):
-            if getattr(sec, key, 1) < 1:
-                raise ConfigError(f"callbacks.{name}.{key}", f"must be >= 1, got {getattr(sec, key)}")
-        if name != "generation" and cfg.eval_loader is None:
+    for name in ("block_size_likelihood", "noise_interval_search"):
+        if getattr(c, name) is not None and cfg.eval_loader is None:
             raise ConfigError(
                 f"callbacks.{name}", "evaluates on the eval rows: set eval_loader (or remove this callback)"
             )
-    bsl = c.block_size_likelihood
-    if bsl is not None:
-        key = "callbacks.block_size_likelihood.block_sizes"
-        if not bsl.block_sizes:
-            raise ConfigError(key, "must list at least one block size")
-        for b in bsl.block_sizes:
-            if isinstance(b, str) and b != "L":
-                raise ConfigError(key, f'{b!r} is not a block size: use integers or "L" (max_seq_len)')
-        sizes = block_size_list(cfg)
-        for b in sizes:
-            try:
-                check_block_size(cfg.max_seq_len, b)
-            except ValueError as e:
-                raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
-        if len(set(sizes)) != len(sizes):
-            raise ConfigError(
-                key, f"lists a block size twice: {bsl.block_sizes} (max_seq_len = {cfg.max_seq_len})"
-            )
+    if c.block_size_likelihood is not None:
+        _check_likelihood_block_sizes(cfg)
     nis = c.noise_interval_search
-    if nis is not None:
-        if not nis.widths or not all(0.0 < w <= 1.0 for w in nis.widths):
-            raise ConfigError(
-                "callbacks.noise_interval_search.widths", f"must be numbers in (0, 1], got {nis.widths}"
-            )
-        if not 0.0 < nis.step <= 1.0:
-            raise ConfigError("callbacks.noise_interval_search.step", f"must be in (0, 1], got {nis.step}")
-        trained = cfg.diffusion.block_sizes
-        if nis.block_sizes is not None and (
+    trained = cfg.diffusion.block_sizes
+    if nis is not None and nis.block_sizes is not None:
+        if (
             not nis.block_sizes
             or not set(nis.block_sizes) <= set(trained)
             or len(set(nis.block_sizes)) != len(nis.block_sizes)
@@ -246,14 +183,23 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
                 f"must list trained block sizes (diffusion.block_size: {trained}) once each, or be null "
                 f"for all of them; got {nis.block_sizes}",
             )
-    gen = c.generation  # the sampler settings validate themselves (SamplerConfig.__post_init__)
-    if gen is not None:
-        if gen.reference is not None and not Path(gen.reference).expanduser().is_dir():
-            raise ConfigError(
-                "callbacks.generation.reference",
-                f"{gen.reference!r} is not a folder: give a Hugging Face-format folder of an AR model "
-                "with the run's tokenizer (config.json, model.safetensors)",
-            )
+    gen = c.generation
+    if gen is not None and gen.reference is not None and not Path(gen.reference).expanduser().is_dir():
+        raise ConfigError(
+            "callbacks.generation.reference",
+            f"{gen.reference!r} is not a folder: give a Hugging Face-format folder of an AR model "
+            "with the run's tokenizer (config.json, model.safetensors)",
+        )
+
+
+def _check_likelihood_block_sizes(cfg: TrainConfig) -> None:
+    sizes = block_size_list(cfg)
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(
+            "callbacks.block_size_likelihood.block_sizes",
+            f"lists a block size twice: {cfg.callbacks.block_size_likelihood.block_sizes} "
+            f"(max_seq_len = {cfg.max_seq_len})",
+        )
 
 
 def check_deepspeed(cfg: TrainConfig, world: int) -> None:

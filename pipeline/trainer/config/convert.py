@@ -40,19 +40,29 @@ def load_config(
     Raises:
         ConfigError: the first problem found, naming its key.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from pipeline.trainer.config.checks import check_consistency
 
     path = Path(path)
+    overrides = list(overrides or [])
+    data, max_seq_len_source = _resolved_yaml(path, overrides)
+    _drop_recipe_shape(data, overrides)
+    cfg = from_dict(TrainConfig, data)
+    check_consistency(cfg, world_size=world_size, max_seq_len_source=max_seq_len_source)
+    return cfg
+
+
+def _resolved_yaml(path: Path, overrides: list[str]) -> tuple[dict[str, Any], Any]:
+    """(the YAML merged with the overrides and resolved, as a plain dict; ``max_seq_len`` as written,
+    before interpolation, for messages)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     if not path.is_file():
         raise ConfigError("", f"config file {path} not found")
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and OmegaConf errors: report the parser's position
         raise ConfigError("", f"cannot parse {path}: {e}") from None
-    overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError("", f"override {item!r} is not of the form key.sub=value")
@@ -82,11 +92,7 @@ def load_config(
         raise ConfigError(key, msg) from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must be a mapping of sections, got {type(data).__name__}")
-    _drop_recipe_shape(data, overrides)
-    cfg = from_dict(TrainConfig, data)
-    unresolved = OmegaConf.to_container(merged, resolve=False)
-    check_consistency(cfg, world_size=world_size, max_seq_len_source=unresolved.get("max_seq_len"))
-    return cfg
+    return data, OmegaConf.to_container(merged, resolve=False).get("max_seq_len")
 
 
 def _drop_recipe_shape(data: dict[str, Any], overrides: list[str]) -> None:
@@ -125,6 +131,8 @@ def _type_name(tp) -> str:
 
 
 def _convert(value: Any, tp, key: str) -> Any:
+    # One branch per kind of annotation the schema uses (union, section, Literal, list, tuple, dict,
+    # scalar): long, but each branch reads alone.
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -224,6 +232,7 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
         return cls(**kwargs)
     except ValueError as e:  # a library dataclass validating itself in __post_init__
         first, _, rest = str(e).partition(" ")
-        if first in names and rest:  # "top_p must be ..." -> key callbacks.generation.top_p
+        # "top_p must be ..." -> key callbacks.generation.top_p; "noise_interval.8 must ..." -> its entry
+        if first.split(".", 1)[0] in names and rest:
             raise ConfigError(f"{prefix}.{first}" if prefix else first, rest) from None
         raise ConfigError(prefix, str(e)) from None

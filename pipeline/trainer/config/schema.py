@@ -1,67 +1,86 @@
 """The training YAML's schema: one dataclass per section; a field without a default is a required key.
 
-Sections that configure the plain-PyTorch layer are that layer's own dataclasses
-(``diffusion`` is ``pipeline.diffusion.objective.DiffusionConfig``; ``callbacks.generation`` extends
-``pipeline.diffusion.sampler.SamplerConfig``), so every default has one home. A class may name
-fields that are not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
+Sections that configure the plain-PyTorch layer are that layer's own dataclasses (``diffusion`` is
+``pipeline.diffusion.objective.DiffusionConfig``; ``callbacks.generation`` extends
+``pipeline.diffusion.sampler.SamplerConfig``) or derived from them (``ModelSection``'s shape keys are
+``pipeline.model.ModelConfig``'s fields), so every default has one home. Every section checks its own
+values in ``__post_init__``; ``checks`` holds what spans sections. A class may name fields that are
+not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pipeline.diffusion.metrics import EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
+from pipeline.diffusion.metrics import EVAL_BLOCK_SIZES, EVAL_SEED, INTERVAL_WIDTHS, SEARCH_CRITERION
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
+from pipeline.model.config import SHAPE_SIZES, ModelConfig
 
 # ---------------------------------------------------------------------------------------------
-# Schema. Every section is a dataclass; a field without a default is a required key.
+# Schema. Every section is a dataclass; a field without a default is a required key. A section checks
+# its own values in ``__post_init__`` with a ValueError that starts with the field's name (``from_dict``
+# reports it under the dotted YAML key); checks that span sections are in ``checks``.
 # ---------------------------------------------------------------------------------------------
 
-# Shape fields of a from-scratch model. With ``init_from`` they are optional assertions: any that is
-# set must match the checkpoint's config.json.
-SHAPE_FIELDS = (
-    "architecture",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
+_DURATION = re.compile(r"^\d+(\.\d+)?(ba|ep|sp|tok|dur)$")
+
+
+def duration_problem(value: str | int) -> str | None:
+    """What is wrong with a duration (None when it is one)."""
+    # Durations are typed `str | int` only to catch bare numbers here: Composer reads them as epochs.
+    if isinstance(value, str) and _DURATION.match(value):
+        return None
+    return f"{value!r} is not a duration: write a number with a unit (ba, ep, sp, tok, dur), e.g. '100ba'"
+
+
+def _check_durations(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and (problem := duration_problem(value)) is not None:
+            raise ValueError(f"{name} {problem}")
+
+
+def _check_at_least_one(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(section, name)}")
+
+
+# Shape fields of a from-scratch model: ``ModelConfig``'s own fields (types and meaning), each optional
+# here. With ``init_from`` they are optional assertions: any that is set must match the checkpoint's
+# config.json. Left null from scratch, a field takes ``ModelConfig``'s default.
+SHAPE_FIELDS = ("architecture", *SHAPE_SIZES, "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 REQUIRED_FROM_SCRATCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-@dataclass
-class ModelSection:
-    """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from scratch
-    with the shape fields. ``vocab_size`` is the base vocabulary before the mask token (default: the
-    tokenizer's). ``mask_token_id``: reuse an existing unused id instead of adding a new token.
-    ``compile``: ``torch.compile`` each decoder layer (``pipeline.model.apply_compile``; CUDA only, ignored
-    with a note on CPU)."""
+def _model_section():
+    """``ModelSection``: ``init_from``, the shape fields of ``ModelConfig`` (optional), its
+    ``initializer_range`` (with its default) and how the model runs (``BD3LM``'s keyword arguments)."""
+    types = typing.get_type_hints(ModelConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields = [
+        ("init_from", str | None, None),
+        *[(name, types[name] | None, None) for name in SHAPE_FIELDS],
+        ("initializer_range", float, defaults["initializer_range"]),
+        ("attn_backend", Literal["auto", "sdpa", "flex", "flash"], "auto"),
+        ("activation_checkpointing", bool, False),
+        ("compile", bool, False),
+        ("mask_token_id", int | None, None),
+    ]
+    return dataclasses.make_dataclass("ModelSection", fields, namespace={"__module__": __name__})
 
-    init_from: str | None = None
-    architecture: Literal["llama", "qwen2", "mistral"] | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    rms_norm_eps: float | None = None
-    tie_word_embeddings: bool | None = None
-    initializer_range: float = 0.02
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    mask_token_id: int | None = None
+
+ModelSection = _model_section()
+ModelSection.__doc__ = """``init_from``: a Hugging Face folder or hub name (AR or BD3 checkpoint); null trains from
+scratch with the shape fields (``SHAPE_FIELDS``, those of ``pipeline.model.ModelConfig``). ``vocab_size``
+is the base vocabulary before the mask token (default: the tokenizer's). ``mask_token_id``: reuse an
+existing unused id instead of adding a new token. ``compile``: ``torch.compile`` each decoder layer
+(``pipeline.model.apply_compile``; CUDA only, ignored with a note on CPU)."""
 
 
 @dataclass
@@ -107,6 +126,12 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
 
 @dataclass
 class SchedulerSection:
@@ -117,6 +142,9 @@ class SchedulerSection:
     t_warmup: str | int = "0ba"
     t_max: str | int = "1dur"
     alpha_f: float = 0.0
+
+    def __post_init__(self):
+        _check_durations(self, "t_warmup", "t_max")
 
 
 @dataclass
@@ -143,6 +171,9 @@ class RuntimeEstimatorSection:
 @dataclass
 class EMASection:
     half_life: str | int = "1000ba"
+
+    def __post_init__(self):
+        _check_durations(self, "half_life")
 
 
 @dataclass
@@ -172,11 +203,20 @@ class BlockSizeLikelihoodSection:
     ``eval/nelbo/bs{N}``, ``eval/ppl_bound/bs{N}``, ``eval/stderr/bs{N}`` and ``eval/train_block_size``.
     ``block_sizes``: divisors of max_seq_len; "L" is max_seq_len (MDLM)."""
 
-    block_sizes: list[int | str] = field(default_factory=lambda: [1, 4, 8, 16, "L"])
+    block_sizes: list[int | str] = field(default_factory=lambda: list(EVAL_BLOCK_SIZES))
     interval: str | int | None = None
     num_batches: int = 4
     draws: int = 1
     seed: int = EVAL_SEED
+
+    def __post_init__(self):
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "num_batches", "draws")
+        if not self.block_sizes:
+            raise ValueError("block_sizes must list at least one block size")
+        for b in self.block_sizes:
+            if isinstance(b, str) and b != "L":
+                raise ValueError(f'block_sizes {b!r} is not a block size: use integers or "L" (max_seq_len)')
 
 
 @dataclass
@@ -200,6 +240,14 @@ class NoiseIntervalSearchSection:
     criterion: Literal["block", "row"] = SEARCH_CRITERION
     adopt: bool = True
 
+    def __post_init__(self):
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "every_n_evals", "num_batches")
+        if not self.widths or not all(0.0 < w <= 1.0 for w in self.widths):
+            raise ValueError(f"widths must be numbers in (0, 1], got {self.widths}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+
 
 @dataclass
 class GenerationSection(SamplerConfig):
@@ -220,6 +268,11 @@ class GenerationSection(SamplerConfig):
     interval: str | int | None = None
     num_samples: int = 2
     reference: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "every_n_evals", "num_samples", "max_new_tokens")
 
 
 @dataclass
@@ -246,6 +299,9 @@ class ProgressBarSection:
 @dataclass
 class ConsoleSection:
     log_interval: str | int = "1ba"
+
+    def __post_init__(self):
+        _check_durations(self, "log_interval")
 
 
 @dataclass
@@ -352,3 +408,8 @@ class TrainConfig:
     # NaN/Inf loss on any rank: "stop" (raise before the update, name the checkpoint to resume from)
     # or "skip" (drop the batch's update on every rank and go on).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """``parallelism.deepspeed`` is set: the DeepSpeed engine owns the optimizer step."""
+        return self.parallelism is not None and self.parallelism.deepspeed is not None

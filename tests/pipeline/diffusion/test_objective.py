@@ -226,11 +226,34 @@ def test_block_size_not_dividing_length_raises(model):
 
 @pytest.mark.parametrize("interval", [(0.5, 0.2), (0.3, 0.3), (-0.1, 0.5), (0.2, 1.5)])
 def test_bad_noise_interval_raises(model, interval):
-    x = tokens(1, L)
+    with pytest.raises(ValueError, match="^noise_interval must be"):
+        DiffusionConfig(block_size=4, noise_interval=interval)
     with pytest.raises(ValueError, match="noise interval"):
-        compute_nelbo(model, x, DiffusionConfig(block_size=4, noise_interval=interval), torch.arange(1))
-    with pytest.raises(ValueError, match="noise interval"):
-        compute_nelbo(model, x, DiffusionConfig(block_size=4), torch.arange(1), interval=interval)
+        compute_nelbo(model, tokens(1, L), DiffusionConfig(block_size=4), torch.arange(1), interval=interval)
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"block_size": []}, "block_size"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": [4, 4]}, "block_size"),
+        ({"block_size_weights": [1.0]}, "block_size_weights"),  # needs a list of sizes
+        ({"block_size": [4, 8], "block_size_weights": [1.0]}, "block_size_weights"),
+        ({"block_size": [4, 8], "block_size_weights": [0.0, 0.0]}, "block_size_weights"),
+        ({"block_size": [4, 8], "noise_interval": {4: (0.3, 0.8)}}, "noise_interval"),
+        ({"block_size": [4, 8], "noise_interval": {4: (0.3, 0.8), 8: (0.9, 0.3)}}, "noise_interval.8"),
+        ({"anneal_steps": -1}, "anneal_steps"),
+        ({"aux_ar_weight": -0.5}, "aux_ar_weight"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"stratify_group": 0}, "stratify_group"),
+    ],
+)
+def test_diffusion_config_refuses_bad_values_naming_the_field(fields, named):
+    """Checked on construction, so pipeline.eval and pipeline.plan cannot build an invalid objective; the
+    message starts with the field (the trainer reports it as diffusion.<field>)."""
+    with pytest.raises(ValueError, match=rf"^{named} "):
+        DiffusionConfig(**{"block_size": 4, **fields})
 
 
 def test_eval_uses_the_full_interval_and_bidirectional_attention(model):

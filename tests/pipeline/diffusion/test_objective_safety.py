@@ -66,8 +66,14 @@ def test_backward_works_when_nothing_is_masked(model):
     assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
 
 
-@pytest.mark.parametrize("block_size", [1, 4, L])
-def test_bf16_autocast_forward_backward_is_finite(model, block_size):
+@pytest.mark.parametrize(
+    "block_size, backend", [(1, "sdpa"), (4, "sdpa"), (L, "sdpa"), (4, "flex")], ids=lambda v: str(v)
+)
+def test_bf16_autocast_forward_backward_is_finite(model, block_size, backend):
+    """The objective under bf16 autocast (the run's amp_bf16): float32 losses, finite gradients, the
+    float32 loss to bf16 accuracy (autocast must not change the masks or positions), on both CPU
+    attention backends."""
+    model.attn_backend = backend
     model.train()
     x = tokens(2, L, seed=12)
     ids = torch.tensor([0, 1])

@@ -131,11 +131,21 @@ def test_never_emits_mask_or_padding(model):
     assert (r.tokens < VOCAB).all()
 
 
-def test_bad_sampler_config_is_refused():
-    with pytest.raises(ValueError, match="sampler"):
-        SamplerConfig(sampler="beam")
-    with pytest.raises(ValueError, match="top_p"):
-        SamplerConfig(top_p=0)
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sampler", "beam"),
+        ("threshold", 1.5),
+        ("top_p", 0),
+        ("temperature", -1.0),
+        ("block_size", 0),
+        ("max_new_tokens", -1),
+    ],
+)
+def test_bad_sampler_config_is_refused_naming_the_field(field, value):
+    """The message starts with the field (the trainer reports it as callbacks.generation.<field>)."""
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        SamplerConfig(**{field: value})
 
 
 def test_sample_cli_writes_json_and_cache_matches_no_cache(model, tmp_path):

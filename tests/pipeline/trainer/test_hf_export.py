@@ -51,3 +51,32 @@ def test_hf_export_callback_writes_the_card_of_the_run(tiny_data, tmp_path, one_
     model = trainer.state.model.model.eval()
     with torch.no_grad():
         assert (loaded(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_hf_export_of_a_run_whose_tokenizer_has_another_name_samples(tiny_data, tmp_path, one_thread):
+    """A run's tokenizer file named tok.json: the export still holds it as tokenizer.json, so
+    ``pipeline.sample --checkpoint HF`` finds it (the export used to look for tokenizer.json beside it)."""
+    import shutil
+
+    from pipeline.sample import main as sample_main
+    from pipeline.save_folder import TOKENIZER_FILE
+
+    data, tok = tiny_data
+    renamed = tmp_path / "tokenizers" / "tok.json"
+    renamed.parent.mkdir()
+    shutil.copy2(tok, renamed)
+    hf = tmp_path / "hf"
+    train(
+        (data, renamed),
+        tmp_path / "run",
+        "max_duration=2ba",
+        "scheduler.t_max=2ba",
+        f"callbacks.hf_export.folder={hf}",
+    )
+    assert json.loads((hf / TOKENIZER_FILE).read_text())["model"] == json.loads(tok.read_text())["model"]
+    out = tmp_path / "sample.json"
+    assert (
+        sample_main(["--checkpoint", str(hf), "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    assert len(json.loads(out.read_text())["tokens"]) >= 1

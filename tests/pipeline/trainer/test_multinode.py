@@ -134,7 +134,7 @@ from composer.utils import dist, get_device
 
 import pipeline.trainer.run_inputs as resources
 from pipeline.trainer import load_config
-from pipeline.trainer.build import inputs_local_rank_zero_first
+from pipeline.trainer.startup import inputs_local_rank_zero_first
 
 log, folder, yaml, *overrides = sys.argv[1:]
 
