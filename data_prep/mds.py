@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.manifest import write_json_atomic
+from data_prep.manifest import INDEX, MANIFEST, write_json_atomic
 
-INDEX = "index.json"
 SHARD_HASHES = ["sha1"]
 
 
@@ -481,9 +480,7 @@ def check_remote(uri: str) -> None:
         raise ValueError(f"no uploader for {scheme}:// (Streaming supports {', '.join(known)})")
 
 
-def upload_tree(
-    local_dir: str | os.PathLike, remote: str, *, last: Sequence[str] = ("manifest.json",)
-) -> list[str]:
+def upload_tree(local_dir: str | os.PathLike, remote: str, *, last: Sequence[str] = (MANIFEST,)) -> list[str]:
     """Upload every file under `local_dir` to `remote` with Streaming's CloudUploader.
 
     Files named in `last` go after all others, so a remote reader that sees the manifest sees
@@ -501,7 +498,7 @@ def upload_tree(
     return files
 
 
-def upload_order(local_dir: str | os.PathLike, *, last: Sequence[str] = ("manifest.json",)) -> list[str]:
+def upload_order(local_dir: str | os.PathLike, *, last: Sequence[str] = (MANIFEST,)) -> list[str]:
     """Relative paths of the files under `local_dir`: shards first, then indexes, then `last`.
 
     Hidden bookkeeping files (starting with '.') are not part of the dataset and are left out.

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.manifest import MANIFEST
+
 NO_DATA = "_No data: not recorded for this export._"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -53,13 +55,13 @@ class CardFacts:
                 return None
             path = Path(path)
             if path.is_dir():
-                path = path / "manifest.json"
+                path = path / MANIFEST
             return json.loads(path.read_text())
 
         run = read(run_config)
         if data is None and run is not None:  # the run's data folder, when this machine can reach it
             local = (run.get("train_loader") or {}).get("local")
-            data = local if local and (Path(local) / "manifest.json").exists() else None
+            data = local if local and (Path(local) / MANIFEST).exists() else None
         if fields.get("base_model") is None and run is not None:
             fields["base_model"] = (run.get("model") or {}).get("init_from")
         if fields.get("license") is None and fields.get("base_model"):
