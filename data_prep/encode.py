@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import RowRef, decode_record, read_rows, read_spans
+from data_prep.formats import RowRef, decode_record, read_rows, read_spans
+from data_prep.sources import Source
 
 
 @dataclass
@@ -61,7 +62,7 @@ def encode_records(
     for (start, path, kind), stop in zip(batch.segments, bounds):
         raws = batch.records[start:stop]
         if raws and isinstance(raws[0], RowRef):
-            raws = read_rows(path, batch.text_field, raws)
+            raws = read_rows(Source(path, kind), batch.text_field, raws)
         elif raws and isinstance(raws[0], tuple):
             raws = read_spans(path, raws)
         for i, raw in enumerate(raws, start):
