@@ -17,30 +17,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_prep.batches import RecordBatch
 from data_prep.formats import RowRef, decode_record, read_rows, read_spans
 from data_prep.sources import Source
-
-
-@dataclass
-class RecordBatch:
-    """Consecutive documents of the corpus as raw records (see `sources.iter_records`).
-
-    `segments` says where each file's records begin: (first index in `records`, path, kind).
-    `numbers[i]` locates record i in its file, for error messages. A record that is a (start,
-    end) byte range or a parquet `RowRef` is read from the file by whoever decodes the batch.
-    """
-
-    part: int
-    text_field: str = "text"
-    records: list = field(default_factory=list)
-    numbers: list[int] = field(default_factory=list)
-    segments: list[tuple[int, str, str]] = field(default_factory=list)
-    chars: int = 0
+from data_prep.usage import peak_rss_mib
 
 
 @dataclass
@@ -130,19 +115,6 @@ def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:
     tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True
     return tok
-
-
-def peak_rss_mib(pid: int | str = "self") -> float | None:
-    """Peak resident memory of a process (Linux's VmHWM, which, unlike ru_maxrss, does not
-    inherit the high-water mark of the process that started this one); None where unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 # State of a worker process, set once by _init_worker.

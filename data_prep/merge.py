@@ -10,6 +10,7 @@ its own and the inputs may be deleted afterwards:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from data_prep.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    SLICE_GLOB,
     SPLITS,
     STATE,
     check_split_has_rows,
@@ -83,7 +85,7 @@ def merge(inputs: Sequence[str], out: str, *, overwrite: bool = False) -> MergeR
             index = mds.read_index(folder / split)
             for shard in index["shards"]:
                 basename = mds.stored_file(shard)["basename"]
-                mds.link_or_copy(folder / split / basename, out_dir / split / name / basename)
+                link_or_copy(folder / split / basename, out_dir / split / name / basename)
             children.append((name, index))
             for key in COUNT_KEYS:
                 totals[key] += manifest["splits"][split][key]
@@ -123,7 +125,7 @@ def _expand(inputs: Sequence[str]) -> list[Path]:
         folder = Path(item)
         if not folder.is_dir():
             raise DataPrepError(f"merge input {item} is not a folder")
-        slices = sorted(folder.glob("slice-*-of-*"), key=_slice_key)
+        slices = sorted(folder.glob(SLICE_GLOB), key=_slice_key)
         if not (folder / MANIFEST).is_file() and not (folder / STATE).is_file() and slices:
             folders.extend(slices)
         else:
@@ -185,3 +187,12 @@ def _unique_names(folders: list[Path]) -> list[str]:
         name = folder.resolve().name
         names.append(name if name not in names else f"{name}-{j}")
     return names
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` to `dst` (same file system), else copy it."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

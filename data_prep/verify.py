@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import mds
-from data_prep.manifest import read_manifest
+from data_prep.errors import DataPrepError
+from data_prep.manifest import INDEX, MANIFEST, read_manifest
+from data_prep.remote import check_access, is_remote
 
 REWRITE = (
     "re-run the data_prep convert command that wrote this folder with --overwrite (or copy the folder again)"
@@ -48,7 +50,7 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
     into a temporary folder first and checked the same way.
     Raises DataPrepError when `folder` is not a finished output.
     """
-    if mds.is_remote(str(folder)):
+    if is_remote(str(folder)):
         return _verify_remote(str(folder), max_errors=max_errors)
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -69,7 +71,7 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
         try:
             index = mds.read_index(split_dir)
         except (OSError, ValueError) as exc:
-            problem(f"{split}: cannot read {split_dir / mds.INDEX}: {exc}")
+            problem(f"{split}: cannot read {split_dir / INDEX}: {exc}")
             continue
         for shard in index["shards"]:
             name = mds.stored_file(shard)["basename"]
@@ -125,10 +127,6 @@ def download_output(uri: str, local: str | os.PathLike) -> None:
     """
     from streaming.base.storage import CloudDownloader
 
-    from data_prep.errors import DataPrepError
-    from data_prep.manifest import MANIFEST
-    from data_prep.remote import check_access
-
     uri = uri.rstrip("/")
     check_access(uri)
     downloader = CloudDownloader.get(uri)  # one client for every file
@@ -146,7 +144,7 @@ def download_output(uri: str, local: str | os.PathLike) -> None:
         if not fetch(MANIFEST):
             raise DataPrepError(f"{uri} is not a finished data_prep output (no {MANIFEST})")
         for split in read_manifest(local)["splits"]:
-            if fetch(f"{split}/{mds.INDEX}"):
+            if fetch(f"{split}/{INDEX}"):
                 for shard in mds.read_index(Path(local) / split)["shards"]:
                     fetch(f"{split}/{mds.stored_file(shard)['basename']}")
     except DataPrepError:
