@@ -78,24 +78,41 @@ def merge(inputs: Sequence[str], out: str, *, overwrite: bool = False) -> MergeR
     names = _unique_names(folders)
     splits = {}
     for split in SPLITS:
-        children, totals = [], dict.fromkeys(COUNT_KEYS, 0)
-        for folder, name, manifest in zip(folders, names, manifests):
-            if split not in manifest["splits"]:
-                continue
-            index = mds.read_index(folder / split)
-            for shard in index["shards"]:
-                basename = mds.stored_file(shard)["basename"]
-                link_or_copy(folder / split / basename, out_dir / split / name / basename)
-            children.append((name, index))
-            for key in COUNT_KEYS:
-                totals[key] += manifest["splits"][split][key]
-        if children:
-            mds.write_merged_index(out_dir / split, children)
-            check_split_has_rows(split, totals, manifests[0]["seq_len"])
+        totals = _merge_split(split, folders, names, manifests, out_dir)
+        if totals is not None:
             splits[split] = totals
+    manifest = _manifest(sources, names, manifests, splits)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / STATE).unlink(missing_ok=True)
+    return MergeResult(manifest, str(out_dir), False)
 
+
+def _merge_split(
+    split: str, folders: list[Path], names: list[str], manifests: list[dict], out_dir: Path
+) -> dict | None:
+    """Link the shards of `split` of every input into out_dir/split/<name>/, write its index; the
+    summed counts, or None when no input has the split."""
+    children, totals = [], dict.fromkeys(COUNT_KEYS, 0)
+    for folder, name, manifest in zip(folders, names, manifests):
+        if split not in manifest["splits"]:
+            continue
+        index = mds.read_index(folder / split)
+        for shard in index["shards"]:
+            basename = mds.stored_file(shard)["basename"]
+            link_or_copy(folder / split / basename, out_dir / split / name / basename)
+        children.append((name, index))
+        for key in COUNT_KEYS:
+            totals[key] += manifest["splits"][split][key]
+    if not children:
+        return None
+    mds.write_merged_index(out_dir / split, children)
+    check_split_has_rows(split, totals, manifests[0]["seq_len"])
+    return totals
+
+
+def _manifest(sources: list[str], names: list[str], manifests: list[dict], splits: dict[str, dict]) -> dict:
     first = manifests[0]
-    manifest = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": "merge",
@@ -112,9 +129,6 @@ def merge(inputs: Sequence[str], out: str, *, overwrite: bool = False) -> MergeR
         ],
         "splits": splits,
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    (out_dir / STATE).unlink(missing_ok=True)
-    return MergeResult(manifest, str(out_dir), False)
 
 
 def _expand(inputs: Sequence[str]) -> list[Path]:
