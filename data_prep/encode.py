@@ -109,10 +109,9 @@ def encode_texts(
     return np.concatenate(pieces), np.concatenate(piece_lengths)
 
 
-def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:
-    """A tokenizer that encodes special-token strings found in a document (say a web page quoting
+def encoding_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """`tok`, set to encode special-token strings found in a document (say a web page quoting
     "<|endoftext|>") as ordinary text, so that only data_prep places EOS/BOS ids."""
-    tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True
     return tok
 
@@ -126,8 +125,8 @@ def _init_worker(tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, pa
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C reaches the whole process group; the parent handles it and shuts the workers down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tok.encode_special_tokens = True  # again: a spawned worker gets a pickled copy without it
-    _worker.update(tok=tok, eos_id=eos_id, bos_id=bos_id, dtype=dtype)
+    # Again: a spawned worker gets a pickled copy without the setting.
+    _worker.update(tok=encoding_tokenizer(tok), eos_id=eos_id, bos_id=bos_id, dtype=dtype)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
 
 
@@ -158,8 +157,7 @@ class OrderedEncoder:
 
     def __init__(self, tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, workers: int):
         # The encoder owns `tok` from here: it encodes special-token strings in the text as text.
-        tok.encode_special_tokens = True
-        self.tok = tok
+        self.tok = tok = encoding_tokenizer(tok)
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, dtype
         self.workers = workers
         self.pool = None
