@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.manifest import MANIFEST
-
 NO_DATA = "_No data: not recorded for this export._"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -49,6 +47,7 @@ class CardFacts:
     ) -> CardFacts:
         """Read the facts from paths (each optional): a data folder or its manifest.json, the run's
         ``run_config.json``, ``pipeline.eval --out`` JSONs and a ``--plot`` PNG."""
+        from data_prep.manifest import MANIFEST  # here: the model's imports (a GPU box) carry no data_prep
 
         def read(path):
             if path is None:
