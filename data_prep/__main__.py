@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import MISSING, fields
 
+from data_prep.convert_args import ConvertArgs
 from data_prep.errors import DataPrepError
 from data_prep.sources import unescape
 
@@ -20,7 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize a corpus into packed MDS rows for BD3 pretraining; merge and verify outputs.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(commands)
+    _add_tokenizer(commands)
+    _add_merge(commands)
+    _add_verify(commands)
+    return parser
 
+
+def _add_convert(commands) -> None:
+    """The convert command: a flag for each field of ConvertArgs (--seq-len sets seq_len), with the
+    field's default (required when it has none) and choices."""
     p = commands.add_parser(
         "convert",
         help="tokenize and pack a corpus into MDS shards (resumable)",
@@ -28,78 +39,69 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens and write DIR/train (and DIR/val) as MosaicML Streaming MDS datasets. Rerun the "
         "same command after a crash to resume; on a finished output it does nothing.",
     )
+    default = {f.name: f.default for f in fields(ConvertArgs) if f.init}
+
+    def flag(name: str, help: str, **kw) -> None:
+        if default[name] is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = default[name]
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=help, **kw)
+
+    # One line per flag, in --help order: long, but a flat list to read top to bottom.
     p.add_argument(
         "--input",
+        dest="inputs",
         nargs="+",
         required=True,
         metavar="SRC",
         help="files or globs (.txt, .jsonl, .jsonl.zst, .parquet), or a hub dataset name "
         "(NAME or NAME:CONFIG; 'openwebtext' = Skylion007/openwebtext)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder, or s3:// gs:// oci:// ... URI")
-    p.add_argument(
-        "--tokenizer",
-        required=True,
-        metavar="TOK",
-        help="tokenizer.json, a model folder holding one, or a hub name",
-    )
-    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per row")
-    p.add_argument(
-        "--val-docs", type=int, default=0, metavar="K", help="hold out the last K documents as split val"
-    )
-    p.add_argument(
-        "--workers", type=int, default=None, metavar="W", help="tokenizer processes (default: all cores)"
-    )
-    p.add_argument(
-        "--text-field",
-        default="text",
+    flag("out", "output folder, or s3:// gs:// oci:// ... URI", metavar="DIR")
+    flag("tokenizer", "tokenizer.json, a model folder holding one, or a hub name", metavar="TOK")
+    flag("seq_len", "tokens per row", type=int, metavar="N")
+    flag("val_docs", "hold out the last K documents as split val", type=int, metavar="K")
+    flag("workers", "tokenizer processes (default: all cores)", type=int, metavar="W")
+    flag(
+        "text_field",
+        f"text field of jsonl/parquet records (default: {default['text_field']})",
         metavar="FIELD",
-        help="text field of jsonl/parquet records (default: text)",
     )
-    p.add_argument(
-        "--doc-sep",
+    flag(
+        "doc_sep",
+        r"split .txt files into documents at SEP (escapes \n \t allowed, e.g. '\n\n'); default: one per file",
         type=unescape,
-        default=None,
         metavar="SEP",
-        help=r"split .txt files into documents at SEP (escapes \n \t allowed, e.g. '\n\n'); default: one per file",
     )
-    p.add_argument("--bos", action="store_true", help="also prepend the BOS token to every document")
-    p.add_argument("--eos-token", default=None, metavar="STR", help="EOS token (default: from the tokenizer)")
-    p.add_argument(
-        "--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token dtype (default: auto)"
+    flag("bos", "also prepend the BOS token to every document", action="store_true")
+    flag("eos_token", "EOS token (default: from the tokenizer)", metavar="STR")
+    flag("dtype", f"token dtype (default: {default['dtype']})", choices=ConvertArgs.DTYPES)
+    flag(
+        "compression",
+        f"shard compression (default: {default['compression']})",
+        choices=ConvertArgs.COMPRESSIONS,
     )
-    p.add_argument(
-        "--compression", choices=("zstd", "none"), default="zstd", help="shard compression (default: zstd)"
-    )
-    p.add_argument(
-        "--shard-size-limit",
-        default="64mb",
+    flag(
+        "shard_size_limit",
+        f"shard size before compression (default: {default['shard_size_limit']})",
         metavar="BYTES",
-        help="shard size before compression (default: 64mb)",
     )
-    p.add_argument(
-        "--slice",
-        default=None,
-        metavar="i/n",
-        help="only documents [i*N//n, (i+1)*N//n), into DIR/slice-i-of-n",
-    )
-    p.add_argument(
-        "--docs-per-part",
+    flag("slice", "only documents [i*N//n, (i+1)*N//n), into DIR/slice-i-of-n", metavar="i/n")
+    flag(
+        "docs_per_part",
+        f"documents per resumable part (default: {default['docs_per_part']})",
         type=int,
-        default=20_000,
         metavar="P",
-        help="documents per resumable part (default: 20000)",
     )
-    p.add_argument("--max-docs", type=int, default=None, metavar="M", help="use only the first M documents")
-    p.add_argument(
-        "--overwrite", action="store_true", help="delete an existing output in --out and start again"
-    )
-    p.add_argument(
-        "--local-cache", default=None, metavar="DIR", help="local build folder when --out is remote"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flag("max_docs", "use only the first M documents", type=int, metavar="M")
+    flag("overwrite", "delete an existing output in --out and start again", action="store_true")
+    flag("local_cache", "local build folder when --out is remote", metavar="DIR")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_convert)
 
+
+def _add_tokenizer(commands) -> None:
     p = commands.add_parser("tokenizer", help="tokenizer tools")
     tok_commands = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     p = tok_commands.add_parser(
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_tokenizer_train)
 
+
+def _add_merge(commands) -> None:
     p = commands.add_parser(
         "merge",
         help="combine finished outputs (e.g. slices) into one dataset",
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output in OUT")
     p.set_defaults(run=_merge)
 
+
+def _add_verify(commands) -> None:
     p = commands.add_parser(
         "verify",
         help="re-read and check every shard of an output",
@@ -139,34 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(run=_verify)
-    return parser
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from data_prep.convert import convert
+    from data_prep.convert import run
     from data_prep.manifest import format_summary
 
-    result = convert(
-        a.input,
-        a.out,
-        a.tokenizer,
-        a.seq_len,
-        val_docs=a.val_docs,
-        workers=a.workers,
-        text_field=a.text_field,
-        doc_sep=a.doc_sep,
-        bos=a.bos,
-        eos_token=a.eos_token,
-        dtype=a.dtype,
-        compression=a.compression,
-        shard_size_limit=a.shard_size_limit,
-        slice=a.slice,
-        docs_per_part=a.docs_per_part,
-        max_docs=a.max_docs,
-        overwrite=a.overwrite,
-        local_cache=a.local_cache,
-        progress=not a.no_progress,
-    )
+    result = run(ConvertArgs(**{f.name: getattr(a, f.name) for f in fields(ConvertArgs) if f.init}))
     if result.already_complete:
         print(f"{result.out} is already complete (same arguments); nothing to do")
     print(

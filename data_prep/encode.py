@@ -17,29 +17,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import RowRef, decode_record, read_rows, read_spans
-
-
-@dataclass
-class RecordBatch:
-    """Consecutive documents of the corpus as raw records (see `sources.iter_records`).
-
-    `segments` says where each file's records begin: (first index in `records`, path, kind).
-    `numbers[i]` locates record i in its file, for error messages. A record that is a (start,
-    end) byte range or a parquet `RowRef` is read from the file by whoever decodes the batch.
-    """
-
-    part: int
-    text_field: str = "text"
-    records: list = field(default_factory=list)
-    numbers: list[int] = field(default_factory=list)
-    segments: list[tuple[int, str, str]] = field(default_factory=list)
-    chars: int = 0
+from data_prep.batches import RecordBatch
+from data_prep.formats import RowRef, decode_record, read_rows, read_spans
+from data_prep.sources import Source
+from data_prep.usage import peak_rss_mib
 
 
 @dataclass
@@ -61,7 +47,7 @@ def encode_records(
     for (start, path, kind), stop in zip(batch.segments, bounds):
         raws = batch.records[start:stop]
         if raws and isinstance(raws[0], RowRef):
-            raws = read_rows(path, batch.text_field, raws)
+            raws = read_rows(Source(path, kind), batch.text_field, raws)
         elif raws and isinstance(raws[0], tuple):
             raws = read_spans(path, raws)
         for i, raw in enumerate(raws, start):
@@ -123,25 +109,11 @@ def encode_texts(
     return np.concatenate(pieces), np.concatenate(piece_lengths)
 
 
-def encoding_tokenizer(tokenizer_json: str) -> Tokenizer:
-    """A tokenizer that encodes special-token strings found in a document (say a web page quoting
+def encoding_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """`tok`, set to encode special-token strings found in a document (say a web page quoting
     "<|endoftext|>") as ordinary text, so that only data_prep places EOS/BOS ids."""
-    tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True
     return tok
-
-
-def peak_rss_mib(pid: int | str = "self") -> float | None:
-    """Peak resident memory of a process (Linux's VmHWM, which, unlike ru_maxrss, does not
-    inherit the high-water mark of the process that started this one); None where unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 # State of a worker process, set once by _init_worker.
@@ -153,8 +125,8 @@ def _init_worker(tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, pa
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C reaches the whole process group; the parent handles it and shuts the workers down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tok.encode_special_tokens = True  # again: a spawned worker gets a pickled copy without it
-    _worker.update(tok=tok, eos_id=eos_id, bos_id=bos_id, dtype=dtype)
+    # Again: a spawned worker gets a pickled copy without the setting.
+    _worker.update(tok=encoding_tokenizer(tok), eos_id=eos_id, bos_id=bos_id, dtype=dtype)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
 
 
@@ -185,8 +157,7 @@ class OrderedEncoder:
 
     def __init__(self, tok: Tokenizer, eos_id: int, bos_id: int | None, dtype: str, workers: int):
         # The encoder owns `tok` from here: it encodes special-token strings in the text as text.
-        tok.encode_special_tokens = True
-        self.tok = tok
+        self.tok = tok = encoding_tokenizer(tok)
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, dtype
         self.workers = workers
         self.pool = None

@@ -1,9 +1,11 @@
-"""The manifest of a finished output (what the training code reads), and small JSON file helpers.
+"""The file names of an output folder, its manifest (what the training code reads), and small
+JSON file helpers.
 
 A data_prep output folder holds:
     manifest.json      written last, atomically, only when everything is complete
     in_progress.json   while a convert runs (its arguments), removed when the manifest is written
     train/, val/       one MDS dataset each (index.json + part-XXXXX/ shard folders)
+A convert with --slice i/n writes such a folder as slice-i-of-n/ inside its --out.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from data_prep.errors import DataPrepError
 
 MANIFEST = "manifest.json"
 STATE = "in_progress.json"
+INDEX = "index.json"  # an MDS folder's list of shards (Streaming's name)
+SLICE_GLOB = "slice-*-of-*"  # the folders of `slice_dirname`
 FORMAT = "bd3-data-prep-mds"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# The dtypes a row's tokens may be stored in ("dtype"), each with the number of token ids it can hold.
+TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 # Per-split counts; a merged output sums them over its inputs.
 COUNT_KEYS = (
     "documents",
@@ -32,6 +38,11 @@ COUNT_KEYS = (
 )
 
 
+def slice_dirname(i: int, n: int) -> str:
+    """The folder of slice i of n inside an output folder."""
+    return f"slice-{i}-of-{n}"
+
+
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a finished data_prep output, as a plain dict.
 
@@ -42,7 +53,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     """
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file() and (folder / "index.json").is_file() and (folder.parent / MANIFEST).is_file():
+    if not path.is_file() and (folder / INDEX).is_file() and (folder.parent / MANIFEST).is_file():
         path = folder.parent / MANIFEST  # a split folder of a finished output
     if not path.is_file():
         if (folder / STATE).is_file():
@@ -50,7 +61,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
                 f"{folder} is an incomplete data_prep output (a convert started but did not finish): "
                 "rerun the same `python -m data_prep convert` command to finish it"
             )
-        if any(folder.glob("slice-*-of-*")):
+        if any(folder.glob(SLICE_GLOB)):
             raise DataPrepError(
                 f"{folder} holds slices, not a dataset: combine them with `python -m data_prep merge {folder} --out OUT`"
             )

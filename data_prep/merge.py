@@ -10,6 +10,7 @@ its own and the inputs may be deleted afterwards:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from data_prep.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    SLICE_GLOB,
     SPLITS,
     STATE,
     check_split_has_rows,
@@ -76,24 +78,41 @@ def merge(inputs: Sequence[str], out: str, *, overwrite: bool = False) -> MergeR
     names = _unique_names(folders)
     splits = {}
     for split in SPLITS:
-        children, totals = [], dict.fromkeys(COUNT_KEYS, 0)
-        for folder, name, manifest in zip(folders, names, manifests):
-            if split not in manifest["splits"]:
-                continue
-            index = mds.read_index(folder / split)
-            for shard in index["shards"]:
-                basename = mds.stored_file(shard)["basename"]
-                mds.link_or_copy(folder / split / basename, out_dir / split / name / basename)
-            children.append((name, index))
-            for key in COUNT_KEYS:
-                totals[key] += manifest["splits"][split][key]
-        if children:
-            mds.write_merged_index(out_dir / split, children)
-            check_split_has_rows(split, totals, manifests[0]["seq_len"])
+        totals = _merge_split(split, folders, names, manifests, out_dir)
+        if totals is not None:
             splits[split] = totals
+    manifest = _manifest(sources, names, manifests, splits)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / STATE).unlink(missing_ok=True)
+    return MergeResult(manifest, str(out_dir), False)
 
+
+def _merge_split(
+    split: str, folders: list[Path], names: list[str], manifests: list[dict], out_dir: Path
+) -> dict | None:
+    """Link the shards of `split` of every input into out_dir/split/<name>/, write its index; the
+    summed counts, or None when no input has the split."""
+    children, totals = [], dict.fromkeys(COUNT_KEYS, 0)
+    for folder, name, manifest in zip(folders, names, manifests):
+        if split not in manifest["splits"]:
+            continue
+        index = mds.read_index(folder / split)
+        for shard in index["shards"]:
+            basename = mds.stored_file(shard)["basename"]
+            link_or_copy(folder / split / basename, out_dir / split / name / basename)
+        children.append((name, index))
+        for key in COUNT_KEYS:
+            totals[key] += manifest["splits"][split][key]
+    if not children:
+        return None
+    mds.write_merged_index(out_dir / split, children)
+    check_split_has_rows(split, totals, manifests[0]["seq_len"])
+    return totals
+
+
+def _manifest(sources: list[str], names: list[str], manifests: list[dict], splits: dict[str, dict]) -> dict:
     first = manifests[0]
-    manifest = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": "merge",
@@ -110,9 +129,6 @@ def merge(inputs: Sequence[str], out: str, *, overwrite: bool = False) -> MergeR
         ],
         "splits": splits,
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    (out_dir / STATE).unlink(missing_ok=True)
-    return MergeResult(manifest, str(out_dir), False)
 
 
 def _expand(inputs: Sequence[str]) -> list[Path]:
@@ -123,7 +139,7 @@ def _expand(inputs: Sequence[str]) -> list[Path]:
         folder = Path(item)
         if not folder.is_dir():
             raise DataPrepError(f"merge input {item} is not a folder")
-        slices = sorted(folder.glob("slice-*-of-*"), key=_slice_key)
+        slices = sorted(folder.glob(SLICE_GLOB), key=_slice_key)
         if not (folder / MANIFEST).is_file() and not (folder / STATE).is_file() and slices:
             folders.extend(slices)
         else:
@@ -185,3 +201,12 @@ def _unique_names(folders: list[Path]) -> list[str]:
         name = folder.resolve().name
         names.append(name if name not in names else f"{name}-{j}")
     return names
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` to `dst` (same file system), else copy it."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

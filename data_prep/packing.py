@@ -38,12 +38,13 @@ class RowPacker:
         list per row.
         """
         rows, starts, counts = self.add_flat(tokens, lengths)
-        return rows, np.split(starts, np.cumsum(counts)[:-1]) if len(rows) else []
+        return rows, np.split(starts, start_bounds(counts)[1:-1]) if len(rows) else []
 
     def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As `add`, with the document starts of all rows concatenated: (rows, starts, counts).
 
-        counts[r] starts belong to row r; starts are row-relative positions, int64. No work per row.
+        counts[r] starts belong to row r (`start_bounds`); starts are row-relative positions, int64.
+        No work per row.
         """
         L = self.seq_len
         carry = len(self.carry_tokens)
@@ -58,3 +59,9 @@ class RowPacker:
         self.carry_tokens = stream[cut:].copy()
         self.carry_doc_starts = starts[inside:] - cut
         return rows, starts[:inside] - row_of * L, counts
+
+
+def start_bounds(counts: np.ndarray) -> np.ndarray:
+    """(n + 1,) int64 from the (n,) starts per row of `RowPacker.add_flat`: row r's document
+    starts are starts[bounds[r] : bounds[r + 1]] of its flat starts."""
+    return np.concatenate([[0], np.cumsum(counts)])

@@ -1,12 +1,38 @@
-"""Object storage reachability: one request before any real work, so a wrong bucket or credential
-is reported as one line naming what to change instead of a retry loop deep inside an upload."""
+"""Object storage (s3://, gs://, oci://, ...): telling a URI from a local folder, checking that it can
+be reached before any real work, and uploading a finished output, manifest last.
+
+`check_access` makes one request first, so that a wrong bucket or credential is reported as one
+line naming what to change instead of a retry loop deep inside an upload. Streaming's uploaders
+do the uploading; `streaming` is imported only when one is needed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import tempfile
 import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
 
 from data_prep.errors import DataPrepError
+from data_prep.manifest import INDEX, MANIFEST, load_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+UPLOADED = ".uploaded.json"  # in a built output: the remote it was uploaded to, once complete
+
+
+def is_remote(uri: str) -> bool:
+    """Whether `uri` names object storage (s3://, gs://, oci://, ...) rather than a local folder."""
+    return urllib.parse.urlparse(uri).scheme != ""
+
+
+def local_cache_dir(kind: str, uri: str) -> Path:
+    """A local folder for files of the remote `uri`: <temp dir>/`kind`/<16 hex digits of sha1(uri)>,
+    the same in every process and run on this machine."""
+    return Path(tempfile.gettempdir()) / kind / hashlib.sha1(uri.encode()).hexdigest()[:16]
 
 
 def check_access(uri: str) -> None:
@@ -48,3 +74,67 @@ def check_access(uri: str) -> None:
         raise DataPrepError(f"cannot reach {where}: {type(exc).__name__}; check S3_ENDPOINT_URL") from exc
     finally:
         client.close()
+
+
+def check_remote(uri: str) -> None:
+    """Raise ValueError when Streaming has no uploader for the scheme of `uri`."""
+    from streaming.base.storage.upload import UPLOADERS
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme not in UPLOADERS:
+        known = sorted(f"{s}://" for s in UPLOADERS if s and "/" not in s)
+        raise ValueError(f"no uploader for {scheme}:// (Streaming supports {', '.join(known)})")
+
+
+def upload_tree(local_dir: str | os.PathLike, remote: str, *, last: Sequence[str] = (MANIFEST,)) -> list[str]:
+    """Upload every file under `local_dir` to `remote` with Streaming's CloudUploader.
+
+    Files named in `last` go after all others, so a remote reader that sees the manifest sees
+    complete shards. `remote` may also be a local folder (a stand-in for object storage).
+    Returns the uploaded relative paths in upload order.
+    """
+    from streaming.base.storage.upload import CloudUploader
+
+    files = upload_order(local_dir, last=last)
+    uploader = CloudUploader.get((str(local_dir), remote), keep_local=True, exist_ok=True)
+    for rel in files:
+        if not is_remote(remote):  # LocalUploader copies into existing folders only
+            os.makedirs(os.path.dirname(os.path.join(remote, rel)), exist_ok=True)
+        uploader.upload_file(rel)
+    return files
+
+
+def upload_order(local_dir: str | os.PathLike, *, last: Sequence[str] = (MANIFEST,)) -> list[str]:
+    """Relative paths of the files under `local_dir`: shards first, then indexes, then `last`.
+
+    Hidden bookkeeping files (starting with '.') are not part of the dataset and are left out.
+    """
+    files = []
+    for root, dirs, names in os.walk(local_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                files.append(os.path.relpath(os.path.join(root, name), local_dir))
+    rank = {name: i for i, name in enumerate(last)}
+
+    def key(rel: str) -> tuple:
+        if rel in rank:
+            return (2, rank[rel], "")
+        if os.path.basename(rel) == INDEX:  # part indexes before the split index above them
+            return (1, -rel.count(os.sep), rel)
+        return (0, 0, rel)
+
+    return sorted(files, key=key)
+
+
+def upload_pending(out_dir: Path, remote: str) -> bool:
+    """Whether the finished output in `out_dir` still has to be uploaded to `remote`."""
+    marker = out_dir / UPLOADED
+    return not marker.is_file() or load_json(marker).get("remote") != remote
+
+
+def upload_output(out_dir: Path, remote: str) -> None:
+    """Upload the finished output in `out_dir` to `remote` (`upload_tree`) and record that it was."""
+    log.info("uploading %s to %s", out_dir, remote)
+    upload_tree(out_dir, remote)
+    write_json_atomic(out_dir / UPLOADED, {"remote": remote})

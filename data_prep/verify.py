@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import mds
-from data_prep.manifest import read_manifest
+from data_prep.errors import DataPrepError
+from data_prep.manifest import INDEX, MANIFEST, read_manifest
+from data_prep.remote import check_access, is_remote
 
 REWRITE = (
     "re-run the data_prep convert command that wrote this folder with --overwrite (or copy the folder again)"
@@ -41,21 +43,19 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
 
     Checks: every shard listed in each split's index exists with the recorded size and hashes and
     decodes; a decompressed copy that Streaming left beside a compressed shard (and reads instead of
-    it) has the raw-data size and hashes of the index; every row has tokens of shape (seq_len,) and the manifest's dtype, ids < vocab size,
-    doc_starts sorted, < seq_len and each preceded by an EOS; per split, the rows, shards and bytes
-    match the manifest and rows * seq_len + dropped_tail_tokens == tokens.
+    it) has the raw-data size and hashes of the index; every row has tokens of shape (seq_len,) and
+    the manifest's dtype, ids < vocab size, doc_starts sorted, < seq_len and each preceded by an EOS;
+    per split, the rows, shards and bytes match the manifest and rows * seq_len +
+    dropped_tail_tokens == tokens.
     `folder` may be a remote URI (s3://, gs://, ...): its manifest, indexes and shards are downloaded
     into a temporary folder first and checked the same way.
     Raises DataPrepError when `folder` is not a finished output.
     """
-    if mds.is_remote(str(folder)):
+    if is_remote(str(folder)):
         return _verify_remote(str(folder), max_errors=max_errors)
     folder = Path(folder)
     manifest = read_manifest(folder)
     report = VerifyReport(str(folder))
-    seq_len, dtype = manifest["seq_len"], np.dtype(manifest["dtype"])
-    tok = manifest["tokenizer"]
-    expected_columns = manifest["columns"]
 
     def problem(message: str) -> None:
         if len(report.errors) < max_errors:
@@ -64,49 +64,62 @@ def verify(folder: str | os.PathLike, *, max_errors: int = 50) -> VerifyReport:
             report.errors.append("... more problems not shown")
 
     for split, m in manifest["splits"].items():
-        split_dir = folder / split
         seen = report.splits[split] = {"rows": 0, "shards": 0, "bytes": 0}
-        try:
-            index = mds.read_index(split_dir)
-        except (OSError, ValueError) as exc:
-            problem(f"{split}: cannot read {split_dir / mds.INDEX}: {exc}")
-            continue
-        for shard in index["shards"]:
-            name = mds.stored_file(shard)["basename"]
-            where = f"{split}: shard {split_dir / name}"
-            seen["shards"] += 1
-            seen["bytes"] += mds.stored_file(shard)["bytes"]
-            columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
-            if columns != expected_columns:
-                problem(f"{where}: columns {columns}, the manifest says {expected_columns}")
-                continue
-            try:
-                mds.check_decompressed_copy(split_dir, shard)
-            except mds.ShardError as exc:
-                problem(f"{split}: {exc}")
-            try:
-                tokens, doc_starts = mds.read_shard(split_dir, shard)
-            except mds.ShardError as exc:
-                problem(f"{where}: {exc}; {REWRITE}")
-                continue
-            seen["rows"] += len(tokens)
-            for i, (row, column) in enumerate(zip(tokens, doc_starts)):
-                message = _check_row(row, column, seq_len, dtype, tok)
-                if message:
-                    problem(f"{where}: row {i}: {message}")
-        if seen["shards"] != m["shards"] or seen["bytes"] != m["bytes"]:
-            problem(
-                f"{split}: the index lists {seen['shards']} shards of {seen['bytes']:,} bytes, "
-                f"the manifest says {m['shards']} shards of {m['bytes']:,} bytes"
-            )
-        if seen["rows"] != m["rows"]:
-            problem(f"{split}: the shards hold {seen['rows']:,} rows, the manifest says {m['rows']:,}")
-        if m["rows"] * seq_len + m["dropped_tail_tokens"] != m["tokens"]:
-            problem(
-                f"{split}: manifest counts do not add up: rows {m['rows']:,} * seq_len {seq_len} + "
-                f"dropped {m['dropped_tail_tokens']:,} != tokens {m['tokens']:,}"
-            )
+        if _verify_shards(folder / split, split, manifest, seen, problem):
+            _check_counts(split, m, seen, manifest["seq_len"], problem)
     return report
+
+
+def _verify_shards(split_dir: Path, split: str, manifest: dict, seen: dict, problem) -> bool:
+    """Check every shard the split's index lists and every row in it, counting into `seen`; False
+    when the index cannot be read."""
+    seq_len, dtype = manifest["seq_len"], np.dtype(manifest["dtype"])
+    expected_columns = manifest["columns"]
+    try:
+        index = mds.read_index(split_dir)
+    except (OSError, ValueError) as exc:
+        problem(f"{split}: cannot read {split_dir / INDEX}: {exc}")
+        return False
+    for shard in index["shards"]:
+        name = mds.stored_file(shard)["basename"]
+        where = f"{split}: shard {split_dir / name}"
+        seen["shards"] += 1
+        seen["bytes"] += mds.stored_file(shard)["bytes"]
+        columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        if columns != expected_columns:
+            problem(f"{where}: columns {columns}, the manifest says {expected_columns}")
+            continue
+        try:
+            mds.check_decompressed_copy(split_dir, shard)
+        except mds.ShardError as exc:
+            problem(f"{split}: {exc}")
+        try:
+            tokens, doc_starts = mds.read_shard(split_dir, shard)
+        except mds.ShardError as exc:
+            problem(f"{where}: {exc}; {REWRITE}")
+            continue
+        seen["rows"] += len(tokens)
+        for i, (row, column) in enumerate(zip(tokens, doc_starts)):
+            message = _check_row(row, column, seq_len, dtype, manifest["tokenizer"])
+            if message:
+                problem(f"{where}: row {i}: {message}")
+    return True
+
+
+def _check_counts(split: str, m: dict, seen: dict, seq_len: int, problem) -> None:
+    """The split's rows, shards and bytes read (`seen`) against its manifest entry `m`."""
+    if seen["shards"] != m["shards"] or seen["bytes"] != m["bytes"]:
+        problem(
+            f"{split}: the index lists {seen['shards']} shards of {seen['bytes']:,} bytes, "
+            f"the manifest says {m['shards']} shards of {m['bytes']:,} bytes"
+        )
+    if seen["rows"] != m["rows"]:
+        problem(f"{split}: the shards hold {seen['rows']:,} rows, the manifest says {m['rows']:,}")
+    if m["rows"] * seq_len + m["dropped_tail_tokens"] != m["tokens"]:
+        problem(
+            f"{split}: manifest counts do not add up: rows {m['rows']:,} * seq_len {seq_len} + "
+            f"dropped {m['dropped_tail_tokens']:,} != tokens {m['tokens']:,}"
+        )
 
 
 def _verify_remote(uri: str, *, max_errors: int) -> VerifyReport:
@@ -121,13 +134,10 @@ def _verify_remote(uri: str, *, max_errors: int) -> VerifyReport:
 def download_output(uri: str, local: str | os.PathLike) -> None:
     """Download the manifest, each split's index and every shard it lists from `uri` into `local`.
 
-    A file the remote copy lacks is skipped (`verify` of `local` then names it). Raises DataPrepError when `uri` holds no manifest (not a finished output) or cannot be read.
+    A file the remote copy lacks is skipped (`verify` of `local` then names it). Raises
+    DataPrepError when `uri` holds no manifest (not a finished output) or cannot be read.
     """
     from streaming.base.storage import CloudDownloader
-
-    from data_prep.errors import DataPrepError
-    from data_prep.manifest import MANIFEST
-    from data_prep.remote import check_access
 
     uri = uri.rstrip("/")
     check_access(uri)
@@ -146,7 +156,7 @@ def download_output(uri: str, local: str | os.PathLike) -> None:
         if not fetch(MANIFEST):
             raise DataPrepError(f"{uri} is not a finished data_prep output (no {MANIFEST})")
         for split in read_manifest(local)["splits"]:
-            if fetch(f"{split}/{mds.INDEX}"):
+            if fetch(f"{split}/{INDEX}"):
                 for shard in mds.read_index(Path(local) / split)["shards"]:
                     fetch(f"{split}/{mds.stored_file(shard)['basename']}")
     except DataPrepError:

@@ -16,20 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.manifest import INDEX, MANIFEST
+
 
 def split_dir(data: str | Path, split: str) -> tuple[Path, dict | None]:
     """The MDS folder of ``split`` and the data_prep manifest when there is one."""
     root = Path(data)
-    manifest = root / "manifest.json"
+    manifest = root / MANIFEST
     if manifest.exists():
         folder = root / split
-        if not (folder / "index.json").exists():
-            raise FileNotFoundError(f"{root} has no finished split {split!r} ({folder}/index.json missing)")
+        if not (folder / INDEX).exists():
+            raise FileNotFoundError(f"{root} has no finished split {split!r} ({folder}/{INDEX} missing)")
         return folder, json.loads(manifest.read_text())
-    if (root / "index.json").exists():
+    if (root / INDEX).exists():
         return root, None
     raise FileNotFoundError(
-        f"{root} is neither a data_prep output (manifest.json) nor an MDS folder (index.json); "
+        f"{root} is neither a data_prep output ({MANIFEST}) nor an MDS folder ({INDEX}); "
         "run `python -m data_prep convert` first"
     )
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from data_prep import mds
+from data_prep.remote import local_cache_dir
 
 if TYPE_CHECKING:  # the model is imported by the loaders only: the layout helpers stay cheap
     from pipeline.model import BD3LM
@@ -184,9 +185,7 @@ def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | No
     The copy goes to ``cache`` (default: a folder under the temp dir named after ``uri``) and is laid
     out like a local save_folder, with ``latest-rank0.pt`` pointing at the fetched checkpoint.
     """
-    import hashlib
     import os
-    import tempfile
 
     found, latest = remote_checkpoints(uri)
     batch = latest if batch is None else batch
@@ -197,13 +196,7 @@ def fetch_save_folder(uri: str, cache: str | Path | None = None, batch: int | No
             else f"no checkpoint of batch {batch}"
         )
         raise FileNotFoundError(f"{uri} holds {what}; batches there: {sorted(found)}")
-    local = (
-        Path(cache)
-        if cache
-        else Path(tempfile.gettempdir())
-        / "pipeline-checkpoints"
-        / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    )
+    local = Path(cache) if cache else local_cache_dir("pipeline-checkpoints", uri)
     local.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(found[batch]).name
     store, prefix = _object_store(uri)
@@ -276,11 +269,7 @@ def upload_paths(uri: str, files: dict[str, Path]) -> None:
 
 def ds_staging(save_folder: str, rank: int) -> Path:
     """The local folder where ``rank`` writes (and reads back) its ZeRO partitions of a remote save_folder."""
-    import hashlib
-    import tempfile
-
-    run = hashlib.sha1(save_folder.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "pipeline-deepspeed" / run / f"rank{rank}"
+    return local_cache_dir("pipeline-deepspeed", save_folder) / f"rank{rank}"
 
 
 def rank_files(rank: int):

@@ -47,19 +47,20 @@ class CardFacts:
     ) -> CardFacts:
         """Read the facts from paths (each optional): a data folder or its manifest.json, the run's
         ``run_config.json``, ``pipeline.eval --out`` JSONs and a ``--plot`` PNG."""
+        from data_prep.manifest import MANIFEST  # here: the model's imports (a GPU box) carry no data_prep
 
         def read(path):
             if path is None:
                 return None
             path = Path(path)
             if path.is_dir():
-                path = path / "manifest.json"
+                path = path / MANIFEST
             return json.loads(path.read_text())
 
         run = read(run_config)
         if data is None and run is not None:  # the run's data folder, when this machine can reach it
             local = (run.get("train_loader") or {}).get("local")
-            data = local if local and (Path(local) / "manifest.json").exists() else None
+            data = local if local and (Path(local) / MANIFEST).exists() else None
         if fields.get("base_model") is None and run is not None:
             fields["base_model"] = (run.get("model") or {}).get("init_from")
         if fields.get("license") is None and fields.get("base_model"):

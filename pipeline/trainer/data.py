@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+# data_prep owns the token dtypes; pipeline.trainer.run_inputs imports TOKEN_DTYPES from here.
+from data_prep.manifest import TOKEN_DTYPES as TOKEN_DTYPES
 from pipeline.rows import packed_rows_dataset_class
 
 log = logging.getLogger(__name__)
 
-TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 _SHM_DIR = Path("/dev/shm")
 _STREAMING_SHM = re.compile(r"^(\d{6})_[a-z_]+$")
 _STREAMING_LOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_prep import mds
-from data_prep.convert import convert, parse_size
+from data_prep.convert import convert
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, STATE, read_manifest
 
@@ -210,12 +210,6 @@ def test_empty_corpora_are_refused(tmp_path, tokenizer_path):
     assert not (tmp_path / "b" / MANIFEST).exists()
 
 
-def test_parse_size_accepts_bytes_and_units():
-    assert parse_size(1000) == 1000 and parse_size("64mb") == 64 << 20 and parse_size("1.5kb") == 1536
-    with pytest.raises(DataPrepError):
-        parse_size("5gb")  # over the 4 GiB MDS offset limit
-
-
 def test_remote_out_uploads_to_s3_after_completion_and_only_once(tmp_path, corpus, tokenizer_path, s3):
     from streaming import StreamingDataset
 
@@ -248,27 +242,6 @@ def test_remote_out_uploads_to_s3_after_completion_and_only_once(tmp_path, corpu
     time.sleep(1.1)  # LastModified has one-second resolution
     assert run([corpus], f"{s3.uri}/data", tokenizer_path, **kw).already_complete
     assert stamps() == before  # uploaded once: the rerun writes nothing
-
-
-def test_upload_tree_copies_everything_manifest_last(tmp_path):
-    local = tmp_path / "local"
-    for rel in (
-        "manifest.json",
-        "train/index.json",
-        "train/part-00000/index.json",
-        "train/part-00000/shard.00000.mds",
-    ):
-        (local / rel).parent.mkdir(parents=True, exist_ok=True)
-        (local / rel).write_text(rel)
-    (local / ".uploaded.json").write_text("{}")
-    order = mds.upload_tree(local, str(tmp_path / "remote"))
-    assert order == [
-        "train/part-00000/shard.00000.mds",
-        "train/part-00000/index.json",
-        "train/index.json",
-        "manifest.json",
-    ]
-    assert all((tmp_path / "remote" / rel).read_text() == rel for rel in order)
 
 
 @pytest.mark.multiprocess

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data_prep import sources
+from data_prep import formats, sources
 from data_prep.errors import DataPrepError
 from data_prep.sources import count_documents, iter_documents, resolve_hub_dataset, resolve_inputs, unescape
 
@@ -50,7 +50,7 @@ def test_txt_doc_sep_splits_and_runs_of_separators_make_no_documents(tmp_path):
 
 
 def test_txt_splitting_across_read_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_READ_CHUNK", 5)  # separators straddle chunk borders
+    monkeypatch.setattr(formats, "_READ_CHUNK", 5)  # separators straddle chunk borders
     path = tmp_path / "x.txt"
     docs = [f"document number {i}" for i in range(20)]
     path.write_text("\n\n".join(docs), encoding="utf-8")
@@ -190,7 +190,7 @@ def test_unescape_turns_typed_escapes_into_characters():
 )  # lines straddle reads, are longer than the buffer, or not
 def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, monkeypatch, chunk):
     """The fast path (convert's parent lists byte ranges, the workers read them) against plain reading."""
-    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    monkeypatch.setattr(formats, "_READ_CHUNK", chunk)
     docs = make_docs(40, seed=5)
     lines = [json.dumps({"text": d}) for d in docs]
     lines[3:3] = ["", "   ", "\t"]  # blank lines are not documents
@@ -204,7 +204,7 @@ def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, mo
         ranged = list(sources.iter_records(srcs, counts, start, stop, spans=True))
         assert all(isinstance(raw, tuple) for _, _, raw in ranged)
         assert [(i, n) for i, n, _ in ranged] == [(i, n) for i, n, _ in plain]
-        read = [sources.read_spans(srcs[i].path, [raw])[0] for i, _, raw in ranged]
+        read = [formats.read_spans(srcs[i].path, [raw])[0] for i, _, raw in ranged]
         assert read == [raw for _, _, raw in plain]
     texts = [t for t, _ in iter_documents(srcs, counts, 0, sum(counts))]
     assert texts == docs + ["last, no newline", "a whole file é\n\nis one document\n"] + docs + [
@@ -214,7 +214,7 @@ def test_byte_ranges_read_back_the_same_records_as_reading_the_text(tmp_path, mo
 
 @pytest.mark.parametrize("ref_limit", [1 << 24, 100])  # row positions, or (big row groups) the values
 def test_parquet_row_positions_read_back_the_same_records(tmp_path, monkeypatch, ref_limit):
-    monkeypatch.setattr(sources, "PARQUET_REF_GROUP_BYTES", ref_limit)
+    monkeypatch.setattr(formats, "PARQUET_REF_GROUP_BYTES", ref_limit)
     docs = make_docs(50, seed=9)
     write_parquet(
         tmp_path / "a.parquet", [None if i == 7 else d for i, d in enumerate(docs)], row_group_size=6
@@ -232,14 +232,14 @@ def test_parquet_row_positions_read_back_the_same_records(tmp_path, monkeypatch,
         if ref_limit == 100:
             assert refs == [raw for _, _, raw in plain]  # row groups too big: the values themselves
             continue
-        assert all(isinstance(r, sources.RowRef) for r in refs)
+        assert all(isinstance(r, formats.RowRef) for r in refs)
         assert [r.last for r in refs] == [(k + 1) % 6 == 0 or k == 49 for k in range(start, stop)]
-        assert sources.read_rows(srcs[0].path, "text", refs) == [raw for _, _, raw in plain]
+        assert formats.read_rows(srcs[0], "text", refs) == [raw for _, _, raw in plain]
 
 
 @pytest.mark.parametrize("chunk", [3, 64, 1 << 24])  # separators straddle reads, pieces outgrow the buffer
 def test_txt_pieces_as_byte_ranges_read_back_the_same_records(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(sources, "_READ_CHUNK", chunk)
+    monkeypatch.setattr(formats, "_READ_CHUNK", chunk)
     docs = [d for d in make_docs(30, seed=6) if d.strip()]
     (tmp_path / "x.txt").write_text("\n\n  \n\n" + "\n\n".join(docs) + "\n\n\t\n\n\n", encoding="utf-8")
     srcs = resolve_inputs([str(tmp_path / "x.txt")])
@@ -248,5 +248,5 @@ def test_txt_pieces_as_byte_ranges_read_back_the_same_records(tmp_path, monkeypa
     plain = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n"))
     ranged = list(sources.iter_records(srcs, counts, 2, len(docs), doc_sep="\n\n", spans=True))
     assert [n for _, n, _ in ranged] == [n for _, n, _ in plain] == list(range(2, len(docs)))
-    assert sources.read_spans(srcs[0].path, [raw for _, _, raw in ranged]) == [raw for _, _, raw in plain]
+    assert formats.read_spans(srcs[0].path, [raw for _, _, raw in ranged]) == [raw for _, _, raw in plain]
     assert [raw.decode() for _, _, raw in plain] == docs[2:]

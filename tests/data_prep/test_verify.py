@@ -9,6 +9,7 @@ from data_prep.__main__ import main
 from data_prep.convert import convert
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, STATE
+from data_prep.remote import upload_tree
 from data_prep.verify import _check_row, verify
 
 TOK = {"vocab_size": 100, "eos_id": 0, "bos_id": None}
@@ -119,7 +120,7 @@ def test_row_checks_catch_bad_rows():
 
 def test_remote_copy_on_s3_is_verified_and_damage_is_named(good, s3, capsys):
     uri = f"{s3.uri}/owt"
-    mds.upload_tree(good, uri)
+    upload_tree(good, uri)
     assert main(["verify", uri]) == 0
     assert capsys.readouterr().out.startswith(f"OK {uri}: train ")
     key = "owt/" + str(shard_path(good).relative_to(good))
