@@ -210,10 +210,10 @@ class Generation(ScheduledEval):
         if self._ref is None:
             from tokenizers import Tokenizer
 
-            from pipeline.save_folder import load_for_inference
+            from pipeline.save_folder import TOKENIZER_FILE, load_for_inference
 
             model = load_for_inference(self.reference, device=device)
-            tok_file = Path(self.reference) / "tokenizer.json"
+            tok_file = Path(self.reference) / TOKENIZER_FILE
             tok = Tokenizer.from_file(str(tok_file)) if tok_file.exists() else self.tokenizer()
             self._ref = (model, tok)
         return self._ref
