@@ -16,8 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,14 +23,11 @@ import torch
 from pipeline.model import BD3LM, apply_compile, from_pretrained
 from pipeline.save_folder import (
     LATEST_ANY_RANK,
-    MODEL_CONFIG_FILE,
-    RUN_CONFIG_FILE,
-    TENSORBOARD_SUBDIR,
-    TOKENIZER_FILE,
-    WRITE_PROBE,
     is_remote,
+    prepare_save_folder,
     remove_autoresume_copy,
-    upload_files,
+    tensorboard_dir,
+    write_run_metadata,
 )
 from pipeline.trainer.config import ConfigError, TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
@@ -139,17 +134,6 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return [EMA(half_life=cfg.callbacks.ema.half_life)] if cfg.callbacks.ema is not None else []
 
 
-def tensorboard_dir(cfg: TrainConfig) -> str:
-    """TensorBoard's local log dir: ``loggers.tensorboard.log_dir``, else ``{save_folder}/tensorboard``
-    for a local save_folder, else ``tensorboard/{run_name}`` under the working directory (a remote
-    save_folder gets a copy through ``TensorboardUpload``)."""
-    if cfg.loggers.tensorboard.log_dir is not None:
-        return cfg.loggers.tensorboard.log_dir
-    if cfg.save_folder is not None and not is_remote(cfg.save_folder):
-        return f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
-    return f"tensorboard/{cfg.run_name or 'run'}"
-
-
 def build_loggers(cfg: TrainConfig) -> list:
     """TensorBoard by default (offline); Weights & Biases and MLflow when their sections are set."""
     from composer.loggers import TensorboardLogger
@@ -217,45 +201,6 @@ def _deepspeed(cfg: TrainConfig) -> bool:
     return cfg.parallelism is not None and cfg.parallelism.deepspeed is not None
 
 
-def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
-    """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
-    from composer.utils import dist
-
-    if not cfg.save_folder or dist.get_global_rank() != 0:
-        return
-    if is_remote(cfg.save_folder):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_run_files(Path(tmp), cfg, model, inputs)
-            upload_files(cfg.save_folder, tmp)
-    else:
-        write_run_files(Path(cfg.save_folder), cfg, model, inputs)
-
-
-def write_run_files(folder: Path, cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
-    """The model's config.json, the resolved run config (read by the export's model card), the tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    # default=str: a few fields are tuples/paths; the card reads numbers and names only.
-    (folder / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
-    if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():
-        shutil.copy2(inputs.tokenizer_file, folder / TOKENIZER_FILE)
-
-
-def _safe_trainer_class():
-    from composer import Trainer
-
-    from pipeline.trainer.safe_saves import install_safe_saves
-
-    class SafeTrainer(Trainer):
-        """Composer's Trainer with crash-safe checkpoint writes (see ``safe_saves``)."""
-
-        def __init__(self, *, save_folder=None, **kwargs):
-            super().__init__(save_folder=save_folder, **kwargs)
-            install_safe_saves(self, save_folder)
-
-    return SafeTrainer
-
-
 def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     """A ready ``composer.Trainer`` (distributed initialized, model built, nothing trained)."""
     from composer.core import Evaluator
@@ -263,7 +208,11 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
 
     from pipeline.trainer.composer_model import EVAL_METRICS, BD3ComposerModel
     from pipeline.trainer.data import build_dataloader
-    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
+    from pipeline.trainer.safe_saves import (
+        atomic_checkpoint_files,
+        node_unique_signal_files,
+        safe_trainer_class,
+    )
 
     device = get_device(cfg.device)
     local_procs = dist.get_local_world_size()
@@ -297,7 +246,7 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
         )
     write_run_metadata(cfg, model, inputs)
     optimizer = build_optimizer(cfg, composer_model)
-    trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
+    trainer_cls, extra = safe_trainer_class(), {"parallelism_config": build_parallelism(cfg, model)}
     if _deepspeed(cfg):
         from pipeline.trainer.config import deepspeed_config
         from pipeline.trainer.deepspeed_trainer import DeepSpeedTrainer
@@ -367,27 +316,18 @@ def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     from composer.utils import dist
 
     from pipeline.trainer.data import clean_stale_streaming_memory
-    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
 
-    local = cfg.save_folder is not None and not is_remote(cfg.save_folder)
-    problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
-        if cfg.save_folder and not local:
-            remove_autoresume_copy(cfg.save_folder)  # stale: the bucket's latest symlink decides
-        if local:
-            with torch.device("meta"):
-                n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
-            probe = f"{WRITE_PROBE}-node{dist.get_node_rank()}"
-            problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, _deepspeed(cfg)), probe)
-    if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
-        repair_save_folder(cfg.save_folder, deepspeed=_deepspeed(cfg))
-    if cfg.save_folder and not local and cfg.autoresume and dist.get_global_rank() == 0:
-        from pipeline.save_folder import repair_remote_save_folder
-
-        removed = repair_remote_save_folder(cfg.save_folder)
-        if removed:
-            log.info("removed the unfinished checkpoints of batches %s from %s", removed, cfg.save_folder)
+    problem = prepare_save_folder(
+        cfg.save_folder,
+        inputs.model_config,
+        deepspeed=_deepspeed(cfg),
+        autoresume=cfg.autoresume,
+        local_rank=dist.get_local_rank(),
+        global_rank=dist.get_global_rank(),
+        node_rank=dist.get_node_rank(),
+    )
     problems = [p for p in dist.all_gather_object(problem) if p]
     if problems:
         raise ConfigError("save_folder", problems[0])
