@@ -12,7 +12,8 @@ would then start from batch 0, or refuse the "conflicting" newer file). Here:
 - no checkpoint is written while any parameter is NaN/Inf (``check_finite_parameters``).
 
 At start, before Composer looks for its autoresume checkpoint, ``pipeline.save_folder`` repairs what
-a killed run left (``repair_save_folder``).
+a killed run left (``repair_save_folder``). Composer's names used here are reached through
+``pipeline.trainer.seams``; a Trainer whose checkpoint saver cannot be found does not train.
 
 ``PIPELINE_TEST_FAULTS`` (tests only) kills the process at named points of a save, e.g.
 ``kill@composer_tmp:10`` = SIGKILL after batch 10's file is written but before its rename.
@@ -79,25 +80,27 @@ def node_unique_signal_files() -> None:
     """
     from composer.utils import dist
 
-    if getattr(dist.get_node_signal_file_name, "_per_node", False):
+    from pipeline.trainer.seams import node_signal_file_namer, set_node_signal_file_namer
+
+    if getattr(node_signal_file_namer(), "_per_node", False):
         return
-    shared_name = dist.get_node_signal_file_name
+    shared_name = node_signal_file_namer()
 
     def per_node(rng=None) -> str:
         return f"{shared_name(rng)}_of_node{dist.get_node_rank()}"
 
     per_node._per_node = True
-    dist.get_node_signal_file_name = per_node
+    set_node_signal_file_namer(per_node)
 
 
 # -- atomic files ---------------------------------------------------------------------------------
 def atomic_checkpoint_files() -> None:
     """Make Composer write each checkpoint file under a temporary name and rename it when complete."""
-    from composer.utils import checkpoint as ckpt
+    from pipeline.trainer.seams import checkpoint_file_writer, set_checkpoint_file_writer
 
-    if getattr(ckpt._write_checkpoint_file, "_atomic", False):
+    if getattr(checkpoint_file_writer(), "_atomic", False):
         return
-    write = ckpt._write_checkpoint_file
+    write = checkpoint_file_writer()
 
     def write_then_rename(state_dict, filename: str) -> None:
         path = Path(filename)
@@ -111,7 +114,7 @@ def atomic_checkpoint_files() -> None:
         os.replace(tmp, path)
 
     write_then_rename._atomic = True
-    ckpt._write_checkpoint_file = write_then_rename
+    set_checkpoint_file_writer(write_then_rename)
 
 
 # -- DeepSpeed partitions ---------------------------------------------------------------------
@@ -156,10 +159,12 @@ def check_finite_parameters(model: torch.nn.Module, batch: int, save_folder: str
     """
     from composer.utils import dist
 
+    from pipeline.trainer.seams import zero3_partition
+
     bad = False
     with torch.no_grad():
         for p in model.parameters():
-            t = getattr(p, "ds_tensor", None)
+            t = zero3_partition(p)
             t = p if t is None else t
             if hasattr(t, "to_local"):  # FSDP2 DTensor: this rank's shard
                 t = t.to_local()
@@ -189,13 +194,18 @@ def resume_hint(save_folder: str | None) -> str:
 
 
 def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = None) -> None:
-    """Wrap the Trainer's checkpoint saver: finite check, DeepSpeed partitions first, rotation last."""
+    """Wrap the Trainer's checkpoint saver: finite check, DeepSpeed partitions first, rotation last.
+
+    Raises ``pipeline.seams.SeamError`` when the Trainer's saver cannot be found.
+    """
     from composer.utils import dist
 
-    saver = getattr(trainer, "_checkpoint_saver", None)
+    from pipeline.trainer.seams import checkpoint_saver, saver_save_step, set_saver_save_step
+
+    saver = checkpoint_saver(trainer, save_folder)
     if saver is None:
         return
-    composer_save = saver._save_checkpoint
+    composer_save = saver_save_step(saver)
     local = save_folder is not None and not is_remote(save_folder)
 
     def save(state, logger):
@@ -208,7 +218,7 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:
             rotate_deepspeed_partitions(Path(save_folder), batch)
 
-    saver._save_checkpoint = save
+    set_saver_save_step(saver, save)
     if save_folder is not None and is_remote(save_folder):
         _install_remote_rotation(saver, save_folder, dist.get_global_rank() == 0)
 
@@ -222,12 +232,14 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
     remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
     complete one (after each save, and at the end of fit once every upload has finished). Any
     failure of the object store while saving becomes one ``RemoteSaveError``."""
+    from pipeline.trainer.seams import saver_save_step, set_saver_save_step, set_symlink_upload_wait
+
     # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
     # run would spend most of its time waiting.
-    saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
+    set_symlink_upload_wait(saver, 1.0)
     keep = saver.num_checkpoints_to_keep if rank_zero else 0
     composer_save, composer_batch_end, composer_fit_end = (
-        saver._save_checkpoint,
+        saver_save_step(saver),
         saver.batch_end,
         saver.fit_end,
     )
@@ -258,11 +270,8 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
             saver.remote_uploader.wait()  # the latest symlink's upload
         rotate_remote_checkpoints(save_folder, keep)
 
-    saver._save_checkpoint, saver.batch_end, saver.fit_end = (
-        guarded(save),
-        guarded(composer_batch_end),
-        guarded(fit_end),
-    )
+    set_saver_save_step(saver, guarded(save))
+    saver.batch_end, saver.fit_end = guarded(composer_batch_end), guarded(fit_end)
 
 
 def safe_trainer_class():

@@ -275,12 +275,11 @@ class Generation(ScheduledEval):
         batch = int(state.timestamp.batch)
         logger.log_metrics(metrics)
         logger.log_traces({f"eval/gen/sample{i}": t for i, t in enumerate(texts)})
-        from composer.loggers import TensorboardLogger
+        from pipeline.trainer.seams import tensorboard_writers
 
-        for dest in logger.destinations:
-            if isinstance(dest, TensorboardLogger) and getattr(dest, "writer", None) is not None:
-                for i, t in enumerate(texts):
-                    dest.writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
+        for writer in tensorboard_writers(logger):
+            for i, t in enumerate(texts):
+                writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
         stats = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if math.isfinite(v))
         protocol = generation_protocol(self.sampler_config(state), self.section.num_samples, self.reference)
         self.last_protocol = protocol
