@@ -30,7 +30,15 @@ import torch
 from composer import Trainer
 from composer.core import Event
 
-from pipeline.save_folder import download_ds_tag, ds_folder, ds_staging, ds_tag, is_remote, rank_files
+from pipeline.save_folder import (
+    DS_SUBDIR,
+    download_ds_tag,
+    ds_folder,
+    ds_staging,
+    ds_tag,
+    is_remote,
+    rank_files,
+)
 from pipeline.trainer.safe_saves import install_safe_saves
 from pipeline.trainer.seams import (
     check_deepspeed_seams,
@@ -95,7 +103,7 @@ class DeepSpeedTrainer(Trainer):
         if self._ds_dir is None or not any((self._ds_dir / tag).glob("*")):
             raise FileNotFoundError(
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "
-                "missing: the save folder is incomplete (copied without deepspeed/?)"
+                f"missing: the save folder is incomplete (copied without {DS_SUBDIR}/?)"
             )
         path, _ = self.ds_engine.load_checkpoint(
             str(self._ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
