@@ -19,12 +19,21 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import IO, NamedTuple, Protocol
 
 from data_prep.errors import DataPrepError
 
-if TYPE_CHECKING:
-    from data_prep.sources import Source
+
+class Source(Protocol):
+    """What the readers need of an input file (``data_prep.sources.Source`` is one): its path, its
+    kind ("txt", "jsonl", "jsonl.zst", "parquet") and its raw bytes. A protocol, so that the readers
+    do not import the module that lists the files."""
+
+    path: str
+    kind: str
+
+    def open(self) -> IO[bytes]: ...
+
 
 _READ_CHUNK = 1 << 24
 # Parquet documents are handed over by position (RowRef) only in files whose row groups hold at

@@ -121,7 +121,9 @@ def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto"
     source = [str(corpus)]
 
     header(2, "tokenizer and MDS shards (data_prep)")
-    tok = out / "tokenizer.json"
+    from pipeline.model.hf_io import TOKENIZER_FILE
+
+    tok = out / TOKENIZER_FILE
     data = out / "data"
     if not tok.exists():
         sh(

@@ -116,11 +116,12 @@ def _genppl(args, model, checkpoint: Path) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
-    from pipeline.save_folder import load_for_inference
+    from pipeline.diffusion.sampler import SamplerConfig
+    from pipeline.save_folder import TOKENIZER_FILE, load_for_inference
 
     def tokenizer_of(folder):
         folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
-        path = folder / "tokenizer.json"
+        path = folder / TOKENIZER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: --genppl needs the tokenizer beside each model")
         return Tokenizer.from_file(str(path))

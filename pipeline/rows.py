@@ -2,7 +2,8 @@
 
 A row comes out as ``input_ids`` (L,) int64, ``doc_starts`` (L,) bool and ``dataset_index`` (its index
 in the split); ``RowReader.batches`` stacks rows into ``input_ids`` (b, L), ``doc_starts`` (b, L) and
-``sample_index`` (b,), which fixes each row's evaluation noise.
+``sample_index`` (b,), which fixes each row's evaluation noise. Streaming's private names are reached
+through ``pipeline.streaming_seams``.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ class ShardReadError(RuntimeError):
 def packed_rows_dataset_class():
     """``PackedRowsDataset``: a ``StreamingDataset`` of packed rows as tensors (streaming imported lazily)."""
     from streaming import StreamingDataset
-    from streaming.base.dataset import _ShardState
     from streaming.base.hashing import get_hash
 
     from data_prep.mds import doc_starts_from_column
+    from pipeline.streaming_seams import fail_preparing_shard, shard_files, shard_of_sample
 
     class PackedRowsDataset(StreamingDataset):
         """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring).
@@ -84,17 +85,14 @@ def packed_rows_dataset_class():
         def shard_path(self, shard_id: int) -> str:
             """The shard's stored file (its compressed file when it has one)."""
             reader = self.shards[shard_id]
-            raw, zipped = reader.file_pairs[0]
+            raw, zipped = shard_files(reader)
             return os.path.join(reader.dirname, reader.split, (zipped or raw).basename)
 
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as e:  # runs in Streaming's prefetch thread too: keep the shard's name
-                # Streaming leaves the shard PREPARING, and every later reader (another worker, the
-                # next retry) would wait for it forever: mark it missing so that they fail too.
-                if self._shard_states[shard_id] == _ShardState.PREPARING:
-                    self._shard_states[shard_id] = _ShardState.REMOTE
+                fail_preparing_shard(self, shard_id)
                 self._prepare_error = ShardReadError(
                     f"shard {self.shard_path(shard_id)}: {type(e).__name__}: {e}; {ShardReadError.FIX}"
                 )
@@ -108,7 +106,7 @@ def packed_rows_dataset_class():
 
         def _check_decompressed(self, shard_id: int) -> None:
             reader = self.shards[shard_id]
-            raw = reader.file_pairs[0][0]
+            raw = shard_files(reader)[0]
             path = os.path.join(reader.dirname, reader.split, raw.basename)
             if os.path.isfile(path):  # else Streaming makes it now, checking the file it comes from
                 with open(path, "rb") as f:
@@ -121,7 +119,7 @@ def packed_rows_dataset_class():
             self._hashed.add(shard_id)
 
         def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-            shard_id = int(self.spanner[sample_id][0])
+            shard_id = shard_of_sample(self, sample_id)
             try:
                 if self.hash_algo and shard_id not in self._hashed:
                     self._check_decompressed(shard_id)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenizers import Tokenizer
 
-    from pipeline.save_folder import load_for_inference, local_checkpoint
+    from pipeline.save_folder import TOKENIZER_FILE, load_for_inference, local_checkpoint
 
     try:
         checkpoint = local_checkpoint(args.checkpoint)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok_path = Path(args.tokenizer) if args.tokenizer else checkpoint / "tokenizer.json"
+    tok_path = Path(args.tokenizer) if args.tokenizer else checkpoint / TOKENIZER_FILE
     if not tok_path.exists():
         print(f"error: no tokenizer at {tok_path}; pass --tokenizer PATH/tokenizer.json", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ prints one line naming the key and exits with code 2 before any model is built; 
 (``nonfinite_loss: stop``) prints the batch and the checkpoint to resume from and exits with code 3;
 a data shard that fails while training prints the shard, the fix and the checkpoint to resume from
 (the traceback is logged before it) and exits with code 4; an object store that fails while a
-checkpoint is saved to it (after the retries) prints one line and exits with code 5.
+checkpoint is saved to it (after the retries) prints one line and exits with code 5; installed
+libraries whose private names this project relies on have changed (``pipeline.seams``: crash-safe
+checkpoints would switch off) prints one line naming them and exits with code 6 before training.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.rows import ShardReadError
+    from pipeline.seams import SeamError
     from pipeline.trainer import ConfigError, load_config
     from pipeline.trainer.safe_saves import NonFiniteError, RemoteSaveError, resume_hint
 
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = resume_hint(cfg.save_folder) if cfg is not None else ""
         print(f"training stopped: {ShardReadError.one_line(e)}. {hint}", file=sys.stderr, flush=True)
         return 4
+    except SeamError as e:
+        print(f"training refused to start: {e}", file=sys.stderr, flush=True)
+        return 6
     return 0
 
 

@@ -76,7 +76,9 @@ def write_tokenizer_config(folder: Path) -> None:
     template, the unknown and padding tokens...) are kept; ``added_tokens_decoder`` is dropped
     (tokenizer.json holds the added tokens).
     """
-    tok_path = folder / "tokenizer.json"
+    from pipeline.model.hf_io import TOKENIZER_FILE
+
+    tok_path = folder / TOKENIZER_FILE
     if not tok_path.exists():
         return
     config = json.loads((folder / "config.json").read_text())

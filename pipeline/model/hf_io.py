@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from pipeline.model.config import ModelConfig, ModelConfigError, pad_to_multiple
 from pipeline.model.transformer import BD3LM, rope_inv_freq
 
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer of a Hugging Face folder, and of a save_folder
 TOKENIZER_FILES = (
-    "tokenizer.json",
+    TOKENIZER_FILE,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
@@ -193,7 +194,7 @@ def _add_mask_rows(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[
 
 def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
     """A tokenizer.json beside the weights must not have ids beyond the embedding table."""
-    tok = folder / "tokenizer.json"
+    tok = folder / TOKENIZER_FILE
     if not tok.exists():
         return
     from tokenizers import Tokenizer

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,13 +23,10 @@ import torch
 from pipeline.model import BD3LM, from_pretrained
 from pipeline.save_folder import (
     LATEST_ANY_RANK,
-    MODEL_CONFIG_FILE,
-    RUN_CONFIG_FILE,
-    TENSORBOARD_SUBDIR,
-    TOKENIZER_FILE,
     is_remote,
     remove_autoresume_copy,
-    upload_files,
+    tensorboard_dir,
+    write_run_metadata,
 )
 from pipeline.trainer.config import TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs
@@ -147,17 +142,6 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return [EMA(half_life=cfg.callbacks.ema.half_life)] if cfg.callbacks.ema is not None else []
 
 
-def tensorboard_dir(cfg: TrainConfig) -> str:
-    """TensorBoard's local log dir: ``loggers.tensorboard.log_dir``, else ``{save_folder}/tensorboard``
-    for a local save_folder, else ``tensorboard/{run_name}`` under the working directory (a remote
-    save_folder gets a copy through ``TensorboardUpload``)."""
-    if cfg.loggers.tensorboard.log_dir is not None:
-        return cfg.loggers.tensorboard.log_dir
-    if cfg.save_folder is not None and not is_remote(cfg.save_folder):
-        return f"{cfg.save_folder}/{TENSORBOARD_SUBDIR}"
-    return f"tensorboard/{cfg.run_name or 'run'}"
-
-
 def build_loggers(cfg: TrainConfig) -> list:
     """TensorBoard by default (offline); Weights & Biases and MLflow when their sections are set."""
     from composer.loggers import TensorboardLogger
@@ -218,45 +202,6 @@ def build_parallelism(cfg: TrainConfig) -> dict | None:
     return {"fsdp": fsdp2}
 
 
-def write_run_metadata(cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
-    """Rank 0 puts the model's config.json and the tokenizer beside the checkpoints (for export)."""
-    from composer.utils import dist
-
-    if not cfg.save_folder or dist.get_global_rank() != 0:
-        return
-    if is_remote(cfg.save_folder):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_run_files(Path(tmp), cfg, model, inputs)
-            upload_files(cfg.save_folder, tmp)
-    else:
-        write_run_files(Path(cfg.save_folder), cfg, model, inputs)
-
-
-def write_run_files(folder: Path, cfg: TrainConfig, model: BD3LM, inputs: RunInputs) -> None:
-    """The model's config.json, the resolved run config (read by the export's model card), the tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    # default=str: a few fields are tuples/paths; the card reads numbers and names only.
-    (folder / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
-    if inputs.tokenizer_file is not None and inputs.tokenizer_file.exists():
-        shutil.copy2(inputs.tokenizer_file, folder / TOKENIZER_FILE)
-
-
-def _safe_trainer_class():
-    from composer import Trainer
-
-    from pipeline.trainer.safe_saves import install_safe_saves
-
-    class SafeTrainer(Trainer):
-        """Composer's Trainer with crash-safe checkpoint writes (see ``safe_saves``)."""
-
-        def __init__(self, *, save_folder=None, **kwargs):
-            super().__init__(save_folder=save_folder, **kwargs)
-            install_safe_saves(self, save_folder)
-
-    return SafeTrainer
-
-
 def build_dataloaders(cfg: TrainConfig, world: int):
     """(train dataloader, eval ``Evaluator`` or None) of ``train_loader`` / ``eval_loader``."""
     from composer.core import Evaluator
@@ -283,7 +228,11 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     from composer.utils import dist
 
     from pipeline.trainer.composer_model import BD3ComposerModel
-    from pipeline.trainer.safe_saves import atomic_checkpoint_files, node_unique_signal_files
+    from pipeline.trainer.safe_saves import (
+        atomic_checkpoint_files,
+        node_unique_signal_files,
+        safe_trainer_class,
+    )
 
     device = start_distributed(cfg)
     inputs = inputs or inputs_local_rank_zero_first(cfg)
@@ -297,7 +246,7 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
     train, evaluators = build_dataloaders(cfg, world)
     write_run_metadata(cfg, model, inputs)
     optimizer = build_optimizer(cfg, composer_model)
-    trainer_cls, extra = _safe_trainer_class(), {"parallelism_config": build_parallelism(cfg)}
+    trainer_cls, extra = safe_trainer_class(), {"parallelism_config": build_parallelism(cfg)}
     if cfg.uses_deepspeed:
         from pipeline.trainer.config import deepspeed_config
         from pipeline.trainer.deepspeed_trainer import DeepSpeedTrainer

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from pipeline.rows import packed_rows_dataset_class
 log = logging.getLogger(__name__)
 
 _SHM_DIR = Path("/dev/shm")
-_STREAMING_SHM = re.compile(r"^(\d{6})_[a-z_]+$")
-_STREAMING_LOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")
 
 
 def _mapped_shm_names() -> set[str]:
@@ -62,9 +59,11 @@ def clean_stale_streaming_memory() -> list[str]:
     """
     if not _SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
         return []
+    from pipeline.streaming_seams import LOCK_FILE_NAME, SHARED_MEMORY_NAME
+
     groups: dict[str, list[Path]] = {}
     for p in _SHM_DIR.iterdir():
-        m = _STREAMING_SHM.match(p.name)
+        m = SHARED_MEMORY_NAME.match(p.name)
         if m:
             groups.setdefault(m.group(1), []).append(p)
     live = _mapped_shm_names() if groups else set()
@@ -73,7 +72,7 @@ def clean_stale_streaming_memory() -> list[str]:
     # File locks Streaming leaves in the temp dir: stale with their segments, or with none left at all.
     # (Streaming skips every prefix that has one, so they pile up over killed runs.)
     for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock"):
-        m = _STREAMING_LOCK.match(p.name)
+        m = LOCK_FILE_NAME.match(p.name)
         if m and (m.group(1) in stale or m.group(1) not in groups):
             doomed.append(p)
     removed = []

@@ -1,7 +1,10 @@
 """DeepSpeed ZeRO (stages 1-3, CPU offload) under the Composer 0.32 Trainer.
 
-Composer removed its DeepSpeed integration in 0.28; this module is the glue, pinned to 0.32.1 by
-tests, around DeepSpeed's own engine (no ZeRO logic here). The seams used (composer/trainer/trainer.py):
+Composer removed its DeepSpeed integration in 0.28; this module is the glue around DeepSpeed's own
+engine (no ZeRO logic here), written for Composer 0.32.1 and DeepSpeed 0.19.8: the names it uses inside
+them are reached through ``pipeline.trainer.seams`` and checked when it is imported, and
+tests/pipeline/trainer/test_seams.py fails when the installed versions differ. The seams used
+(composer/trainer/trainer.py):
 
 - ``Trainer.__init__`` wraps the model in DDP when the world size is > 1 and FSDP is off: the
   wrapper is taken off again, the DeepSpeed engine does the data parallelism.
@@ -27,10 +30,27 @@ import torch
 from composer import Trainer
 from composer.core import Event
 
-from pipeline.save_folder import download_ds_tag, ds_folder, ds_staging, ds_tag, is_remote, rank_files
+from pipeline.save_folder import (
+    DS_SUBDIR,
+    download_ds_tag,
+    ds_folder,
+    ds_staging,
+    ds_tag,
+    is_remote,
+    rank_files,
+)
 from pipeline.trainer.safe_saves import install_safe_saves
+from pipeline.trainer.seams import (
+    check_deepspeed_seams,
+    mark_first_batch_complete,
+    original_model,
+    run_event,
+    skip_model_and_optimizer_state,
+    train_data_spec,
+)
 
 log = logging.getLogger(__name__)
+check_deepspeed_seams()
 
 
 class DeepSpeedTrainer(Trainer):
@@ -70,8 +90,7 @@ class DeepSpeedTrainer(Trainer):
             self.state.model = self.state.model.module  # the engine reduces gradients itself
         # Composer's state_dict() builds model/optimizer dicts before dropping ignored keys; under ZeRO
         # they are partitions it cannot map. The engine's checkpoint holds them instead.
-        self.state.get_model_state_dict = dict
-        self.state.get_optim_state_dict = dict
+        skip_model_and_optimizer_state(self.state)
         install_safe_saves(self, save_folder, ds_dir=self._ds_dir)
         if int(self.state.timestamp.batch) > 0:  # Composer's autoresume restored its part: load ours
             self.load_deepspeed_checkpoint(int(self.state.timestamp.batch))
@@ -84,7 +103,7 @@ class DeepSpeedTrainer(Trainer):
         if self._ds_dir is None or not any((self._ds_dir / tag).glob("*")):
             raise FileNotFoundError(
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "
-                "missing: the save folder is incomplete (copied without deepspeed/?)"
+                f"missing: the save folder is incomplete (copied without {DS_SUBDIR}/?)"
             )
         path, _ = self.ds_engine.load_checkpoint(
             str(self._ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -94,26 +113,28 @@ class DeepSpeedTrainer(Trainer):
         log.info("resumed DeepSpeed state from %s/%s", self._ds_dir, tag)
 
     # -- the training step ------------------------------------------------------------------
+    # Overrides Composer's (a seam, checked in pipeline.trainer.seams).
     def _train_batch(self, use_grad_scaling: bool) -> dict[str, torch.Tensor]:
         state = self.state
         device_batch = state.batch
-        microbatches = self._train_data_spec.split_batch(device_batch, state.device_train_microbatch_size)
-        sizes = [self._train_data_spec.get_num_samples_in_batch(mb) for mb in microbatches]
+        data = train_data_spec(self)
+        microbatches = data.split_batch(device_batch, state.device_train_microbatch_size)
+        sizes = [data.get_num_samples_in_batch(mb) for mb in microbatches]
         total = {"loss/train/total": state.device.tensor_to_device(torch.zeros(1))}
-        self.engine.run_event(Event.BEFORE_TRAIN_BATCH)
+        run_event(self, Event.BEFORE_TRAIN_BATCH)
         for mb, size in zip(microbatches, sizes):
-            state.batch = self._train_data_spec.microbatch_transforms(state.device.batch_to_device(mb))
-            self.engine.run_event(Event.BEFORE_FORWARD)
+            state.batch = data.microbatch_transforms(state.device.batch_to_device(mb))
+            run_event(self, Event.BEFORE_FORWARD)
             state.outputs = self.ds_engine(state.batch)
-            self.engine.run_event(Event.AFTER_FORWARD)
-            self.engine.run_event(Event.BEFORE_LOSS)
-            state.loss = self._original_model.loss(state.outputs, state.batch)
-            self.engine.run_event(Event.AFTER_LOSS)
+            run_event(self, Event.AFTER_FORWARD)
+            run_event(self, Event.BEFORE_LOSS)
+            state.loss = original_model(self).loss(state.outputs, state.batch)
+            run_event(self, Event.AFTER_LOSS)
             loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
-            self.engine.run_event(Event.BEFORE_BACKWARD)
+            run_event(self, Event.BEFORE_BACKWARD)
             # DeepSpeed divides by gradient_accumulation_steps (equal microbatches: = size / batch).
             self.ds_engine.backward(loss)
-            self.engine.run_event(Event.AFTER_BACKWARD)
+            run_event(self, Event.AFTER_BACKWARD)
             self.ds_engine.step()  # applies the update at the accumulation boundary only
             total["loss/train/total"] += loss.detach().float().mean() * (size / sum(sizes))
             if isinstance(state.loss, dict):
@@ -123,6 +144,6 @@ class DeepSpeedTrainer(Trainer):
                         total.setdefault(key, torch.zeros_like(total["loss/train/total"]))
                         total[key] += v.detach().float().mean() * (size / sum(sizes))
         state.batch = device_batch
-        self.engine.run_event(Event.AFTER_TRAIN_BATCH)
-        self.first_train_batch_complete = True
+        run_event(self, Event.AFTER_TRAIN_BATCH)
+        mark_first_batch_complete(self)
         return total

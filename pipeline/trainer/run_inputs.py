@@ -17,7 +17,13 @@ from typing import Any
 
 from data_prep import DataPrepError, mds
 from pipeline.model import ModelConfig, ModelConfigError
-from pipeline.model.hf_io import check_vocab, resolve_checkpoint_dir, resolve_config, with_mask_token
+from pipeline.model.hf_io import (
+    TOKENIZER_FILE,
+    check_vocab,
+    resolve_checkpoint_dir,
+    resolve_config,
+    with_mask_token,
+)
 from pipeline.trainer.config import SHAPE_FIELDS, ConfigError, TrainConfig
 from pipeline.trainer.data import TOKEN_DTYPES, read_manifest
 
@@ -132,17 +138,17 @@ def resolve_tokenizer(cfg: TrainConfig, init_dir: Path | None):
 
     path = cfg.tokenizer.path
     if path is None:
-        if init_dir is None or not (init_dir / "tokenizer.json").exists():
+        if init_dir is None or not (init_dir / TOKENIZER_FILE).exists():
             raise ConfigError(
                 "tokenizer.path",
                 "is required: give the tokenizer.json the data was prepared with (null only works when "
                 "model.init_from is a folder holding a tokenizer.json)",
             )
-        file = init_dir / "tokenizer.json"
+        file = init_dir / TOKENIZER_FILE
     else:
         file = Path(path).expanduser()
         if file.is_dir():
-            file = file / "tokenizer.json"
+            file = file / TOKENIZER_FILE
     if not file.is_file():
         raise ConfigError(
             "tokenizer.path", f"{file} not found: give a tokenizer.json file or a folder holding one"

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints: a kill at any instant leaves the latest complete checkpoint loadable.
+"""Crash-safe checkpoints: the Composer hooks that make a kill at any instant leave the latest
+complete checkpoint loadable.
 
 Composer 0.32.1 writes ``ep{E}-ba{N}-rank0.pt`` in place, then removes and recreates the
 ``latest-rank0.pt`` symlink; a SIGKILL in between leaves a truncated file or no symlink (autoresume
@@ -8,9 +9,11 @@ would then start from batch 0, or refuse the "conflicting" newer file). Here:
   (``atomic_checkpoint_files``); DeepSpeed partitions go to ``deepspeed/ba{N}.partial`` and are
   renamed to ``ba{N}`` once every rank has written its part;
 - DeepSpeed tags are rotated only after Composer's own file of the same batch exists;
-- at start, before Composer looks for its autoresume checkpoint, rank 0 removes partial files and
-  points ``latest-rank0.pt`` at the newest *complete* checkpoint (``repair_save_folder``);
 - no checkpoint is written while any parameter is NaN/Inf (``check_finite_parameters``).
+
+At start, before Composer looks for its autoresume checkpoint, ``pipeline.save_folder`` repairs what
+a killed run left (``repair_save_folder``). Composer's names used here are reached through
+``pipeline.trainer.seams``; a Trainer whose checkpoint saver cannot be found does not train.
 
 ``PIPELINE_TEST_FAULTS`` (tests only) kills the process at named points of a save, e.g.
 ``kill@composer_tmp:10`` = SIGKILL after batch 10's file is written but before its rename.
@@ -27,17 +30,16 @@ from pathlib import Path
 import torch
 
 from pipeline.save_folder import (
-    LATEST,
-    WRITE_PROBE,
+    REMOTE_LATEST,
     batch_of,
     composer_checkpoints,
-    ds_checkpoints,
-    ds_folder,
     ds_tag,
     is_remote,
     partial_file,
     partial_tag,
+    rotate_deepspeed_partitions,
     rotate_remote_checkpoints,
+    upload_ds_tag,
 )
 
 log = logging.getLogger(__name__)
@@ -78,25 +80,27 @@ def node_unique_signal_files() -> None:
     """
     from composer.utils import dist
 
-    if getattr(dist.get_node_signal_file_name, "_per_node", False):
+    from pipeline.trainer.seams import node_signal_file_namer, set_node_signal_file_namer
+
+    if getattr(node_signal_file_namer(), "_per_node", False):
         return
-    shared_name = dist.get_node_signal_file_name
+    shared_name = node_signal_file_namer()
 
     def per_node(rng=None) -> str:
         return f"{shared_name(rng)}_of_node{dist.get_node_rank()}"
 
     per_node._per_node = True
-    dist.get_node_signal_file_name = per_node
+    set_node_signal_file_namer(per_node)
 
 
 # -- atomic files ---------------------------------------------------------------------------------
 def atomic_checkpoint_files() -> None:
     """Make Composer write each checkpoint file under a temporary name and rename it when complete."""
-    from composer.utils import checkpoint as ckpt
+    from pipeline.trainer.seams import checkpoint_file_writer, set_checkpoint_file_writer
 
-    if getattr(ckpt._write_checkpoint_file, "_atomic", False):
+    if getattr(checkpoint_file_writer(), "_atomic", False):
         return
-    write = ckpt._write_checkpoint_file
+    write = checkpoint_file_writer()
 
     def write_then_rename(state_dict, filename: str) -> None:
         path = Path(filename)
@@ -110,58 +114,7 @@ def atomic_checkpoint_files() -> None:
         os.replace(tmp, path)
 
     write_then_rename._atomic = True
-    ckpt._write_checkpoint_file = write_then_rename
-
-
-def repair_save_folder(folder: str | Path, deepspeed: bool) -> int | None:
-    """Make ``latest-rank0.pt`` point at the newest complete checkpoint; drop partial writes.
-
-    Call on global rank 0 before the Trainer is built (shared filesystem). A checkpoint is complete
-    when its Composer file (or sharded folder with ``.metadata``) exists and, with ``deepspeed``, so
-    does ``deepspeed/ba{N}``. A ``latest-rank0.pt`` that points at something else that exists (a name
-    ``composer_checkpoints`` does not parse) is left alone. Returns the batch resumed from (None: unknown or none).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    for p in folder.glob(partial_file("*")):
-        log.warning("removing the partial checkpoint file %s (a run was killed while writing it)", p)
-        p.unlink(missing_ok=True)
-    ds_dir = ds_folder(folder)
-    if ds_dir.is_dir():
-        for p in ds_dir.glob(partial_tag("*")):
-            log.warning("removing the partial DeepSpeed checkpoint %s", p)
-            shutil.rmtree(p, ignore_errors=True)
-    files = composer_checkpoints(folder)
-    complete = sorted(b for b in files if not deepspeed or (ds_dir / ds_tag(b)).is_dir())
-    latest = folder / LATEST
-    current = os.readlink(latest) if latest.is_symlink() else None
-    if current is not None and not latest.exists():
-        log.warning("%s points to the missing %s: removing it", latest, current)
-        latest.unlink()
-        current = None
-    if not complete:
-        return None
-    batch = complete[-1]
-    target = files[batch].name
-    known = {p.name: b for b, p in files.items()}
-    if current is not None and current not in known:
-        log.info("%s points to %s: left as it is", latest, current)
-        return None
-    if current != target:
-        log.warning("pointing %s at %s, the newest complete checkpoint", latest, target)
-        tmp = folder / partial_file(LATEST)
-        tmp.unlink(missing_ok=True)
-        os.symlink(target, tmp)
-        os.replace(tmp, latest)
-    for b, p in composer_checkpoints(folder, complete=False).items():
-        if b > batch:  # a sharded folder without .metadata, or a file without its DeepSpeed half
-            log.warning("removing %s: an incomplete checkpoint cannot be resumed from", p)
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    return batch
+    set_checkpoint_file_writer(write_then_rename)
 
 
 # -- DeepSpeed partitions ---------------------------------------------------------------------
@@ -177,10 +130,8 @@ def save_deepspeed_partitions(engine, ds_dir: Path, batch: int, remote: str | No
 
     tag = ds_tag(batch)
     if remote is not None:
-        from pipeline.save_folder import DS_SUBDIR, upload_files
-
         engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
-        upload_files(remote, ds_dir / tag, under=f"{DS_SUBDIR}/{tag}")
+        upload_ds_tag(remote, ds_dir, tag)
         shutil.rmtree(ds_dir / tag, ignore_errors=True)
         test_fault("deepspeed_upload", batch, dist.get_global_rank())
         dist.barrier()  # every rank's partition is in the bucket
@@ -196,14 +147,6 @@ def save_deepspeed_partitions(engine, ds_dir: Path, batch: int, remote: str | No
     dist.barrier()
 
 
-def rotate_deepspeed_partitions(folder: Path, keep_batch: int) -> None:
-    """Rank 0 removes DeepSpeed tags whose Composer file is gone (Composer rotated it), keeping ``keep_batch``."""
-    alive = set(composer_checkpoints(folder)) | {keep_batch}
-    for batch, p in ds_checkpoints(folder).items():
-        if p.is_dir() and batch not in alive:
-            shutil.rmtree(p, ignore_errors=True)
-
-
 # -- never save non-finite weights ------------------------------------------------------------
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/Inf loss or parameter; the message says where to resume from."""
@@ -216,10 +159,12 @@ def check_finite_parameters(model: torch.nn.Module, batch: int, save_folder: str
     """
     from composer.utils import dist
 
+    from pipeline.trainer.seams import zero3_partition
+
     bad = False
     with torch.no_grad():
         for p in model.parameters():
-            t = getattr(p, "ds_tensor", None)
+            t = zero3_partition(p)
             t = p if t is None else t
             if hasattr(t, "to_local"):  # FSDP2 DTensor: this rank's shard
                 t = t.to_local()
@@ -249,13 +194,18 @@ def resume_hint(save_folder: str | None) -> str:
 
 
 def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = None) -> None:
-    """Wrap the Trainer's checkpoint saver: finite check, DeepSpeed partitions first, rotation last."""
+    """Wrap the Trainer's checkpoint saver: finite check, DeepSpeed partitions first, rotation last.
+
+    Raises ``pipeline.seams.SeamError`` when the Trainer's saver cannot be found.
+    """
     from composer.utils import dist
 
-    saver = getattr(trainer, "_checkpoint_saver", None)
+    from pipeline.trainer.seams import checkpoint_saver, saver_save_step, set_saver_save_step
+
+    saver = checkpoint_saver(trainer, save_folder)
     if saver is None:
         return
-    composer_save = saver._save_checkpoint
+    composer_save = saver_save_step(saver)
     local = save_folder is not None and not is_remote(save_folder)
 
     def save(state, logger):
@@ -268,7 +218,7 @@ def install_safe_saves(trainer, save_folder: str | None, ds_dir: Path | None = N
         if ds_dir is not None and local and dist.get_global_rank() == 0 and saver.num_checkpoints_to_keep > 0:
             rotate_deepspeed_partitions(Path(save_folder), batch)
 
-    saver._save_checkpoint = save
+    set_saver_save_step(saver, save)
     if save_folder is not None and is_remote(save_folder):
         _install_remote_rotation(saver, save_folder, dist.get_global_rank() == 0)
 
@@ -282,12 +232,14 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
     remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
     complete one (after each save, and at the end of fit once every upload has finished). Any
     failure of the object store while saving becomes one ``RemoteSaveError``."""
+    from pipeline.trainer.seams import saver_save_step, set_saver_save_step, set_symlink_upload_wait
+
     # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
     # run would spend most of its time waiting.
-    saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
+    set_symlink_upload_wait(saver, 1.0)
     keep = saver.num_checkpoints_to_keep if rank_zero else 0
     composer_save, composer_batch_end, composer_fit_end = (
-        saver._save_checkpoint,
+        saver_save_step(saver),
         saver.batch_end,
         saver.fit_end,
     )
@@ -302,7 +254,7 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
                 cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise RemoteSaveError(
                     f"saving to {save_folder} failed after retries ({type(e).__name__}: {cause}); the "
-                    "checkpoint its latest-rank0.pt.symlink names is still complete: rerun the same "
+                    f"checkpoint its {REMOTE_LATEST} names is still complete: rerun the same "
                     "command (autoresume) once the object store is reachable"
                 ) from e
 
@@ -318,41 +270,19 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
             saver.remote_uploader.wait()  # the latest symlink's upload
         rotate_remote_checkpoints(save_folder, keep)
 
-    saver._save_checkpoint, saver.batch_end, saver.fit_end = (
-        guarded(save),
-        guarded(composer_batch_end),
-        guarded(fit_end),
-    )
+    set_saver_save_step(saver, guarded(save))
+    saver.batch_end, saver.fit_end = guarded(composer_batch_end), guarded(fit_end)
 
 
-def checkpoint_bytes(num_params: int, deepspeed: bool) -> int:
-    """A lower bound on one checkpoint's size: fp32 weights + Adam's two moments (+ bf16 copy, DS)."""
-    return num_params * (14 if deepspeed else 12)
+def safe_trainer_class():
+    """``SafeTrainer``: Composer's ``Trainer`` with crash-safe checkpoint writes (Composer imported lazily)."""
+    from composer import Trainer
 
+    class SafeTrainer(Trainer):
+        """Composer's Trainer with crash-safe checkpoint writes (see ``safe_saves``)."""
 
-def check_save_folder(folder: str | Path, need_bytes: int, probe_name: str = WRITE_PROBE) -> str | None:
-    """None when ``folder`` can be created and written and has room for ``need_bytes``; else what is wrong.
+        def __init__(self, *, save_folder=None, **kwargs):
+            super().__init__(save_folder=save_folder, **kwargs)
+            install_safe_saves(self, save_folder)
 
-    Writes and removes a small probe file (so a read-only mount, a missing permission or a full
-    disk shows up before training, not at the first checkpoint hours later).
-    """
-    import shutil as _shutil
-
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / probe_name
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        return f"{folder} is not writable ({e.strerror or e}): choose a folder this job can write, or fix its permissions"
-    free = _shutil.disk_usage(folder).free
-    if free < need_bytes:
-        return (
-            f"{folder} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
-            f"{need_bytes / 2**20:.1f} MiB: free space there or point save_folder elsewhere"
-        )
-    return None
+    return SafeTrainer

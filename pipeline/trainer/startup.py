@@ -15,7 +15,7 @@ import os
 import torch
 
 from pipeline.model import BD3LM, apply_compile
-from pipeline.save_folder import WRITE_PROBE, is_remote, remove_autoresume_copy
+from pipeline.save_folder import prepare_save_folder
 from pipeline.trainer.config import ConfigError, TrainConfig
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
 
@@ -58,34 +58,24 @@ def inputs_local_rank_zero_first(cfg: TrainConfig) -> RunInputs:
 def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:
     """Before any dataset or Trainer exists: stale shared memory, save_folder checks and repair.
 
-    Local rank 0 of each node removes Streaming's stale shared memory and probes save_folder (every
-    node writes there under DeepSpeed); global rank 0 repairs a save_folder left by a killed run.
-    Errors reach every rank (an all-gather), so none waits for a rank that failed.
+    Local rank 0 of each node removes Streaming's stale shared memory; every process does its part of
+    ``prepare_save_folder``. Errors reach every rank (an all-gather), so none waits for a rank that failed.
     """
     from composer.utils import dist
 
     from pipeline.trainer.data import clean_stale_streaming_memory
-    from pipeline.trainer.safe_saves import check_save_folder, checkpoint_bytes, repair_save_folder
 
-    local = cfg.save_folder is not None and not is_remote(cfg.save_folder)
-    problem = None
     if dist.get_local_rank() == 0:
         clean_stale_streaming_memory()
-        if cfg.save_folder and not local:
-            remove_autoresume_copy(cfg.save_folder)  # stale: the bucket's latest symlink decides
-        if local:
-            with torch.device("meta"):
-                n = sum(p.numel() for p in BD3LM(inputs.model_config).parameters())
-            probe = f"{WRITE_PROBE}-node{dist.get_node_rank()}"
-            problem = check_save_folder(cfg.save_folder, checkpoint_bytes(n, cfg.uses_deepspeed), probe)
-    if problem is None and local and cfg.autoresume and dist.get_global_rank() == 0:
-        repair_save_folder(cfg.save_folder, deepspeed=cfg.uses_deepspeed)
-    if cfg.save_folder and not local and cfg.autoresume and dist.get_global_rank() == 0:
-        from pipeline.save_folder import repair_remote_save_folder
-
-        removed = repair_remote_save_folder(cfg.save_folder)
-        if removed:
-            log.info("removed the unfinished checkpoints of batches %s from %s", removed, cfg.save_folder)
+    problem = prepare_save_folder(
+        cfg.save_folder,
+        inputs.model_config,
+        deepspeed=cfg.uses_deepspeed,
+        autoresume=cfg.autoresume,
+        local_rank=dist.get_local_rank(),
+        global_rank=dist.get_global_rank(),
+        node_rank=dist.get_node_rank(),
+    )
     problems = [p for p in dist.all_gather_object(problem) if p]
     if problems:
         raise ConfigError("save_folder", problems[0])

@@ -222,10 +222,10 @@ class Generation(ScheduledEval):
         if self._ref is None:
             from tokenizers import Tokenizer
 
-            from pipeline.save_folder import load_for_inference
+            from pipeline.save_folder import TOKENIZER_FILE, load_for_inference
 
             model = load_for_inference(self.reference, device=device)
-            tok_file = Path(self.reference) / "tokenizer.json"
+            tok_file = Path(self.reference) / TOKENIZER_FILE
             tok = Tokenizer.from_file(str(tok_file)) if tok_file.exists() else self.tokenizer()
             self._ref = (model, tok)
         return self._ref
@@ -287,12 +287,11 @@ class Generation(ScheduledEval):
         batch = int(state.timestamp.batch)
         logger.log_metrics(metrics)
         logger.log_traces({f"eval/gen/sample{i}": t for i, t in enumerate(texts)})
-        from composer.loggers import TensorboardLogger
+        from pipeline.trainer.seams import tensorboard_writers
 
-        for dest in logger.destinations:
-            if isinstance(dest, TensorboardLogger) and getattr(dest, "writer", None) is not None:
-                for i, t in enumerate(texts):
-                    dest.writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
+        for writer in tensorboard_writers(logger):
+            for i, t in enumerate(texts):
+                writer.add_text(f"eval/gen/sample{i}", t, global_step=batch)
         stats = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in metrics.items() if math.isfinite(v))
         protocol = generation_protocol(self.sampler_config(state), self.section.num_samples, self.reference)
         self.last_protocol = protocol

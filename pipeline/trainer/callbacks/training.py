@@ -201,7 +201,7 @@ class TensorboardUpload(Callback):
         self.run_name = state.run_name
 
     def _upload(self) -> None:
-        from pipeline.save_folder import TENSORBOARD_SUBDIR, upload_paths
+        from pipeline.save_folder import tensorboard_run_dir, upload_paths
 
         folder = self.log_dir / str(self.run_name)
         if dist.get_global_rank() != 0 or self.run_name is None or not folder.is_dir():
@@ -210,7 +210,7 @@ class TensorboardUpload(Callback):
         changed = {p: n for p, n in sizes.items() if self._sizes.get(p) != n}
         if not changed:
             return
-        under = f"{TENSORBOARD_SUBDIR}/{self.run_name}"
+        under = tensorboard_run_dir(self.run_name)
         try:
             upload_paths(
                 self.save_folder, {f"{under}/{p.relative_to(folder).as_posix()}": p for p in changed}
