@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_train import REPO, launch, make_data, overrides, step_seconds
-from data_prep import mds
+from data_prep.remote import upload_tree
 from tests.s3 import MotoS3
 
 ZERO2 = ["parallelism.deepspeed.zero_optimization.stage=2"]
@@ -69,7 +69,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data, tok = make_data(root / "data")
-        mds.upload_tree(data, f"s3://{bucket}/data")
+        upload_tree(data, f"s3://{bucket}/data")
         remote = [f"variables.data_remote=s3://{bucket}/data", f"variables.data_local={root / 'cache'}"]
         one_process(data, tok, root / "warm", args.steps, remote)  # fills the node cache once
         for r in range(args.repeats):

@@ -23,12 +23,6 @@ import numpy as np
 
 from data_prep.manifest import INDEX, write_json_atomic
 
-# Callers outside data_prep still name these `mds.is_remote` / `mds.upload_tree`; they live in
-# data_prep.remote (pipeline/save_folder.py, pipeline/trainer/run_inputs.py, tests/pipeline/trainer,
-# benchmarks/bench_object_storage.py).
-from data_prep.remote import is_remote as is_remote
-from data_prep.remote import upload_tree as upload_tree
-
 SHARD_HASHES = ["sha1"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from data_prep.errors import DataPrepError
+from pipeline.hf_names import TOKENIZER_FILE
 
 # Tried in order when the tokenizer's folder does not name its EOS/BOS token.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -48,13 +49,13 @@ def load_tokenizer(
     """
     path = Path(source)
     if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
+        if not (path / TOKENIZER_FILE).is_file():
             raise DataPrepError(
-                f"tokenizer folder {source} has no tokenizer.json (only fast tokenizers are supported)"
+                f"tokenizer folder {source} has no {TOKENIZER_FILE} (only fast tokenizers are supported)"
             )
-        file, config_dir = path / "tokenizer.json", path
+        file, config_dir = path / TOKENIZER_FILE, path
     elif path.is_file():
-        file, config_dir = path, path.parent if path.name == "tokenizer.json" else None
+        file, config_dir = path, path.parent if path.name == TOKENIZER_FILE else None
     elif source.endswith(".json") or source.startswith(("/", ".", "~")):
         raise DataPrepError(f"tokenizer file or folder not found: {source}")
     else:

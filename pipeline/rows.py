@@ -150,6 +150,16 @@ def packed_rows_dataset_class():
     return PackedRowsDataset
 
 
+def stack_rows(rows: Sequence[dict[str, Any]], sample_index: Sequence[int]) -> dict[str, torch.Tensor]:
+    """An evaluation batch of rows read from a split: ``input_ids`` (b, L) int64, ``doc_starts``
+    (b, L) bool and ``sample_index`` (b,) int64, each row's noise id (its index in the split)."""
+    return {
+        "input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]),
+        "doc_starts": torch.stack([torch.as_tensor(r["doc_starts"]) for r in rows]),
+        "sample_index": torch.tensor([int(i) for i in sample_index], dtype=torch.long),
+    }
+
+
 class RowReader:
     """Rows of one split, read through ``streaming.StreamingDataset`` (local folder)."""
 
@@ -181,9 +191,4 @@ class RowReader:
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for s in range(0, len(indices), batch_size):
             chunk = indices[s : s + batch_size]
-            rows = [self.dataset[i] for i in chunk]
-            yield {
-                "input_ids": torch.stack([r["input_ids"] for r in rows]),
-                "doc_starts": torch.stack([r["doc_starts"] for r in rows]),
-                "sample_index": torch.tensor(list(chunk), dtype=torch.long),
-            }
+            yield stack_rows([self.dataset[i] for i in chunk], chunk)

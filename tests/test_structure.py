@@ -1,4 +1,5 @@
-"""The package structure: no import cycle among the modules of pipeline/ and data_prep/.
+"""The package structure: no import cycle among the modules of pipeline/ and data_prep/, no file
+too long to read, and each shared file name written in one module only.
 
 Imports are read with ``ast`` (no module is executed): those at module level and those inside
 functions (lazy imports close a cycle as surely, only later). ``from pkg import name`` is an import of
@@ -138,3 +139,34 @@ def test_the_import_walker_sees_lazy_relative_and_submodule_imports(tmp_path):
     assert graph == {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p"}}
     assert cycles(graph) == [["p", "p.a", "p.b", "p"]]
     assert cycles({"x": {"y"}, "y": set()}) == []
+
+
+MAX_LINES = 450
+
+
+def test_no_source_file_over_450_lines():
+    """A file past ~450 lines holds several concerns: split it by concern, not by line count."""
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in project_modules().values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+# Each name a save folder, a data folder or a Hugging Face folder shares: the one module that spells it.
+OWNERS = {
+    "tokenizer.json": "pipeline/hf_names.py",
+    "manifest.json": "data_prep/manifest.py",
+    "index.json": "data_prep/manifest.py",
+}
+
+
+def test_each_shared_file_name_is_written_in_its_owner_only():
+    """Everyone else imports the owner's constant, so a rename cannot miss a reader."""
+    found = {}
+    for path in project_modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in OWNERS:
+                found.setdefault(node.value, set()).add(str(path.relative_to(REPO)))
+    assert found == {name: {owner} for name, owner in OWNERS.items()}

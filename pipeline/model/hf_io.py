@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.hf_names import TOKENIZER_FILE
 from pipeline.model.config import ModelConfig, ModelConfigError, pad_to_multiple
 from pipeline.model.transformer import BD3LM, rope_inv_freq
 
-TOKENIZER_FILE = "tokenizer.json"  # the tokenizer of a Hugging Face folder, and of a save_folder
 TOKENIZER_FILES = (
     TOKENIZER_FILE,
     "tokenizer_config.json",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from data_prep import mds
+from data_prep.remote import is_remote as is_remote_uri
 from data_prep.remote import local_cache_dir
 from pipeline.model.hf_io import TOKENIZER_FILE as TOKENIZER_FILE  # a Hugging Face folder's name too
 
@@ -28,7 +28,7 @@ _SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 
 def is_remote(save_folder: str | Path) -> bool:
     """Whether ``save_folder`` names object storage (s3://, gs://, ...) rather than a local or mounted folder."""
-    return mds.is_remote(str(save_folder))
+    return is_remote_uri(str(save_folder))
 
 
 def write_probe(node_rank: int) -> str:

@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-# data_prep owns the token dtypes; pipeline.trainer.run_inputs imports TOKEN_DTYPES from here.
-from data_prep.manifest import TOKEN_DTYPES as TOKEN_DTYPES
 from pipeline.rows import packed_rows_dataset_class
 
 log = logging.getLogger(__name__)

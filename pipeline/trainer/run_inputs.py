@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import DataPrepError, mds
+from data_prep.manifest import INDEX, TOKEN_DTYPES
+from data_prep.remote import is_remote
 from pipeline.model import ModelConfig, ModelConfigError
 from pipeline.model.hf_io import (
     TOKENIZER_FILE,
@@ -25,7 +27,7 @@ from pipeline.model.hf_io import (
     with_mask_token,
 )
 from pipeline.trainer.config import SHAPE_FIELDS, ConfigError, TrainConfig
-from pipeline.trainer.data import TOKEN_DTYPES, read_manifest
+from pipeline.trainer.data import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def _check_remote_access(cfg: TrainConfig) -> None:
         ("eval_loader.remote", cfg.eval_loader.remote if cfg.eval_loader else None),
         ("save_folder", cfg.save_folder),
     ):
-        if uri and mds.is_remote(uri):
+        if uri and is_remote(uri):
             try:
                 check_access(uri)
             except DataPrepError as e:
@@ -215,7 +217,6 @@ def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[
 
 def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
     """Rows of a local split, after checking its index.json and that every shard file is complete."""
-    from data_prep import mds
 
     section = getattr(cfg, role)
     split_dir = Path(section.local) / section.split
@@ -226,17 +227,17 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
     try:
         index = mds.read_index(split_dir)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{role}.local", f"cannot read {split_dir / mds.INDEX} ({e}): {verify}") from None
-    want = f"ndarray:{dtype}:{cfg.max_seq_len}"
+        raise ConfigError(f"{role}.local", f"cannot read {split_dir / INDEX} ({e}): {verify}") from None
+    want = mds.mds_columns(dtype, cfg.max_seq_len)["tokens"]
     rows = 0
     for shard in index.get("shards", []):
         columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
         tokens = columns.get("tokens", "")
         # data_prep stores the row length in the encoding; other writers may leave the shape out.
-        if tokens not in (want, f"ndarray:{dtype}"):
+        if tokens not in (want, want.rsplit(":", 1)[0]):  # (the row length may be left out)
             raise ConfigError(
                 f"{role}.local",
-                f"{split_dir / mds.INDEX} stores tokens as {tokens!r}, but max_seq_len is "
+                f"{split_dir / INDEX} stores tokens as {tokens!r}, but max_seq_len is "
                 f"{cfg.max_seq_len} and {section.local}/manifest.json says dtype {dtype} ({want!r}): this "
                 "split was prepared with other settings than the manifest; prepare the whole folder again "
                 "with one data_prep command",
@@ -246,7 +247,7 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
             recorded = sorted(mds.stored_file(shard).get("hashes") or {})
             raise ConfigError(
                 f"{role}.validate_hash",
-                f"{algo!r} is not a hash the index records ({split_dir / mds.INDEX} has {recorded or 'none'}); "
+                f"{algo!r} is not a hash the index records ({split_dir / INDEX} has {recorded or 'none'}); "
                 "use one of those or remove validate_hash",
             )
         try:

@@ -18,6 +18,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from pipeline.rows import stack_rows
 from pipeline.trainer.composer_model import live_model
 
 
@@ -123,11 +124,7 @@ class EvalRows:
         mine = self.indices(total, num_batches)
         for s in range(0, len(mine), self.batch_size):
             rows = [ds[i] for i in mine[s : s + self.batch_size]]
-            yield {
-                "input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]),
-                "doc_starts": torch.stack([torch.as_tensor(r["doc_starts"]) for r in rows]),
-                "sample_index": torch.tensor([int(r["dataset_index"]) for r in rows], dtype=torch.long),
-            }
+            yield stack_rows(rows, [r["dataset_index"] for r in rows])
 
 
 class ScheduledEval(Callback):

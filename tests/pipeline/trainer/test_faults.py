@@ -158,11 +158,11 @@ def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
 ):
     """The same kill with the data read from the S3 server (node cache) and save_folder in it: the
     resumed run equals the uninterrupted local run, rows, losses and final weights."""
-    from data_prep import mds
+    from data_prep.remote import upload_tree
 
     ref = reference(variant)
     nproc = VARIANTS[variant][0]
-    mds.upload_tree(tiny_data[0], f"{s3.uri}/owt")
+    upload_tree(tiny_data[0], f"{s3.uri}/owt")
     cmd, env = command(tiny_data, tmp_path, variant)
     cmd += [
         f"variables.data_remote={s3.uri}/owt",

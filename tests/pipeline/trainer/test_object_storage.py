@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep import mds
+from data_prep.remote import upload_tree
 from pipeline.eval import main as eval_main
 from pipeline.export import main as export_main
 from pipeline.model import from_pretrained
@@ -48,7 +49,7 @@ def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
         match=r"train_loader.remote.*bucket s3://no-such-bucket at http://127.0.0.1:\d+ does not exist",
     ):
         inputs("s3://no-such-bucket/owt")
-    mds.upload_tree(data, f"{s3.uri}/owt")
+    upload_tree(data, f"{s3.uri}/owt")
     assert inputs(f"{s3.uri}/owt")  # the same config with the right bucket passes
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -95,7 +96,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     an uninterrupted run on the local copy (the session's ``ddp_run``); rotation keeps one remote checkpoint; export, eval and
     sample read ``--checkpoint s3://...``; the secret key is in no file any of it wrote."""
     data, _ = tiny_data
-    mds.upload_tree(data, f"{s3.uri}/owt")
+    upload_tree(data, f"{s3.uri}/owt")
     run_uri, cache = f"{s3.uri}/runs/ddp", tmp_path / "cache"
     remote = (
         f"variables.data_remote={s3.uri}/owt",
@@ -151,7 +152,7 @@ def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp
     the losses and the exported weights equal those of an uninterrupted local ZeRO-2 run, and
     rotation leaves one checkpoint with its partitions. (The local run is the session's ``zero2_run``.)"""
     data, _ = tiny_data
-    mds.upload_tree(data, f"{s3.uri}/owt")
+    upload_tree(data, f"{s3.uri}/owt")
     zero2 = "parallelism.deepspeed.zero_optimization.stage=2"
     run_uri = f"{s3.uri}/runs/zero2"
     remote = (
