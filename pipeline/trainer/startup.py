@@ -17,6 +17,7 @@ import torch
 from pipeline.model import BD3LM, apply_compile
 from pipeline.save_folder import prepare_save_folder
 from pipeline.trainer.config import ConfigError, TrainConfig
+from pipeline.trainer.config.checks import check_precision_for_device
 from pipeline.trainer.run_inputs import RunInputs, resolve_run_inputs
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def start_distributed(cfg: TrainConfig):
     from composer.utils import dist, get_device
 
     device = get_device(cfg.device)
+    check_precision_for_device(cfg, device.name)
     local_procs = dist.get_local_world_size()
     if device.name == "cpu" and local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does: N processes x all cores each oversubscribes the CPU (10-100x slower).

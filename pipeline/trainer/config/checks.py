@@ -243,3 +243,19 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 def diffusion_config(cfg: TrainConfig) -> DiffusionConfig:
     """The objective's ``DiffusionConfig``: the YAML section, with t stratified over one global batch."""
     return dataclasses.replace(cfg.diffusion, stratify_group=cfg.global_train_batch_size)
+
+
+def check_precision_for_device(cfg: TrainConfig, device_name: str) -> None:
+    """Composer trains on the CPU in fp32 only: a GPU recipe started on a machine without a GPU stops
+    here with the override that works, not with Composer's traceback after the model is built.
+
+    ``device_name``: "cpu" or "gpu", the device the run will use (``cfg.device``, else CUDA when there is one).
+    Not part of ``check_consistency``: ``pipeline.plan`` checks GPU recipes on machines without one.
+    """
+    if device_name == "cpu" and cfg.precision != "fp32":
+        why = "device: cpu" if cfg.device == "cpu" else "this machine has no CUDA device"
+        raise ConfigError(
+            "precision",
+            f"{cfg.precision} needs a GPU ({why}); Composer trains on the CPU in fp32 only: add "
+            "precision=fp32 to the command to try this recipe on the CPU",
+        )

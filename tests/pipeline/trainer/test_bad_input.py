@@ -414,6 +414,15 @@ CASES: dict[str, list[Case]] = {
             "choose a multiple of 32 or a microbatch size in [1, 2]",
         ),
     ],
+    "a GPU recipe (`precision: amp_bf16`) started on a machine without a GPU": [
+        Case(
+            "bf16_on_cpu_cli",
+            lambda d, t: cli_error(d, t, "device=cpu", "precision=amp_bf16"),
+            "needs a GPU",
+            "precision",
+            "add precision=fp32 to the command",
+        ),
+    ],
     "credentials in a URL (`s3://user:secret@...`)": [
         Case(
             "remote",
