@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write JSON: tokens, text, nfe, cache_writes, tokens_per_s")
+    p.add_argument(
+        "--out",
+        help="write JSON: tokens, text, nfe, cache_writes, tokens_per_s and the settings (pipeline.export "
+        "--sample-json makes them the exported model's sampling defaults)",
+    )
     return p
 
 
@@ -115,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s": result.tokens_per_s,
                     "block_size": block_size,
                     "sampler": args.sampler,
+                    "settings": {
+                        k: getattr(cfg, k)
+                        for k in (
+                            "max_new_tokens",
+                            "block_size",
+                            "sampler",
+                            "threshold",
+                            "top_p",
+                            "temperature",
+                            "seed",
+                            "stop_at_eos",
+                            "steps_per_block",
+                        )
+                    },  # fmt: skip
                 },
                 indent=2,
             )
