@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from pipeline.model import AttentionMask, BD3LM
+from pipeline.model import BD3LM, AttentionMask
 from pipeline.model.attention import attend
 from pipeline.model.compat import convert_dtype, flex_trains_on_cpu
 from tests.factories import tiny_model_config
