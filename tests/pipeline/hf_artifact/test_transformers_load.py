@@ -228,6 +228,16 @@ def test_confidence_is_the_plain_softmax_whatever_top_p(tiny_export):
     assert torch.equal(hf.bd3_generate(prompt, top_p=0.3, **kw), plain)
 
 
+def test_modeling_defaults_are_the_samplers():
+    """modeling_bd3.py imports only torch and transformers, so it restates SamplerConfig's defaults."""
+    from pipeline.hf_artifact.modeling_bd3 import GENERATION_DEFAULTS
+
+    d = SamplerConfig()
+    assert GENERATION_DEFAULTS == {
+        k: None if k == "block_size" else getattr(d, k) for k in GENERATION_DEFAULTS
+    }
+
+
 def test_generation_config_holds_the_sampling_defaults_and_arguments_override(tiny_export):
     """Without an evaluation given, the defaults are pipeline.sample's at the trained block size; the
     model card states them; an argument given wins over generation_config.json."""
