@@ -38,8 +38,10 @@ test: $(STAMP) $(COMPAT_STAMP)
 	BD3_COMPAT_PYTHON=$(CURDIR)/$(COMPAT_PY) $(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-compat
 
+# The cross-version comparison of gpu_check runs once, from .venv (`make test`).
 test-compat: $(COMPAT_STAMP)
-	PYTHONPATH=$(CURDIR) $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS) \
+		--deselect tests/benchmarks/test_gpu_check.py::test_the_same_keys_and_memory_plan_on_the_gpu_machines_torch
 
 # Skips the slow and multi-process tests, for quick local iteration.
 test-fast: $(STAMP)
