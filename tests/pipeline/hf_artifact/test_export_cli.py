@@ -85,6 +85,24 @@ def test_generation_config_is_the_runs_evaluated_sampling(exported_run):
     assert "`sampler='first_hitting'`" in (exported_run / "README.md").read_text()
 
 
+def test_sample_json_wins_over_the_runs_generation_section(run, exported_run, tmp_path):
+    """``--sample-json``: a pipeline.sample evaluation of the model sets the defaults instead."""
+    from pipeline import sample
+
+    _, save, _ = run
+    out = tmp_path / "sample.json"
+    args = ["--checkpoint", str(exported_run), "--block-size", "2", "--top-p", "0.7", "--seed", "3"]
+    assert sample.main([*args, "--max-new-tokens", "9", "--device", "cpu", "--out", str(out)]) == 0
+    folder = tmp_path / "hf"
+    cli = ["--checkpoint", str(save), "--out", str(folder), "--trust-checkpoint", "--sample-json", str(out)]
+    assert export.main(cli) == 0
+    saved = json.loads((folder / "generation_config.json").read_text())["bd3"]
+    assert {k: saved[k] for k in ("block_size", "top_p", "seed", "max_new_tokens", "sampler")} == {
+        "block_size": 2, "top_p": 0.7, "seed": 3, "max_new_tokens": 9, "sampler": "confidence",
+    }  # fmt: skip
+    assert "pipeline.sample" in saved["source"]
+
+
 def test_card_table_equals_the_eval_json(run, exported_run):
     _, _, evals = run
     card = (exported_run / "README.md").read_text()
