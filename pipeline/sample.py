@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenizers import Tokenizer
 
+    from pipeline.hf_artifact import GENERATION_KEYS
     from pipeline.save_folder import load_for_inference, local_checkpoint
 
     try:
@@ -119,20 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s": result.tokens_per_s,
                     "block_size": block_size,
                     "sampler": args.sampler,
-                    "settings": {
-                        k: getattr(cfg, k)
-                        for k in (
-                            "max_new_tokens",
-                            "block_size",
-                            "sampler",
-                            "threshold",
-                            "top_p",
-                            "temperature",
-                            "seed",
-                            "stop_at_eos",
-                            "steps_per_block",
-                        )
-                    },  # fmt: skip
+                    "settings": {k: getattr(cfg, k) for k in GENERATION_KEYS},
                 },
                 indent=2,
             )
