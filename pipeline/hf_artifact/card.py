@@ -243,7 +243,7 @@ model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID", trust_remote_code
 tokenizer = PreTrainedTokenizerFast.from_pretrained("PATH_OR_HUB_ID")
 prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
 ids, nfe = model.bd3_generate(prompt, return_nfe=True)  # the defaults below; any of them can be passed
-print(tokenizer.decode(ids[0, prompt.shape[1]:]), f"({nfe} network calls)")
+print(tokenizer.decode(ids[0, prompt.shape[1]:]), f"({nfe} denoising network calls)")
 ```"""
     if not generation:
         return code
