@@ -3,10 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The stack of the GPU machines and of the export's users: torch 2.11, transformers 5.x, none of the
+# training libraries (pyproject.toml's dependency group `compat`). Only `make test` needs it.
+COMPAT := .venv-compat
+COMPAT_PY := $(COMPAT)/bin/python
+COMPAT_STAMP := $(COMPAT)/.installed
+# What runs on that stack: the plain-PyTorch core, the export and gpu_check (its test runs it --tiny).
+COMPAT_TESTS := tests/pipeline/model tests/pipeline/diffusion tests/pipeline/hf_artifact tests/benchmarks
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup setup-compat test test-compat test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -16,9 +23,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-# The full suite, as CI runs it (slow and multi-process tests included).
-test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+setup-compat: $(COMPAT_STAMP)
+
+$(COMPAT_STAMP): pyproject.toml
+	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet --group compat
+	@touch $(COMPAT_STAMP)
+
+# The full suite, as CI runs it (slow and multi-process tests included), then the core, the export
+# and gpu_check again on the GPU machines' torch and transformers 5.x (.venv-compat). The first run
+# compares gpu_check's JSON across the two torch versions.
+test: $(STAMP) $(COMPAT_STAMP)
+	BD3_COMPAT_PYTHON=$(CURDIR)/$(COMPAT_PY) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-compat
+
+# The cross-version comparison of gpu_check runs once, from .venv (`make test`).
+test-compat: $(COMPAT_STAMP)
+	PYTHONPATH=$(CURDIR) $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS) \
+		--deselect tests/benchmarks/test_gpu_check.py::test_the_same_keys_and_memory_plan_on_the_gpu_machines_torch
 
 # Skips the slow and multi-process tests, for quick local iteration.
 test-fast: $(STAMP)

@@ -8,7 +8,8 @@ in well under a minute (the test suite does). Writes JSON with:
     checkpointing and per-layer compile as in bd3_1b) at L=2048, L'=16, microbatch 8 (halved until it
     fits): tokens/s, MFU in both FLOP conventions, measured peak memory beside the plan's prediction
     for the same shape (``pipeline.diffusion.footprint`` on fake tensors: weights + gradients +
-    activations, no optimizer here); the same for ``ar`` at L and the bd3/ar step-time ratio;
+    activations, no optimizer here; ``planned_peak_bytes_fused`` traces the fused attention of the
+    GPU path, also on CPU); the same for ``ar`` at L and the bd3/ar step-time ratio;
 (b) ``precision``: NELBO of a small model in bf16 autocast vs fp32 (same weights, same noise);
 (c) ``sampling``: tokens/s at batch 1 and 16, AR with the KV cache vs BD3 L'=16 confidence decoding
     (random model with a sharpened head, as bench_sampler), NFE per token;
@@ -126,6 +127,12 @@ def check_train(config: ModelConfig, L: int, microbatch: int, device, tflops: fl
         config, TRAIN, batch=mb, seq_len=L, activation_checkpointing=True, autocast_dtype=torch.bfloat16,
         attention="fused" if device.type == "cuda" else "sdpa", count_flops=True,
     )  # fmt: skip
+    # The plan's own trace (the GPU's fused attention) on CPU too: the same bytes on every torch, while
+    # CPU SDPA's memory depends on the release (torch 2.7 materializes masked scores, 2.11 does not).
+    fused = trace if device.type == "cuda" else trace_train_step(
+        config, TRAIN, batch=mb, seq_len=L, activation_checkpointing=True, autocast_dtype=torch.bfloat16,
+        attention="fused",
+    )  # fmt: skip
     allowed = mb * train_flops_per_sample(config, TRAIN, L)
     ar_cfg = DiffusionConfig(block_size=1)
     ar_allowed = mb * train_flops_per_sample(config, ar_cfg, L)
@@ -139,6 +146,7 @@ def check_train(config: ModelConfig, L: int, microbatch: int, device, tflops: fl
         peak_method=method,
         planned_peak_bytes=trace.peak_bytes,
         planned_over_measured=trace.peak_bytes / peak,
+        planned_peak_bytes_fused=fused.peak_bytes,
         ar_step_s=t_ar,
         ar_tokens_per_s=mb * L / t_ar,
         ar_mfu_allowed_pairs=ar_allowed / t_ar / (tflops * 1e12),

@@ -10,9 +10,10 @@ Stages (each reuses its output when rerun):
      DeepSpeed ZeRO-2 (the DiffuLLaMA flow), one model for the block sizes 2, 4, 8 and 16 (each
      step draws one; BD3-LM's clipped intervals where the paper gives them);
   5. ``pipeline.eval`` across block sizes: the AR-init baseline and the trained BD3 model;
-  6. ``pipeline.export``: the BD3 run as a Hugging Face folder with its modeling code and a model card
-     showing stage 5's table (``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``);
-  7. ``pipeline.sample`` at the trained block size with the KV cache;
+  6. ``pipeline.sample`` at a trained block size with the KV cache (``SAMPLING``);
+  7. ``pipeline.export``: the BD3 run as a Hugging Face folder with its modeling code, a model card
+     showing stage 5's table and stage 6's settings as ``bd3_generate``'s defaults
+     (``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``);
   8. a summary of where everything is.
 Every stage runs the real command line in a subprocess, as a user would type it.
 """
@@ -45,9 +46,19 @@ SIZES = {
     ),
 }
 BLOCK_SIZE = 4  # sampled at; the model is trained for all of TRAINED_SIZES
+# Stage 6's sampling (pipeline.sample), which the export records as bd3_generate's defaults.
+SAMPLING = dict(block_size=BLOCK_SIZE, sampler="confidence", top_p=0.9, seed=0)
 TRAINED_SIZES = (2, 4, 8, 16)
 # BD3-LM's clipped intervals for L'=4 and 16 (LM1B); unclipped where the paper gives none.
 NOISE_INTERVALS = {2: (1e-3, 1.0), 4: (0.45, 0.95), 8: (1e-3, 1.0), 16: (0.3, 0.8)}
+
+
+def sampling_args(max_new_tokens: int) -> list[str]:
+    """pipeline.sample's arguments for ``SAMPLING``."""
+    args = ["--max-new-tokens", str(max_new_tokens)]
+    for key, value in SAMPLING.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -279,7 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in zip(tables["ar_init_baseline"], tables["bd3_trained"]):
         print(f"{a['block_size']:>10} {a['ppl_bound']:>18.2f} {b['ppl_bound']:>14.2f}")
 
-    header(6, "the BD3 model as a Hugging Face folder with a model card (pipeline.export)")
+    header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
+    sample = out / "sample.json"
+    sh(
+        [
+            py,
+            "-m",
+            "pipeline.sample",
+            "--checkpoint",
+            str(bd3_dir / "hf"),
+            *sampling_args(size["new_tokens"]),
+            "--out",
+            str(sample),
+        ]
+    )
+
+    header(7, "the BD3 model as a Hugging Face folder with a model card (pipeline.export)")
     hf_model = out / "bd3-tiny-hf"
     sh(
         [
@@ -296,29 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "eval_ar_init_baseline.json"),
             "--plot",
             str(out / "ppl_bd3_trained.png"),
-        ]
-    )
-
-    header(7, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
-    sample = out / "sample.json"
-    sh(
-        [
-            py,
-            "-m",
-            "pipeline.sample",
-            "--checkpoint",
-            str(bd3_dir / "hf"),
-            "--block-size",
-            str(BLOCK_SIZE),
-            "--max-new-tokens",
-            str(size["new_tokens"]),
-            "--sampler",
-            "confidence",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "0",
-            "--out",
+            "--sample-json",
             str(sample),
         ]
     )

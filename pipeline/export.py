@@ -2,6 +2,7 @@
 
     python -m pipeline.export --checkpoint SAVE_FOLDER_OR_FILE --out DIR [--ar]
         [--eval-json EVAL.json --baseline-json AR_EVAL.json --plot PPL.png --data DATA_DIR]
+        [--sample-json SAMPLE.json]
 
 PATH is a ``save_folder`` (its latest checkpoint) or one checkpoint. DeepSpeed ZeRO checkpoints
 (``SAVE_FOLDER/deepspeed/ba{N}``) are consolidated in this one process whatever the world size
@@ -12,7 +13,9 @@ padding rows, so the ``transformers`` AR class loads the folder.
 Without ``--ar`` the folder is self-contained for ``transformers`` (``pipeline.hf_artifact``):
 modeling code for ``trust_remote_code=True``, tokenizer files and a model card (README.md) filled from
 the run's ``run_config.json`` (in the save_folder), the data's manifest.json and the given
-``pipeline.eval`` results; a section without data says so.
+``pipeline.eval`` results; a section without data says so. generation_config.json carries the
+sampling settings the model was evaluated with (``--sample-json``, else the run's
+``callbacks.generation``): ``model.bd3_generate(input_ids)`` samples that way.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-json", help="pipeline.eval --out of the AR-init checkpoint (baseline column)"
     )
     card.add_argument("--plot", help="pipeline.eval --plot PNG, copied into the folder and shown")
+    card.add_argument(
+        "--sample-json",
+        help="pipeline.sample --out of this model: its settings become bd3_generate's defaults "
+        "(generation_config.json; default: the run's callbacks.generation, else the sampler's defaults)",
+    )
     card.add_argument(
         "--data", help="data_prep output folder (manifest.json); default: the run's, if reachable"
     )
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_json=args.eval_json,
             baseline_json=args.baseline_json,
             plot=args.plot,
+            sample_json=args.sample_json,
             base_model=args.base_model,
             license=args.license,
         )

@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write JSON: tokens, text, nfe, cache_writes, tokens_per_s")
+    p.add_argument(
+        "--out",
+        help="write JSON: tokens, text, nfe, cache_writes, tokens_per_s and the settings (pipeline.export "
+        "--sample-json makes them the exported model's sampling defaults)",
+    )
     return p
 
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenizers import Tokenizer
 
+    from pipeline.hf_artifact import GENERATION_KEYS
     from pipeline.save_folder import TOKENIZER_FILE, load_for_inference, local_checkpoint
 
     try:
@@ -102,16 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     if args.out:
-        record = {
-            "tokens": ids,
-            "text": text,
-            "nfe": result.nfe,
-            "cache_writes": result.cache_writes,
-            "tokens_per_s": result.tokens_per_s,
-            "block_size": block_size,
-            "sampler": args.sampler,
-        }
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "tokens": ids,
+                    "text": text,
+                    "nfe": result.nfe,
+                    "cache_writes": result.cache_writes,
+                    "tokens_per_s": result.tokens_per_s,
+                    "block_size": block_size,
+                    "sampler": args.sampler,
+                    "settings": {k: getattr(cfg, k) for k in GENERATION_KEYS},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -36,6 +36,7 @@ from pipeline.diffusion.objective import DiffusionConfig, hidden_states, score_p
 from pipeline.model import AR, BD3LM, ModelConfig
 from pipeline.model import attention as attention_module
 from pipeline.model.attention import FOOTPRINT
+from pipeline.model.compat import convert_dtype
 
 
 def attention_pairs(seq_len: int, block_size: int, shift: bool) -> tuple[int, int]:
@@ -241,7 +242,8 @@ def trace_train_step(
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             model = BD3LM(config, attn_backend=FOOTPRINT if attention == "fused" else "sdpa")
-            model = model.to(param_dtype).train()
+            # Not model.to(): torch >= 2.11 swaps fake parameters in place and fails (compat.py).
+            model = convert_dtype(model, param_dtype).train()
             model.activation_checkpointing = activation_checkpointing
             fake = real.to(mode.from_tensor)
             params = list(model.parameters())

@@ -7,6 +7,8 @@
   torch and transformers) and ``auto_map`` in config.json pointing at them;
 - ``tokenizer_config.json`` / ``special_tokens_map.json`` (BOS, EOS, mask) so that
   ``AutoTokenizer.from_pretrained(DIR)`` works; the mask token is added to tokenizer.json;
+- ``generation_config.json`` with a ``bd3`` section: the sampling settings ``bd3_generate`` defaults to
+  (``generation_settings``: how the run was evaluated, where the export knows it);
 - ``README.md``, the model card (``pipeline.hf_artifact.card``), and the likelihood plot if given.
 """
 
@@ -42,10 +44,12 @@ def write_artifact(
     out = save_pretrained(model, out_dir, tokenizer_dir=tokenizer_dir)
     add_remote_code(out)
     write_tokenizer_config(out)
+    generation = generation_settings(model.config, facts)
+    write_generation_config(out, generation)
     if facts.plot is not None:
         shutil.copyfile(facts.plot, out / PLOT_FILE)
     (out / "README.md").write_text(
-        render_card(json.loads((out / "config.json").read_text()), facts, PLOT_FILE)
+        render_card(json.loads((out / "config.json").read_text()), facts, PLOT_FILE, generation)
     )
     return out
 
@@ -62,6 +66,54 @@ def add_remote_code(folder: Path) -> None:
         "AutoConfig": f"configuration_bd3.{prefix}Config",
         "AutoModelForCausalLM": f"modeling_bd3.{prefix}ForCausalLM",
     }
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+GENERATION_KEYS = (
+    "max_new_tokens", "block_size", "sampler", "threshold", "top_p", "temperature", "seed", "stop_at_eos",
+    "steps_per_block",
+)  # fmt: skip  # bd3_generate's arguments, SamplerConfig's fields
+
+
+def generation_settings(config, facts: CardFacts) -> dict:
+    """The sampling settings ``bd3_generate`` defaults to, and where they come from (``source``).
+
+    In order, later over earlier: ``pipeline.diffusion.sampler.SamplerConfig``'s defaults at the
+    trained block size (``config.block_size``, the smallest trained L'); the run's ``callbacks.generation``
+    section (``facts.run_config``: what it sampled with at its evaluations, at that block size);
+    ``facts.generation`` (a ``pipeline.sample --out`` JSON's ``settings``: an evaluation of this model).
+    """
+    import dataclasses
+
+    from pipeline.diffusion.sampler import SamplerConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    settings = {k: defaults[k] for k in GENERATION_KEYS}
+    settings["block_size"] = config.block_size
+    source = "pipeline.diffusion.sampler defaults at the trained block size"
+    section = ((facts.run_config or {}).get("callbacks") or {}).get("generation")
+    if section:
+        settings.update({k: section[k] for k in GENERATION_KEYS if k != "block_size" and k in section})
+        source = "the run's callbacks.generation (its evaluations' samples)"
+    if facts.generation:
+        settings.update({k: facts.generation[k] for k in GENERATION_KEYS if k in facts.generation})
+        source = "the pipeline.sample evaluation given to the export"
+    SamplerConfig(**{k: v for k, v in settings.items() if v is not None})  # refuses bad values early
+    return {**settings, "source": source}
+
+
+def write_generation_config(folder: Path, settings: dict) -> None:
+    """Add ``settings`` as the ``bd3`` section of generation_config.json (other keys, e.g. the AR
+    checkpoint's, are kept: ``generate()`` still reads them)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = json.loads((folder / "config.json").read_text()).get(key)
+        if value is not None:
+            config.setdefault(key, value)
+    # A file marked as derived from config.json is rebuilt from it on load, dropping the bd3 section.
+    config.pop("_from_model_config", None)
+    config["bd3"] = settings
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

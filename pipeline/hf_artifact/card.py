@@ -30,6 +30,8 @@ class CardFacts:
         eval: a ``pipeline.eval`` JSON of the exported model (``results``: one row per block size).
         baseline: the same for the AR-init baseline.
         plot: a PNG of the likelihood across block sizes, copied into the folder.
+        generation: the sampling settings of an evaluation of this model (a ``pipeline.sample --out``
+            JSON's ``settings``): they become ``bd3_generate``'s defaults.
     """
 
     base_model: str | None = None
@@ -39,14 +41,17 @@ class CardFacts:
     eval: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     plot: Path | None = None
+    generation: dict[str, Any] | None = None
     extra_tags: list[str] = field(default_factory=list)
 
     @classmethod
     def from_files(
-        cls, *, data=None, run_config=None, eval_json=None, baseline_json=None, plot=None, **fields
-    ) -> CardFacts:
+        cls, *, data=None, run_config=None, eval_json=None, baseline_json=None, plot=None, sample_json=None,
+        **fields,
+    ) -> CardFacts:  # fmt: skip
         """Read the facts from paths (each optional): a data folder or its manifest.json, the run's
-        ``run_config.json``, ``pipeline.eval --out`` JSONs and a ``--plot`` PNG."""
+        ``run_config.json``, ``pipeline.eval --out`` JSONs, a ``--plot`` PNG and a ``pipeline.sample
+        --out`` JSON (its ``settings``)."""
         from data_prep.manifest import MANIFEST  # here: the model's imports (a GPU box) carry no data_prep
 
         def read(path):
@@ -58,6 +63,9 @@ class CardFacts:
             return json.loads(path.read_text())
 
         run = read(run_config)
+        sample = read(sample_json)
+        if sample is not None and "settings" not in sample:
+            raise ValueError(f"{sample_json} has no 'settings': write it with pipeline.sample --out")
         if data is None and run is not None:  # the run's data folder, when this machine can reach it
             local = (run.get("train_loader") or {}).get("local")
             data = local if local and (Path(local) / MANIFEST).exists() else None
@@ -71,6 +79,7 @@ class CardFacts:
             eval=read(eval_json),
             baseline=read(baseline_json),
             plot=Path(plot) if plot else None,
+            generation=None if sample is None else sample["settings"],
             **fields,
         )
 
@@ -102,8 +111,11 @@ def public_name(name: str | None, parts: int = 1) -> str | None:
     return "/".join(p for p in tail if p not in ("/", "~", ".", "..")) or None
 
 
-def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str:
-    """README.md text for the folder whose config.json is ``config``."""
+def render_card(
+    config: dict[str, Any], facts: CardFacts, plot_file: str, generation: dict[str, Any] | None = None
+) -> str:
+    """README.md text for the folder whose config.json is ``config``; ``generation``: the ``bd3``
+    section of its generation_config.json (``bd3_generate``'s defaults)."""
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     if hub_id(facts.base_model):
         front.append(f"base_model: {facts.base_model}")
@@ -126,7 +138,7 @@ def render_card(config: dict[str, Any], facts: CardFacts, plot_file: str) -> str
         "## Data\n\n" + _data_section(facts.manifest),
         "## Training\n\n" + _training_section(facts.run_config, sizes, bd3),
         "## Likelihood across block sizes\n\n" + _likelihood_section(facts, plot_file),
-        "## Usage\n\n" + _usage(sizes[0]),
+        "## Usage\n\n" + _usage(generation),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -224,13 +236,20 @@ def _likelihood_section(facts: CardFacts, plot_file: str) -> str:
     return out
 
 
-def _usage(block_size) -> str:
-    return f"""```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+def _usage(generation: dict[str, Any] | None) -> str:
+    code = """```python
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")
+tokenizer = PreTrainedTokenizerFast.from_pretrained("PATH_OR_HUB_ID")
 prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
-ids = model.bd3_generate(prompt, max_new_tokens=64, block_size={block_size}, sampler="confidence", threshold=0.9, seed=0)
-print(tokenizer.decode(ids[0, prompt.shape[1]:]))
+ids, nfe = model.bd3_generate(prompt, return_nfe=True)  # the defaults below; any of them can be passed
+print(tokenizer.decode(ids[0, prompt.shape[1]:]), f"({nfe} denoising network calls)")
 ```"""
+    if not generation:
+        return code
+    shown = ", ".join(f"`{k}={v!r}`" for k, v in generation.items() if k != "source")
+    return (
+        f"{code}\n\n`bd3_generate`'s defaults (generation_config.json, `bd3`; from "
+        f"{generation.get('source', 'the export')}): {shown}. Loads with transformers 4.57 and 5.x."
+    )

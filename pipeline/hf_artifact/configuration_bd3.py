@@ -4,7 +4,10 @@ The ``bd3`` section of config.json holds what block decoding needs: ``mask_token
 ``base_vocab_size`` (ids from there on and the mask token are never predicted), ``block_size``
 (the block size L' it was trained at; ``block_sizes`` when trained at several) and ``shift``
 (position l - 1 predicts token l, as in the AR model it was initialized from).
-Only ``torch`` and ``transformers`` are imported: this file travels with the weights.
+Only ``torch`` and ``transformers`` are imported: this file travels with the weights. The classes
+subclass the architectures' own configs, so the same file serves transformers 4.57 and 5.x (where
+``PretrainedConfig`` became ``PreTrainedConfig``, configs are dataclasses and the rotary settings move
+to ``rope_parameters``, converted from this file's ``rope_theta``/``rope_scaling`` by 5.x itself).
 """
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config

@@ -15,9 +15,16 @@ With ``shift`` (config ``bd3.shift``) the logits at position l - 1 predict token
 the first token of a block is predicted by the last logits of the previous cache write. Blocks are
 always denoised whole; the output is cut to ``max_new_tokens`` afterwards.
 
-Only ``torch`` and ``transformers`` are imported: this file travels with the weights.
+The sampling settings default to the ``bd3`` section of generation_config.json (the settings the run
+was evaluated with, written by the export) and then to ``GENERATION_DEFAULTS``; arguments override.
+
+One file for transformers 4.57+ and 5.x: a noisy block leaves the cache with ``crop(-n)`` (5.x refuses
+a positive length), the cache goes to ``forward`` under the name its signature has (``cache`` from
+5.24, ``past_key_values`` before), and the mask is a 4D additive float mask, which both pass to the
+attention as is. Only ``torch`` and ``transformers`` are imported: this file travels with the weights.
 """
 
+import inspect
 import warnings
 
 import torch
@@ -26,6 +33,12 @@ from transformers import DynamicCache, LlamaForCausalLM, MistralForCausalLM, Qwe
 from .configuration_bd3 import BD3LlamaConfig, BD3MistralConfig, BD3Qwen2Config
 
 SAMPLERS = ("confidence", "first_hitting", "ddpm_cache")
+# What bd3_generate does when neither its arguments nor generation_config.json's ``bd3`` section say
+# (block_size None: the trained ``bd3.block_size``); pipeline.diffusion.sampler.SamplerConfig's defaults.
+GENERATION_DEFAULTS = {
+    "max_new_tokens": 256, "block_size": None, "sampler": "confidence", "threshold": 0.9, "top_p": 1.0,
+    "temperature": 1.0, "seed": 0, "stop_at_eos": True, "steps_per_block": None,
+}  # fmt: skip
 
 
 def top_p_filter(probs, top_p):
@@ -50,15 +63,19 @@ class BD3Mixin:
         # Every query sees the whole cache and the whole block: a 4D additive mask of zeros.
         mask = torch.zeros(B, 1, n, past + n, dtype=self.dtype, device=block.device)
         out = self(
-            input_ids=block,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+            input_ids=block, attention_mask=mask, position_ids=positions, use_cache=True, **{_cache_arg(self): cache}
+        )  # fmt: skip
         if not keep:
-            cache.crop(past)  # a noisy block is never part of the context
+            cache.crop(-n)  # a noisy block is never part of the context
         return out.logits.float()
+
+    def _bd3_settings(self, **given):
+        """The sampling settings: ``given`` (not None) over generation_config.json's ``bd3`` section
+        over ``GENERATION_DEFAULTS``."""
+        saved = getattr(getattr(self, "generation_config", None), "bd3", None) or {}
+        settings = {**GENERATION_DEFAULTS, **{k: v for k, v in saved.items() if k in GENERATION_DEFAULTS}}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        return settings
 
     def _bd3_probs(self, logits, invalid, temperature, top_p):
         """(plain softmax, top-p filtered softmax) of (B, n, V) logits; ``invalid`` ids get zero mass."""
@@ -77,18 +94,22 @@ class BD3Mixin:
     def bd3_generate(
         self,
         input_ids,
-        max_new_tokens=256,
+        max_new_tokens=None,
         block_size=None,
-        sampler="confidence",
-        threshold=0.9,
-        top_p=1.0,
-        temperature=1.0,
-        seed=0,
-        stop_at_eos=True,
+        sampler=None,
+        threshold=None,
+        top_p=None,
+        temperature=None,
+        seed=None,
+        stop_at_eos=None,
         eos_token_id=None,
         steps_per_block=None,
+        return_nfe=False,
     ):
         """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (B, P), P >= 1.
+
+        Every setting left out (None) is generation_config.json's (``bd3`` section: how the run was
+        evaluated), else ``GENERATION_DEFAULTS``: ``model.bd3_generate(input_ids)`` samples as the run did.
 
         Args:
             block_size: tokens per block L' (default: the trained ``bd3.block_size``).
@@ -103,9 +124,23 @@ class BD3Mixin:
             seed: seeds the one ``torch.Generator`` of all random draws.
             stop_at_eos: a row stops at its first EOS (``eos_token_id``, default the config's); the
                 rest of the row is filled with EOS and generation ends when every row has stopped.
+            return_nfe: also return the number of denoising network calls (NFE), as
+                ``pipeline.sample`` counts them: cache writes (the prompt's whole blocks, then one
+                forward per finished block) are not included.
         Returns:
-            (B, P + n) token ids, prompt included, n <= max_new_tokens.
+            (B, P + n) token ids, prompt included, n <= max_new_tokens; with ``return_nfe`` the pair
+            (ids, nfe).
         """
+        s = self._bd3_settings(
+            max_new_tokens=max_new_tokens, block_size=block_size, sampler=sampler, threshold=threshold,
+            top_p=top_p, temperature=temperature, seed=seed, stop_at_eos=stop_at_eos,
+            steps_per_block=steps_per_block,
+        )  # fmt: skip
+        max_new_tokens, block_size, sampler, threshold = (
+            s["max_new_tokens"], s["block_size"], s["sampler"], s["threshold"]
+        )  # fmt: skip
+        top_p, temperature, seed = s["top_p"], s["temperature"], s["seed"]
+        stop_at_eos, steps_per_block = s["stop_at_eos"], s["steps_per_block"]
         bd3 = self.config.bd3
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -141,13 +176,19 @@ class BD3Mixin:
         last = None  # logits at the last clean position (the shift's prediction of the next token)
 
         steps = steps_per_block or bs
+        nfe = 0
+
+        def denoising_forward(block):
+            nonlocal nfe
+            nfe += 1
+            return self._bd3_forward(block, cache, keep=False)
 
         def predictions(block, masked, last):
             """(B, L', V) logits predicting each position of ``block``."""
             if not shift:
-                return self._bd3_forward(block, cache, keep=False)
+                return denoising_forward(block)
             if masked[:, 1:].any():
-                logits = self._bd3_forward(block, cache, keep=False)
+                logits = denoising_forward(block)
                 # Without a clean block before (a short prompt) position 0 is given: never predicted.
                 first = logits[:, :1] if last is None else last[:, None]
                 return torch.cat([first, logits[:, :-1]], dim=1)
@@ -200,7 +241,15 @@ class BD3Mixin:
             if out.shape[1] < max_new_tokens and not done.all():
                 last = self._bd3_forward(block, cache, keep=True)[:, -1]
             given = block[:, :0]
-        return torch.cat([input_ids, out[:, :max_new_tokens]], dim=1)
+        ids = torch.cat([input_ids, out[:, :max_new_tokens]], dim=1)
+        return (ids, nfe) if return_nfe else ids
+
+
+def _cache_arg(model):
+    """The name ``forward`` takes the KV cache under: ``cache`` from transformers 5.24 on (the old name
+    warns), ``past_key_values`` before."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class BD3LlamaForCausalLM(BD3Mixin, LlamaForCausalLM):

@@ -3,7 +3,8 @@
 - ``sdpa``: ``F.scaled_dot_product_attention`` with a dense boolean mask (``is_causal`` for AR).
   The CPU reference and fallback; exact for every mask.
 - ``flex``: FlexAttention with block masks cached per (mask, length, device); compiled on CUDA
-  (BLOCK_SIZE passed explicitly), eager elsewhere (exact but slow).
+  (BLOCK_SIZE passed explicitly), eager elsewhere (exact but slow). torch >= 2.11 refuses CPU
+  inputs that require grad: there the CPU training forward runs SDPA with the same mask.
 - ``flash``: flash-attn when importable, for what it expresses (causal, full bidirectional,
   decoding against a cache without annealing); other masks fall through to ``flex``.
 ``auto`` on CUDA sends causal attention and KV-cache decoding to flash-attn (else SDPA's fused
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.compat import flex_trains_on_cpu
 from pipeline.model.masks import AttentionMask, dense_mask, mask_predicate
 
 try:  # optional extra `gpu`
@@ -223,5 +225,9 @@ def attend(
     if prepared.backend == "flash":
         return _flash(q, k, v, mask)
     if prepared.backend == "flex":
+        if q.device.type == "cpu" and q.requires_grad and not flex_trains_on_cpu():
+            # torch >= 2.11 has no CPU backward for FlexAttention: SDPA with the same mask (exact).
+            allowed = _sdpa_mask(mask, q.shape[-2], k.shape[-2], seq_len, q.device, doc_ids)
+            return _sdpa(q, k, v, mask, allowed)
         return _flex(q, k, v, prepared.bias)
     return _sdpa(q, k, v, mask, prepared.bias)

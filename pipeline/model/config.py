@@ -142,6 +142,10 @@ class ModelConfig:
         bd3 = hf.get("bd3", {})
         qkv_bias = hf.get("attention_bias", arch == "qwen2")
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        # transformers >= 5 writes the rotary settings as rope_parameters (rope_theta and the scaling).
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", 10000.0)
+        scaling = rope if rope.get("rope_type", "default") != "default" else None
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0]
@@ -156,8 +160,8 @@ class ModelConfig:
             head_dim=hf.get("head_dim"),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=hf.get("rope_theta", theta),
+            rope_scaling=hf.get("rope_scaling") or scaling,
             attention_bias=bool(qkv_bias),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -77,16 +77,54 @@ def test_dockerfile_copies_only_what_exists_and_installs_the_gpu_extra():
     assert "--no-build-isolation" in installs  # flash-attn builds against the installed torch
 
 
-def test_base_image_cuda_matches_the_torch_wheels():
+def cuda_build(cuda_version: str | None, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """(the base image, cuda_env.sh's settings) of ``docker build --build-arg CUDA_VERSION=...``
+    (None: the default): FROM rendered with the ARG, the RUN's ``case`` executed by sh."""
+    ins = instructions(DOCKER / "Dockerfile")
+    default = next(a.split("=", 1)[1] for op, a in ins if op == "ARG" and a.startswith("CUDA_VERSION="))
+    version = cuda_version or default
+    base = next(args for op, args in ins if op == "FROM").replace("${CUDA_VERSION}", version)
+    run = next(args for op, args in ins if op == "RUN" and 'case "$CUDA_VERSION"' in args)
+    script = run.split(" && ")[0].replace("/opt/bd3/cuda_env.sh", str(tmp_path / "cuda_env.sh"))
+    p = subprocess.run(["sh", "-c", script], env={"CUDA_VERSION": version}, capture_output=True, text=True)
+    if p.returncode:
+        raise ValueError(p.stderr)
+    text = (tmp_path / "cuda_env.sh").read_text()
+    return base, {k: v.strip('"') for k, v in (line.split("=", 1) for line in text.splitlines())}
+
+
+def test_base_image_cuda_matches_the_torch_wheels(tmp_path):
+    """The default build: CUDA 12.6, torch 2.7.0's PyPI wheel (the one installed here), A100/H100/H200."""
     import torch
 
-    base = next(args for op, args in instructions(DOCKER / "Dockerfile") if op == "FROM")
+    base, env = cuda_build(None, tmp_path)
     m = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\S*devel", base)
     assert m, f"{base}: want a pinned nvidia/cuda devel tag"
     pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.7.0" in pinned
     # torch 2.7.0's default PyPI wheels are the CUDA 12.6 build (the one installed here).
     assert torch.__version__.startswith("2.7.0") and torch.version.cuda == f"{m[1]}.{m[2]}"
+    assert env["TORCH_INDEX"] == "" and env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+
+
+def test_cuda_12_8_build_serves_blackwell(tmp_path):
+    """--build-arg CUDA_VERSION=12.8.1: torch 2.7.0's cu128 wheel from the PyTorch index, sm_100 in the
+    architectures torch extensions and flash-attn are compiled for, a flash-attn that builds sm_100."""
+    base, env = cuda_build("12.8.1", tmp_path)
+    assert base == "nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04"
+    assert env["TORCH_INDEX"] == "https://download.pytorch.org/whl/cu128"
+    assert "10.0" in env["TORCH_CUDA_ARCH_LIST"].split(";") and "100" in env["FLASH_ATTN_CUDA_ARCHS"].split(
+        ";"
+    )
+    assert env["FLASH_ATTN_MIN"] == "2.7.4.post1"
+    installs = " ".join(a for op, a in instructions(DOCKER / "Dockerfile") if op == "RUN")
+    assert 'pip install torch==2.7.0 --index-url "$TORCH_INDEX"' in installs
+    assert '"flash-attn>=$FLASH_ATTN_MIN"' in installs and "export TORCH_CUDA_ARCH_LIST" in installs
+
+
+def test_unsupported_cuda_version_stops_the_build(tmp_path):
+    with pytest.raises(ValueError, match="use 12.6.x"):
+        cuda_build("12.4.1", tmp_path)
 
 
 def test_image_runs_as_non_root_with_caches_as_volumes_and_no_credentials():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.factories import card_table_rows
 
@@ -54,6 +55,16 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     assert (out / "bd3-tiny-hf" / "modeling_bd3.py").exists()
     sample = json.loads((out / "sample.json").read_text())
     assert len(sample["tokens"]) > 0 and sample["tokens_per_s"] > 0
+    # The export samples as stage 6 did with input_ids alone: its settings, its tokens, its NFE.
+    export = out / "bd3-tiny-hf"
+    saved = json.loads((export / "generation_config.json").read_text())["bd3"]
+    assert {k: saved[k] for k in sample["settings"]} == sample["settings"]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    start = hf.config.bos_token_id if hf.config.bos_token_id is not None else hf.config.eos_token_id
+    ids, nfe = hf.bd3_generate(torch.tensor([[start]]), return_nfe=True)
+    assert ids[0, 1 : 1 + len(sample["tokens"])].tolist() == sample["tokens"] and nfe == sample["nfe"]
     assert "finished in" in proc.stdout
     # A rerun reuses every finished stage.
     again = _demo(out)

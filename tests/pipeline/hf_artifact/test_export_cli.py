@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
-from pipeline import eval as pipeline_eval
+# The run's data is MDS shards: Streaming is a training dependency, absent from .venv-compat.
+pytest.importorskip("streaming")
+
+from pipeline import eval as pipeline_eval  # noqa: E402
 from pipeline import export
 from pipeline.hf_artifact import CardFacts
 from pipeline.save_folder import MODEL_CONFIG_FILE, RUN_CONFIG_FILE
@@ -38,6 +41,9 @@ def run(tmp_path_factory):
         "max_seq_len": SEQ,
         "parallelism": {"deepspeed": {"zero_optimization": {"stage": 2}}},
         "variables": {"aws_secret_access_key": SECRET},
+        "callbacks": {
+            "generation": {"sampler": "first_hitting", "top_p": 0.8, "max_new_tokens": 20, "num_samples": 2}
+        },
     }
     (save / RUN_CONFIG_FILE).write_text(json.dumps(run_config))
     # The "trained" weights differ from the AR init, so that the card's two columns differ.
@@ -67,6 +73,34 @@ def exported_run(run):
     ]
     assert export.main(args) == 0
     return out
+
+
+def test_generation_config_is_the_runs_evaluated_sampling(exported_run):
+    """The run's callbacks.generation (its samples at every evaluation, at the smallest trained block
+    size) becomes bd3_generate's defaults; what the section leaves out is the sampler's default."""
+    saved = json.loads((exported_run / "generation_config.json").read_text())["bd3"]
+    assert saved["sampler"] == "first_hitting" and saved["top_p"] == 0.8 and saved["max_new_tokens"] == 20
+    assert saved["block_size"] == 4 and saved["threshold"] == 0.9 and saved["seed"] == 0
+    assert "callbacks.generation" in saved["source"]
+    assert "`sampler='first_hitting'`" in (exported_run / "README.md").read_text()
+
+
+def test_sample_json_wins_over_the_runs_generation_section(run, exported_run, tmp_path):
+    """``--sample-json``: a pipeline.sample evaluation of the model sets the defaults instead."""
+    from pipeline import sample
+
+    _, save, _ = run
+    out = tmp_path / "sample.json"
+    args = ["--checkpoint", str(exported_run), "--block-size", "2", "--top-p", "0.7", "--seed", "3"]
+    assert sample.main([*args, "--max-new-tokens", "9", "--device", "cpu", "--out", str(out)]) == 0
+    folder = tmp_path / "hf"
+    cli = ["--checkpoint", str(save), "--out", str(folder), "--trust-checkpoint", "--sample-json", str(out)]
+    assert export.main(cli) == 0
+    saved = json.loads((folder / "generation_config.json").read_text())["bd3"]
+    assert {k: saved[k] for k in ("block_size", "top_p", "seed", "max_new_tokens", "sampler")} == {
+        "block_size": 2, "top_p": 0.7, "seed": 3, "max_new_tokens": 9, "sampler": "confidence",
+    }  # fmt: skip
+    assert "pipeline.sample" in saved["source"]
 
 
 def test_card_table_equals_the_eval_json(run, exported_run):

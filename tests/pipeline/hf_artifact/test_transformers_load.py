@@ -12,11 +12,16 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from pipeline.diffusion.sampler import SamplerConfig, generate
+from pipeline.hf_artifact import CardFacts, write_artifact
+from pipeline.model import from_pretrained
+from tests.factories import TINY_HF, write_tiny_hf_checkpoint, write_tokenizer
 
 PROMPT_LEN = 5
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def load(folder, **kw):
@@ -48,10 +53,15 @@ def test_auto_classes_load_with_the_bd3_config(tiny_export, arch):
     assert hf.config.vocab_size == model.config.vocab_size == 256
     if arch == "qwen2":  # tied embeddings stay tied
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert tok.mask_token_id == model.config.mask_token_id
-    assert tok.eos_token_id == model.config.eos_token_id and tok.bos_token_id == model.config.bos_token_id
-    assert tok("w3 w7").input_ids[-2:] == [4, 8]
+    # transformers 5's AutoTokenizer makes every qwen2 folder a Qwen2Tokenizer, which rebuilds Qwen's
+    # byte-level BPE from tokenizer.json's vocabulary (right for Qwen's tokenizer, not for this word-level
+    # one); PreTrainedTokenizerFast loads tokenizer.json as it is under 4.57 and 5.x alike.
+    classes = [PreTrainedTokenizerFast] + ([] if TRANSFORMERS_5 and arch == "qwen2" else [AutoTokenizer])
+    for cls in classes:
+        tok = cls.from_pretrained(folder)
+        assert tok.mask_token_id == model.config.mask_token_id
+        assert tok.eos_token_id == model.config.eos_token_id and tok.bos_token_id == model.config.bos_token_id
+        assert tok("w3 w7").input_ids[-2:] == [4, 8]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -216,3 +226,113 @@ def test_confidence_is_the_plain_softmax_whatever_top_p(tiny_export):
     kw = dict(max_new_tokens=27, block_size=16, sampler="confidence", threshold=0.3, temperature=0, seed=0)
     plain = hf.bd3_generate(prompt, top_p=1.0, **kw)
     assert torch.equal(hf.bd3_generate(prompt, top_p=0.3, **kw), plain)
+
+
+def test_modeling_defaults_are_the_samplers():
+    """modeling_bd3.py imports only torch and transformers, so it restates SamplerConfig's defaults."""
+    from pipeline.hf_artifact.modeling_bd3 import GENERATION_DEFAULTS
+
+    d = SamplerConfig()
+    assert GENERATION_DEFAULTS == {
+        k: None if k == "block_size" else getattr(d, k) for k in GENERATION_DEFAULTS
+    }
+
+
+def test_generation_config_holds_the_sampling_defaults_and_arguments_override(tiny_export):
+    """Without an evaluation given, the defaults are pipeline.sample's at the trained block size; the
+    model card states them; an argument given wins over generation_config.json."""
+    model, folder = tiny_export("llama")
+    saved = json.loads((folder / "generation_config.json").read_text())["bd3"]
+    d = SamplerConfig()
+    assert {k: v for k, v in saved.items() if k != "source"} == {
+        "max_new_tokens": d.max_new_tokens, "block_size": 4, "sampler": d.sampler, "threshold": d.threshold,
+        "top_p": d.top_p, "temperature": d.temperature, "seed": d.seed, "stop_at_eos": d.stop_at_eos,
+        "steps_per_block": d.steps_per_block,
+    }  # fmt: skip
+    assert "`block_size=4`" in (folder / "README.md").read_text()
+    hf = load(folder)
+    assert hf.generation_config.bd3 == saved
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=12, top_p=0.8, seed=9, stop_at_eos=False)
+    ours = generate(model, prompt, SamplerConfig(block_size=4, **kw)).tokens
+    assert torch.equal(hf.bd3_generate(prompt, **kw)[:, PROMPT_LEN:], ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # block size 2 was not trained
+        other = hf.bd3_generate(prompt, block_size=2, **kw)[:, PROMPT_LEN:]
+    assert torch.equal(other, generate(model, prompt, SamplerConfig(block_size=2, **kw)).tokens)
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "first_hitting", "ddpm_cache"])
+def test_return_nfe_counts_the_denoising_calls_as_pipeline_sample(tiny_export, sampler):
+    """``return_nfe`` gives pipeline's ``GenerationResult.nfe``; the model's forwards are those plus
+    the cache writes (``GenerationResult.cache_writes``)."""
+    model, hf = sharpened(*tiny_export("llama"))
+    prompt = torch.randint(3, 250, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(8))
+    kw = dict(block_size=4, max_new_tokens=23, sampler=sampler, threshold=0.3, seed=2, steps_per_block=6)
+    result = generate(model, prompt, SamplerConfig(stop_at_eos=False, **kw))
+    calls = []
+    hook = hf.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ids, nfe = hf.bd3_generate(prompt, stop_at_eos=False, return_nfe=True, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(ids[:, PROMPT_LEN:], result.tokens)
+    assert nfe == result.nfe and len(calls) == result.nfe + result.cache_writes
+    if sampler == "confidence":  # threshold 0.3 unmasks several tokens per call
+        assert nfe < result.tokens.shape[1]
+
+
+def test_the_demos_evaluated_sampling_is_the_exports_default(tiny_export, tmp_path):
+    """The demo's stage 6 (``pipeline.sample`` with the demo's own arguments, ``--out``) given to the
+    export (``--sample-json``): ``bd3_generate(input_ids)`` alone gives pipeline.sample's tokens and
+    NFE, under whichever transformers this runs (4.57 in .venv, 5.x in .venv-compat)."""
+    from pipeline import sample
+    from pipeline.demo import SAMPLING, sampling_args
+
+    model, folder = tiny_export("llama")
+    out = tmp_path / "sample.json"
+    assert (
+        sample.main(["--checkpoint", str(folder), *sampling_args(40), "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    evaluated = json.loads(out.read_text())
+    assert {k: evaluated["settings"][k] for k in SAMPLING} == SAMPLING
+    export = write_artifact(model, tmp_path / "export", CardFacts.from_files(sample_json=out))
+    hf = load(export)
+    ids, nfe = hf.bd3_generate(torch.tensor([[TINY_HF["bos_token_id"]]]), return_nfe=True)
+    tokens = evaluated["tokens"]
+    assert ids[0, 1 : 1 + len(tokens)].tolist() == tokens and nfe == evaluated["nfe"]
+    assert (ids[0, 1 + len(tokens) :] == TINY_HF["eos_token_id"]).all()  # stopped at EOS, as the CLI
+
+
+def test_eager_and_sdpa_attention_take_the_same_mask(tiny_export):
+    """The 4D additive mask goes to transformers' eager and SDPA attention as is, in 4.57 and 5.x."""
+    _, folder = tiny_export("mistral")
+    prompt = torch.randint(3, 250, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=11, sampler="first_hitting", seed=4, stop_at_eos=False)
+    eager = load(folder, attn_implementation="eager").bd3_generate(prompt, **kw)
+    assert torch.equal(load(folder, attn_implementation="sdpa").bd3_generate(prompt, **kw), eager)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_theta": 500000.0},
+        {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    ],
+    ids=["theta", "llama3", "linear"],
+)  # fmt: skip
+def test_rotary_settings_survive_the_export(tmp_path, rope):
+    """A checkpoint written by this transformers (rope_parameters in 5.x, rope_theta/rope_scaling in
+    4.57) loads into pipeline's model and back out through the export with the same AR logits."""
+    ckpt, ar = write_tiny_hf_checkpoint(tmp_path / "ar", "llama", **rope)
+    write_tokenizer(ckpt / "tokenizer.json", n_words=TINY_HF["vocab_size"] - 1)
+    model = from_pretrained(ckpt, block_size=4).eval()
+    folder = write_artifact(model, tmp_path / "export")
+    x = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, ours, theirs = ar(x).logits, model(x)[..., :250], load(folder)(x).logits[..., :250]
+    assert (ours - reference).abs().max() < 1e-4
+    assert (theirs - reference).abs().max() < 1e-4
