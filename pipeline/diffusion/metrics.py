@@ -76,6 +76,7 @@ def _to_model_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | 
     return x0, (doc.to(device) if doc is not None else None), ids
 
 
+# Over 60 lines on purpose: one pass over the batches feeds every block size's sums; split, it would pass twice.
 @torch.no_grad()
 def evaluate_block_sizes(
     model,

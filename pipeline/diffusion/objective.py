@@ -297,6 +297,7 @@ def score_positions(model, h_noisy, h_clean, x0, rows, cols, block_size, shift, 
     return chunked_cross_entropy(h, model.lm_head, x0[rows, cols], invalid, chunk)
 
 
+# Over 60 lines on purpose: the objective top to bottom (noise, masks, one forward, scores), compared line by line with the paper.
 def compute_nelbo(
     model,
     x0: torch.Tensor,

@@ -90,6 +90,7 @@ class BD3Mixin:
             return probs.argmax(-1)
         return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:-1])
 
+    # Over 60 lines on purpose: this file travels alone with the weights; the nested helpers share the cache and the settings.
     @torch.no_grad()
     def bd3_generate(
         self,

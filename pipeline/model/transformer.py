@@ -218,6 +218,7 @@ class BD3LM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos(), emb.sin()
 
+    # Over 60 lines on purpose: the model's forward top to bottom (nanoGPT style): every attention mode is a branch here.
     def forward(
         self,
         input_ids: torch.Tensor,
