@@ -107,8 +107,9 @@ def write_generation_config(folder: Path, settings: dict) -> None:
     checkpoint's, are kept: ``generate()`` still reads them)."""
     path = folder / "generation_config.json"
     config = json.loads(path.read_text()) if path.exists() else {}
+    model_config = json.loads((folder / "config.json").read_text())
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = json.loads((folder / "config.json").read_text()).get(key)
+        value = model_config.get(key)
         if value is not None:
             config.setdefault(key, value)
     # A file marked as derived from config.json is rebuilt from it on load, dropping the bd3 section.
