@@ -2,6 +2,12 @@
 
 ``tiny_hf_checkpoint(path, arch, **config)`` is ``tests.factories.write_tiny_hf_checkpoint``.
 ``tiny_llama_dir`` and ``tiny_qwen2_dir`` are session-scoped folders: copy them before writing.
+
+``make test`` runs the suite on 2 pytest-xdist workers (``--dist loadgroup``): a launch leaves a core
+idle while its launcher imports and while it starts and stops, and the other worker uses it. Tests
+that read one expensive session run are in one ``xdist_group`` (``tests/pipeline/trainer``), so
+that each such run is made once; every worker runs the slow tests first, so that no long test is
+left alone at the end.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ def pytest_collection_modifyitems(items):
     for item in items:  # `-m s3` selects every test that talks to the S3 server
         if "s3" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the same order on every worker (xdist checks it)
+        items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("slow", "multiprocess")))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from pipeline.rows import packed_rows_dataset_class
 log = logging.getLogger(__name__)
 
 _SHM_DIR = Path("/dev/shm")
+_ORPHAN_LOCK_AGE_S = 60.0  # a Streaming lock file without memory this old belongs to no starting job
+
+
+def _age_s(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _mapped_shm_names() -> set[str]:
@@ -68,10 +77,13 @@ def clean_stale_streaming_memory() -> list[str]:
     stale = {prefix for prefix, files in groups.items() if not any(f.name in live for f in files)}
     doomed = [f for prefix in sorted(stale) for f in groups[prefix]]
     # File locks Streaming leaves in the temp dir: stale with their segments, or with none left at all.
-    # (Streaming skips every prefix that has one, so they pile up over killed runs.)
+    # (Streaming skips every prefix that has one, so they pile up over killed runs.) A lock with no
+    # segment may also be a job on this node that is starting now (it takes the lock, then creates
+    # its memory): such a lock is left alone until it is _ORPHAN_LOCK_AGE_S old.
+    now = time.time()
     for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock"):
         m = LOCK_FILE_NAME.match(p.name)
-        if m and (m.group(1) in stale or m.group(1) not in groups):
+        if m and (m.group(1) in stale or (m.group(1) not in groups and _age_s(p, now) > _ORPHAN_LOCK_AGE_S)):
             doomed.append(p)
     removed = []
     for f in doomed:

@@ -1,7 +1,14 @@
 """Fixtures of the training tests (``tiny_data`` and ``one_thread`` are in ``tests/conftest.py``).
 
-The reference runs are made once per session and shared by every test that only reads them: the
-1-process run in this process, and the 2-process DDP and ZeRO-2 launches of the same config.
+Every run made here is made once per session and shared by the tests that only read it:
+
+- ``one_process`` / ``one_process_full``: 1-process references of ``launch.COMMON`` and
+  ``launch.FULL`` (several block sizes and the evaluation callbacks folded in), trained in this
+  process;
+- ``ddp_run``: ``composer -n 2`` DDP of ``FULL``;
+- ``reference(variant)``: the fault tests' uninterrupted runs (``launch.FAULT_COMMON``: a checkpoint
+  every 3 batches, row ids logged, a Hugging Face export) for "1proc", "zero2" and "zero3", launched
+  on first use; the ZeRO-2 and ZeRO-3 ones are also those runs' comparisons with one process.
 """
 
 from __future__ import annotations
@@ -13,30 +20,49 @@ import pytest
 
 @pytest.fixture(scope="session")
 def one_process(tiny_data, tmp_path_factory):
-    """The 1-process reference run of ``tests.pipeline.trainer.launch.COMMON`` (20 batches), trained once
-    per session: (loss records, final weights, its save_folder). Read-only."""
+    """The 1-process reference run of ``COMMON`` (20 batches): (loss records, final weights, its
+    save_folder, None). Read-only."""
     from tests.pipeline.trainer.launch import one_process_run
 
     return one_process_run(tiny_data, tmp_path_factory.mktemp("one"))
 
 
 @pytest.fixture(scope="session")
-def ddp_run(tiny_data, tmp_path_factory) -> Path:
-    """``composer -n 2`` DDP run of ``COMMON`` (20 batches), launched once per session: its folder
-    (loss.jsonl, ckpt/, rank logs). Read-only."""
-    from tests.pipeline.trainer.launch import launch
+def one_process_full(tiny_data, tmp_path_factory):
+    """The 1-process reference run of ``FULL`` with the whole global eval batch on its one device:
+    (loss records, final weights, save_folder, {block size: NELBO} of the evaluation at batch 20)."""
+    from tests.pipeline.trainer.launch import FULL, one_process_run
 
-    out = tmp_path_factory.mktemp("ddp-run")
-    launch(tiny_data, out)
-    return out
+    out = tmp_path_factory.mktemp("one-full")
+    return one_process_run(tiny_data, out, "device_eval_batch_size=16", common=FULL)
 
 
 @pytest.fixture(scope="session")
-def zero2_run(tiny_data, tmp_path_factory) -> Path:
-    """``composer -n 2`` DeepSpeed ZeRO-2 run of ``COMMON`` (20 batches), launched once per session:
-    its folder (loss.jsonl, ckpt/ with deepspeed/ba20). Read-only."""
-    from tests.pipeline.trainer.launch import launch
+def ddp_run(tiny_data, tmp_path_factory) -> tuple[Path, str]:
+    """``composer -n 2`` DDP run of ``FULL`` (20 batches), launched once per session: (its folder with
+    loss.jsonl, ckpt/ and rank logs; rank 0's output). Read-only."""
+    from tests.pipeline.trainer.launch import FULL, launch
 
-    out = tmp_path_factory.mktemp("zero2-run")
-    launch(tiny_data, out, "parallelism.deepspeed.zero_optimization.stage=2")
-    return out
+    out = tmp_path_factory.mktemp("ddp-run")
+    p = launch(tiny_data, out, common=FULL)
+    return out, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_data, tmp_path_factory):
+    """``reference(variant)``: the uninterrupted run of ``launch.command(variant)``, launched on first
+    use. Read-only."""
+    from tests.pipeline.trainer.launch import command, rank_logs, run_to_end
+
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"ref-{variant}")
+            cmd, env = command(tiny_data, out, variant)
+            p = run_to_end(cmd, env, out)
+            assert p.returncode == 0, p.stderr[-3000:] + rank_logs(out)
+            made[variant] = out
+        return made[variant]
+
+    return get

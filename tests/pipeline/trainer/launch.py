@@ -24,6 +24,27 @@ from tests.factories import REPO, YAMLS, tiny_overrides
 # float32 on CPU: the runs differ only in summation order (all-reduce, microbatch grouping).
 LOSS_RTOL = 1e-5  # measured: at most 1.2e-7 over 12 batches (1 vs 2 processes)
 COMMON = ["max_duration=20ba", "scheduler.t_max=20ba", "eval_loader=null", "run_name=dist-test"]
+# FULL folds more into the same 20 batches, so that one launch proves several things: several block
+# sizes (each step draws L' from (seed, step), the same on every rank) and the evaluation callbacks
+# at batches 10 and 20 (likelihood per block size, the noise-interval search without adopting,
+# generation), which never touch the training data or noise.
+MIXED = [
+    "diffusion.block_size=[2, 4, 8]",
+    "diffusion.noise_interval={2: [0.001, 1.0], 4: [0.45, 0.95], 8: [0.3, 0.8]}",
+    "callbacks.loss_log.sample_ids=true",
+]
+EVALUATION = [
+    "eval_interval=10ba",
+    "device_eval_batch_size=8",
+    "callbacks.block_size_likelihood.block_sizes=[1,4,8,L]",
+    "callbacks.block_size_likelihood.num_batches=2",
+    "callbacks.noise_interval_search.num_batches=1",
+    "callbacks.noise_interval_search.adopt=false",
+    "callbacks.noise_interval_search.widths=[0.5,0.9]",  # 9 candidates (the default grid is larger)
+    "callbacks.noise_interval_search.step=0.1",
+    "callbacks.generation.max_new_tokens=8",
+]
+FULL = [*(c for c in COMMON if c != "eval_loader=null"), *MIXED, *EVALUATION]
 
 
 def free_port() -> int:
@@ -60,12 +81,16 @@ def train_command(
     return cmd, env
 
 
-def launch(tiny_data, out: Path, *extra: str, nproc: int = 2, entry=("-m", "pipeline.train")) -> None:
-    """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl."""
-    cmd, env = train_command(tiny_data, out, *extra, nproc=nproc, entry=entry)
+def launch(
+    tiny_data, out: Path, *extra: str, nproc: int = 2, entry=("-m", "pipeline.train"), common=COMMON
+) -> subprocess.CompletedProcess:
+    """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl;
+    fails the test unless it exits 0. Returns the finished process (rank 0's output in it)."""
+    cmd, env = train_command(tiny_data, out, *extra, nproc=nproc, entry=entry, common=common)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
     assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"
+    return p
 
 
 def last_batch(loss_log: Path) -> int:
@@ -126,21 +151,96 @@ def kill_a_rank_after(
     return logged
 
 
-def one_process_run(tiny_data, out: Path):
-    """The reference: the same config trained in this process; (loss records, final weights)."""
+# -- the fault tests' recipe and its checks (test_faults.py, test_soak.py, test_object_storage.py) --
+ROWS_PER_EPOCH = 256  # the tiny_data train split; 16 rows per global batch
+FAULT_COMMON = [
+    "max_duration=20ba",
+    "scheduler.t_max=20ba",
+    "eval_loader=null",
+    "run_name=fault-test",
+    "save_interval=3ba",
+    "callbacks.loss_log.sample_ids=true",
+]
+VARIANTS = {
+    "1proc": (0, []),
+    "zero2": (2, ["parallelism.deepspeed.zero_optimization.stage=2"]),
+    "zero3": (2, ["parallelism.deepspeed.zero_optimization.stage=3"]),
+}
+
+
+def same_reference(variant: str):
+    """Mark of the tests that read ``reference(variant)`` (tests/pipeline/trainer/conftest.py): they run
+    on one pytest-xdist worker, so that the run is launched once."""
+    return pytest.mark.xdist_group(f"reference-{variant}")
+
+
+def command(tiny_data, out: Path, variant: str):
+    nproc, extra = VARIANTS[variant]
+    return train_command(
+        tiny_data, out, *extra, f"callbacks.hf_export.folder={out}/hf", nproc=nproc, common=FAULT_COMMON
+    )
+
+
+def run_to_end(cmd, env, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    if fault:
+        env = {**env, "PIPELINE_TEST_FAULTS": fault}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def rank_logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name} ---\n{p.read_text()[-2000:]}" for p in sorted(out.glob("rank*.err")))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no weights in {folder}"
+    return out
+
+
+def final_records(out: Path) -> dict[int, dict]:
+    """The loss log of a run that was killed and resumed: the last record of each batch."""
+    return {r["batch"]: r for r in records(out / "loss.jsonl")}
+
+
+def assert_same_run(ref: Path, got: Path) -> None:
+    """Per-batch rows and losses, and final weights, equal to the reference run."""
+    want = final_records(ref)
+    have = final_records(got)
+    assert sorted(have) == sorted(want) == list(range(1, 21))
+    for b in want:
+        assert have[b]["rows"] == want[b]["rows"], f"batch {b}: other rows than the uninterrupted run"
+        for key in ("loss/train/total", "loss/train/nelbo"):
+            # Exact: a resumed run replays the same arithmetic (same ranks, same order).
+            assert have[b][key] == want[b][key], (b, key, have[b][key], want[b][key])
+    # Every row once per epoch: the first 16 batches are one pass over the 256 rows.
+    first_epoch = [r for b in range(1, 17) for r in want[b]["rows"]]
+    assert sorted(first_epoch) == list(range(ROWS_PER_EPOCH))
+    w_ref, w_got = weights(ref / "hf"), weights(got / "hf")
+    assert w_ref.keys() == w_got.keys()
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_got[k]), k
+
+
+def one_process_run(tiny_data, out: Path, *extra: str, common=COMMON):
+    """The reference: the config trained in this process (1 thread); (loss records, final weights,
+    save_folder, {block size: NELBO} of the last ``BlockSizeLikelihood`` evaluation or None)."""
     data, tok = tiny_data
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = load_config(
-            YAMLS / "bd3_tiny.yaml",
-            tiny_overrides(data, tok, out / "ckpt", *COMMON, f"callbacks.loss_log.path={out}/loss.jsonl"),
-            world_size=1,
+        overrides = tiny_overrides(
+            data, tok, out / "ckpt", *common, f"callbacks.loss_log.path={out}/loss.jsonl", *extra
         )
-        trainer = run(cfg)
+        trainer = run(load_config(YAMLS / "bd3_tiny.yaml", overrides, world_size=1))
     finally:
         torch.set_num_threads(threads)
-    return records(out / "loss.jsonl"), trainer.state.model.model.state_dict(), out / "ckpt"
+    likelihood = [cb for cb in trainer.state.callbacks if type(cb).__name__ == "BlockSizeLikelihood"]
+    evaluation = {r.block_size: r.nelbo for r in likelihood[0].last_results} if likelihood else None
+    return records(out / "loss.jsonl"), trainer.state.model.model.state_dict(), out / "ckpt", evaluation
 
 
 def assert_same_curve(one: list[dict], two: list[dict]) -> None:
@@ -155,3 +255,44 @@ def assert_same_curve(one: list[dict], two: list[dict]) -> None:
             assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL), (ra["batch"], key)
     # The curve must move: matching a flat line would prove nothing.
     assert one[-1]["loss/train/total"] < one[0]["loss/train/total"] - 0.2
+
+
+def assert_block_sizes_drawn(one: list[dict], two: list[dict], nranks: int = 2) -> None:
+    """MIXED: both runs drew, at every step, the L' that (seed, step) gives, the same on every rank,
+    and logged that step's NELBO under its size."""
+    from pipeline.diffusion.objective import DiffusionConfig
+
+    cfg = DiffusionConfig(block_size=[2, 4, 8], seed=0)
+    for r1, r2 in zip(one, two):
+        bs = cfg.block_size_at(r2["batch"] - 1)  # the step counter before the batch
+        assert r1["block_size_by_rank"] == [bs] and r2["block_size_by_rank"] == [bs] * nranks
+        per_size = {k: v for k, v in r2.items() if k.startswith("loss/train/nelbo/bs")}
+        assert per_size == {f"loss/train/nelbo/bs{bs}": r2["loss/train/nelbo"]}
+    assert {r["block_size_by_rank"][0] for r in two} == {2, 4, 8}
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} over every event file Composer's TensorboardLogger wrote under folder."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+                elif v.HasField("tensor") and v.tensor.dtype == 1 and v.tensor.float_val:  # DT_FLOAT scalar
+                    out.setdefault(v.tag, {})[event.step] = v.tensor.float_val[0]
+    return out
+
+
+def assert_same_evaluation(one: dict[int, float], out: Path, output: str) -> None:
+    """EVALUATION in 2 processes: each rank reads its half of the global eval batches and the sums are
+    all-reduced, so the last evaluation (batch 20, from the run's TensorBoard files) equals one process
+    with the whole global batch; FSDP2 and ZeRO-3 gather the sharded parameters for each forward, and
+    generation runs on every rank in step. ``output``: the launch's rank-0 output."""
+    assert "[generation] sample 0:" in output
+    scalars = tensorboard_scalars(out / "ckpt" / "tensorboard")
+    assert sorted(one) == [1, 4, 8, 32]
+    for bs, nelbo in one.items():
+        assert scalars[f"eval/nelbo/bs{bs}"][20] == pytest.approx(nelbo, rel=LOSS_RTOL), bs

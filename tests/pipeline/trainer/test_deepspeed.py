@@ -17,7 +17,15 @@ from pipeline.model import from_pretrained
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.deepspeed_config import build_ds_config
 from tests.factories import YAMLS, tiny_overrides
-from tests.pipeline.trainer.launch import assert_same_curve, launch, records
+from tests.pipeline.trainer.launch import (
+    FULL,
+    assert_block_sizes_drawn,
+    assert_same_curve,
+    assert_same_evaluation,
+    launch,
+    records,
+    same_reference,
+)
 
 multiprocess = [pytest.mark.slow, pytest.mark.multiprocess]
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5  # 20 Adam steps of fp32 reductions in another order
@@ -27,46 +35,46 @@ def ds(stage: int, *extra: str) -> list[str]:
     return [f"parallelism.deepspeed.zero_optimization.stage={stage}", *extra]
 
 
+@same_reference("zero2")
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero2_matches_one_process(zero2_run, one_process):
-    """(ZeRO-1 and ZeRO-3 against the same reference: tests/pipeline/trainer/test_object_storage.py.)"""
-    assert (zero2_run / "ckpt" / "deepspeed" / "ba20").is_dir()
-    assert_same_curve(one_process[0], records(zero2_run / "loss.jsonl"))
+def test_zero2_matches_one_process(reference, one_process):
+    """ZeRO-2: the fault tests' uninterrupted run (test_faults.py) against 1 process. (ZeRO-1 and
+    ZeRO-3 with a save_folder in the bucket: test_object_storage.py.)"""
+    run = reference("zero2")
+    assert (run / "ckpt" / "deepspeed" / "ba20").is_dir()
+    assert_same_curve(one_process[0], records(run / "loss.jsonl"))
 
 
+@same_reference("zero3")
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero3_kill_resume_export_matches_one_process(tiny_data, tmp_path, one_process):
-    """ZeRO-3: stop at batch 10, autoresume to 20; the curve and the exported weights equal 1 process."""
-    extra = ds(3, "save_interval=10ba", f"callbacks.hf_export.folder={tmp_path}/hf")
-    launch(tiny_data, tmp_path, *extra, "max_duration=10ba")
-    assert (tmp_path / "ckpt" / "deepspeed" / "ba10").is_dir()
-    launch(tiny_data, tmp_path, *extra)  # the same command, full duration: autoresume from batch 6
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
-
+def test_zero3_matches_one_process_and_its_partitions_export(tiny_data, tmp_path, reference, one_process):
+    """ZeRO-3 (the fault tests' uninterrupted run; its kill and autoresume: test_faults.py): the curve
+    and the weights that ``pipeline.export`` gathers from the partitions written by 2 processes equal
+    1 process; the callback's export (gathered at the end of training) holds the same weights, and
+    ``pipeline.eval`` reads the save_folder like the exported folder."""
+    run = reference("zero3")
+    assert_same_curve(one_process[0], records(run / "loss.jsonl"))
     # Export the ZeRO-3 partitions written by 2 processes, in this one process.
-    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")]) == 0
+    assert export_main(["--checkpoint", str(run / "ckpt"), "--out", str(tmp_path / "export")]) == 0
     exported = from_pretrained(tmp_path / "export")
-    reference = one_process[1]
-    for k, v in reference.items():
+    reference_weights = one_process[1]
+    for k, v in reference_weights.items():
         torch.testing.assert_close(exported.state_dict()[k], v, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
-    # The callback export (gathered under ZeRO-3 at the end of training) holds the same weights.
-    gathered = from_pretrained(tmp_path / "hf")
+    gathered = from_pretrained(run / "hf")
     for k, v in exported.state_dict().items():
         assert torch.equal(gathered.state_dict()[k], v), k
-    # And the logits of the exported model are those of the reference model.
+    # And the logits of the exported model are those of the callback's.
     x = torch.randint(0, 50, (2, 16))
-    live = from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        torch.testing.assert_close(exported.eval()(x), live(x))
+        torch.testing.assert_close(exported.eval()(x), gathered.eval()(x))
     assert json.loads((tmp_path / "export" / "config.json").read_text())["bd3"]["mask_token_id"] is not None
-    # pipeline.eval reads the ZeRO-3 save_folder directly, like the exported folder.
     from pipeline.eval import main as eval_main
 
     data = tiny_data[0]
     results = []
-    for ckpt in (tmp_path / "ckpt", tmp_path / "export"):
+    for ckpt in (run / "ckpt", tmp_path / "export"):
         out = tmp_path / f"{ckpt.name}.json"
         common = ["--data", str(data), "--block-sizes", "1,4", "--max-rows", "8", "--out", str(out)]
         assert eval_main(["--checkpoint", str(ckpt), *common]) == 0
@@ -76,11 +84,15 @@ def test_zero3_kill_resume_export_matches_one_process(tiny_data, tmp_path, one_p
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero3_with_cpu_optimizer_offload_runs(tiny_data, tmp_path, one_process):
-    launch(
-        tiny_data, tmp_path, *ds(3, "parallelism.deepspeed.zero_optimization.offload_optimizer.device=cpu")
-    )
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+def test_zero3_with_cpu_optimizer_offload_and_several_block_sizes(tiny_data, tmp_path, one_process_full):
+    """ZeRO-3 with the optimizer offloaded to the CPU, on ``launch.FULL``: the curve, the block sizes
+    drawn and the evaluation at batch 20 (parameters gathered for every forward) are 1 process's."""
+    offload = "parallelism.deepspeed.zero_optimization.offload_optimizer.device=cpu"
+    p = launch(tiny_data, tmp_path, *ds(3, offload), common=FULL)
+    one, two = one_process_full[0], records(tmp_path / "loss.jsonl")
+    assert_same_curve(one, two)
+    assert_block_sizes_drawn(one, two)
+    assert_same_evaluation(one_process_full[3], tmp_path, p.stdout + p.stderr)
 
 
 def test_batch_keys_are_derived_and_checked():

@@ -1,7 +1,9 @@
 """The evaluation callbacks (block_size_likelihood, noise_interval_search, generation) in real runs.
 
 In-process ``pipeline.trainer.run`` of yamls/bd3_tiny.yaml on the fixture data (1 process, CPU).
-Logged metrics are captured by an ``InMemoryLogger`` added to the run's loggers.
+Logged metrics are captured by an ``InMemoryLogger`` added to the run's loggers. Under 2 processes
+(DDP, FSDP2 FULL_SHARD, ZeRO-3) the callbacks run in the shared launches of ``launch.FULL``
+(test_multiprocess.py, test_deepspeed.py: ``assert_same_evaluation``).
 """
 
 from __future__ import annotations
@@ -324,75 +326,3 @@ def test_yaml_examples_load(tiny_data, tmp_path):
     from pipeline.trainer.config import block_size_list
 
     assert block_size_list(cfg) == [1, 4, 8, 16, SEQ_LEN]
-
-
-def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} over every event file Composer's TensorboardLogger wrote under folder."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(folder.rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out.setdefault(v.tag, {})[event.step] = v.simple_value
-                elif v.HasField("tensor") and v.tensor.dtype == 1 and v.tensor.float_val:  # DT_FLOAT scalar
-                    out.setdefault(v.tag, {})[event.step] = v.tensor.float_val[0]
-    return out
-
-
-TWO_PROCESS_EVAL = [
-    *COMMON,
-    *callbacks_on(adopt=False),
-    "callbacks.generation.max_new_tokens=8",
-    "run_name=ev",
-]
-
-
-@pytest.fixture(scope="module")
-def one_process_eval(tiny_data, tmp_path_factory) -> dict[int, float]:
-    """{block size: NELBO} of the last evaluation of ``TWO_PROCESS_EVAL`` in one process with the
-    whole global eval batch (16 rows), run once for the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("eval-one")
-        one, _ = train(tiny_data, out, *TWO_PROCESS_EVAL, "device_eval_batch_size=16")
-    finally:
-        torch.set_num_threads(threads)
-    return {r.block_size: r.nelbo for r in callback(one, "BlockSizeLikelihood").last_results}
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "zero3"])
-def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_process_eval, parallelism):
-    """``composer -n 2`` (gloo): each rank reads its own half of the first num_batches global eval
-    batches and the sums are all-reduced, so the values equal one process with the whole global
-    batch (2 x 8 rows). FSDP2 and ZeRO-3 shard the parameters: the forwards gather them on every
-    rank (generation runs on every rank there, in step)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.factories import REPO
-    from tests.pipeline.trainer.launch import free_port
-
-    data, tok = tiny_data
-    extra, expected = TWO_PROCESS_EVAL, one_process_eval
-
-    out = tmp_path / "two"
-    args = tiny_overrides(data, tok, out / "ckpt", *extra)
-    if parallelism == "fsdp":
-        args.append("parallelism.fsdp.sharding_strategy=FULL_SHARD")
-    if parallelism == "zero3":
-        args.append("parallelism.deepspeed.zero_optimization.stage=3")
-    launcher = str(Path(sys.executable).with_name("composer"))
-    cmd = [launcher, "-n", "2", "-m", "pipeline.train", str(YAMLS / "bd3_tiny.yaml"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "[generation] sample 0:" in p.stderr + p.stdout
-    scalars = tensorboard_scalars(out / "ckpt" / "tensorboard")
-    for bs, nelbo in expected.items():
-        assert scalars[f"eval/nelbo/bs{bs}"][4] == pytest.approx(nelbo, rel=1e-5), bs

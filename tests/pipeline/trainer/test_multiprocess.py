@@ -3,6 +3,11 @@
 Each sample's data and noise depend only on its position in the global training stream, DDP
 averages the two halves' gradients, and Composer averages the two ranks' row-weighted losses: the
 per-batch loss curve of 2 processes equals the 1-process curve up to float summation order.
+
+The runs here use ``launch.FULL``: several block sizes (``diffusion.block_size: [2, 4, 8]`` with an
+interval per size; every step draws one L' from (seed, step), the same on both ranks) and the
+evaluation callbacks, so that each launch also proves those under its parallelism (ZeRO's:
+test_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -10,43 +15,65 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.pipeline.trainer.launch import assert_same_curve, launch, records
+from tests.pipeline.trainer.launch import (
+    FULL,
+    assert_block_sizes_drawn,
+    assert_same_curve,
+    assert_same_evaluation,
+    launch,
+    records,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def test_ddp_two_processes_match_one_process(ddp_run, one_process):
-    assert (ddp_run / "ckpt" / "latest-rank0.pt").exists()  # DDP: rank 0 writes the monolithic checkpoint
-    assert_same_curve(one_process[0], records(ddp_run / "loss.jsonl"))
+@pytest.mark.xdist_group("ddp_run")
+def test_ddp_two_processes_match_one_process(ddp_run, one_process_full):
+    out, output = ddp_run
+    assert (out / "ckpt" / "latest-rank0.pt").exists()  # DDP: rank 0 writes the monolithic checkpoint
+    one, two = one_process_full[0], records(out / "loss.jsonl")
+    assert_same_curve(one, two)
+    assert_block_sizes_drawn(one, two)
+    assert_same_evaluation(one_process_full[3], out, output)
 
 
+@pytest.mark.xdist_group("ddp_run")
 def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path, ddp_run):
     """``composer -n 2 launch yamls/bd3_tiny.yaml ...`` (the repository's ``launch`` file) is
     ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` (the session's ``ddp_run``): the same
     losses, bit for bit."""
-    launch(tiny_data, tmp_path / "file", entry=("launch",))
-    by_file, by_module = records(tmp_path / "file" / "loss.jsonl"), records(ddp_run / "loss.jsonl")
+    launch(tiny_data, tmp_path / "file", entry=("launch",), common=FULL)
+    by_file, by_module = records(tmp_path / "file" / "loss.jsonl"), records(ddp_run[0] / "loss.jsonl")
     assert [r["batch"] for r in by_file] == list(range(1, 21))
     assert [r["loss/train/total"] for r in by_file] == [r["loss/train/total"] for r in by_module]
     assert (tmp_path / "file" / "ckpt" / "latest-rank0.pt").exists()
 
 
-def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process, capsys):
-    """FSDP2 SHARD_GRAD_OP, stopped at batch 10 and autoresumed from its sharded checkpoint to 20;
-    the exported Hugging Face folder (gathered full state dict) holds the 1-process weights."""
+def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process_full, capsys):
+    """FSDP2 FULL_SHARD, stopped at batch 10 and autoresumed from its sharded checkpoint to 20: the
+    curve, the block sizes drawn and the evaluation at batch 20 are those of 1 process; the exported
+    Hugging Face folder (gathered full state dict) holds the 1-process weights and records the trained
+    sizes. (SHARD_GRAD_OP: the object-storage test.)"""
+    import json
+
     from pipeline.model import from_pretrained
 
     fsdp = [
-        "parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP",
+        "parallelism.fsdp.sharding_strategy=FULL_SHARD",
         "save_interval=10ba",
         f"callbacks.hf_export.folder={tmp_path}/hf",
     ]
-    launch(tiny_data, tmp_path, *fsdp, "max_duration=10ba")
+    launch(tiny_data, tmp_path, *fsdp, "max_duration=10ba", common=FULL)
     assert (tmp_path / "ckpt" / "ep0-ba10").is_dir()  # sharded checkpoint: one folder, a shard per rank
-    launch(tiny_data, tmp_path, *fsdp)  # the same command with the full max_duration
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+    p = launch(tiny_data, tmp_path, *fsdp, common=FULL)  # the same command with the full max_duration
+    one, two = one_process_full[0], records(tmp_path / "loss.jsonl")
+    assert_same_curve(one, two)
+    assert_block_sizes_drawn(one, two)
+    assert_same_evaluation(one_process_full[3], tmp_path, p.stdout + p.stderr)
+    bd3 = json.loads((tmp_path / "hf" / "config.json").read_text())["bd3"]
+    assert bd3["block_size"] == 2 and bd3["trained_block_sizes"] == [2, 4, 8]
     exported = from_pretrained(tmp_path / "hf").state_dict()
-    reference = one_process[1]
+    reference = one_process_full[1]
     for k, v in reference.items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
     # pipeline.export gathers the shards of the latest sharded checkpoint (batch 20) in one process:
@@ -63,49 +90,3 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     assert not all(torch.equal(at10[k], exported[k]) for k in exported)
     assert export_main([*args, str(tmp_path / "export7"), "--batch", "7"]) == 2
     assert "no checkpoint of batch 7" in capsys.readouterr().err
-
-
-MIXED = [
-    "diffusion.block_size=[2, 4, 8]",
-    "diffusion.noise_interval={2: [0.001, 1.0], 4: [0.45, 0.95], 8: [0.3, 0.8]}",
-    "callbacks.loss_log.sample_ids=true",
-]
-PARALLELISM = {
-    "ddp": [],
-    "fsdp2": ["parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP"],
-    "zero2": ["parallelism.deepspeed.zero_optimization.stage=2"],
-}
-
-
-@pytest.fixture(scope="module")
-def one_process_mixed(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixed-one")
-    launch(tiny_data, out, *MIXED, nproc=0)
-    return records(out / "loss.jsonl")
-
-
-@pytest.mark.parametrize("parallelism", sorted(PARALLELISM))
-def test_several_block_sizes_two_processes_match_one_process(
-    tiny_data, tmp_path, one_process_mixed, parallelism
-):
-    """diffusion.block_size: [2, 4, 8] with an interval per size: every step draws one L' from
-    (seed, step), the same on both ranks; 1 and 2 processes (DDP, FSDP2, ZeRO-2) train the same curve,
-    each step's NELBO is logged under its size, and the export records the trained sizes."""
-    import json
-
-    from pipeline.diffusion.objective import DiffusionConfig
-
-    launch(
-        tiny_data, tmp_path, *MIXED, *PARALLELISM[parallelism], f"callbacks.hf_export.folder={tmp_path}/hf"
-    )
-    one, two = one_process_mixed, records(tmp_path / "loss.jsonl")
-    assert_same_curve(one, two)
-    cfg = DiffusionConfig(block_size=[2, 4, 8], seed=0)
-    for r1, r2 in zip(one, two):
-        bs = cfg.block_size_at(r2["batch"] - 1)  # the step counter before the batch
-        assert r1["block_size_by_rank"] == [bs] and r2["block_size_by_rank"] == [bs, bs]
-        per_size = {k: v for k, v in r2.items() if k.startswith("loss/train/nelbo/bs")}
-        assert per_size == {f"loss/train/nelbo/bs{bs}": r2["loss/train/nelbo"]}
-    assert {r["block_size_by_rank"][0] for r in two} == {2, 4, 8}
-    bd3 = json.loads((tmp_path / "hf" / "config.json").read_text())["bd3"]
-    assert bd3["block_size"] == 2 and bd3["trained_block_sizes"] == [2, 4, 8]

@@ -24,10 +24,17 @@ from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.factories import REPO, YAMLS, tiny_overrides
 from tests.pipeline.trainer.launch import (
+    MIXED,
     assert_same_curve,
+    assert_same_run,
+    command,
+    kill_a_rank_after,
     last_batch,
     launch,
+    rank_logs,
     records,
+    run_to_end,
+    same_reference,
     started,
     train_command,
 )
@@ -88,13 +95,16 @@ def test_wrong_credentials_are_a_config_error_naming_the_key(tiny_data, tmp_path
         server.stop()
 
 
+@pytest.mark.xdist_group("ddp_run")
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_data, tmp_path, s3, ddp_run):
     """2 processes (DDP), data read from the bucket through a node cache, save_folder in the bucket,
     stopped at batch 10 and autoresumed from the bucket to 20: the losses equal, bit for bit, those of
-    an uninterrupted run on the local copy (the session's ``ddp_run``); rotation keeps one remote checkpoint; export, eval and
+    an uninterrupted run on the local copy (the session's ``ddp_run``, which also ran the evaluation
+    callbacks: they leave training bitwise unchanged); rotation keeps one remote checkpoint; export, eval and
     sample read ``--checkpoint s3://...``; the secret key is in no file any of it wrote."""
+    ddp_run, _ = ddp_run
     data, _ = tiny_data
     upload_tree(data, f"{s3.uri}/owt")
     run_uri, cache = f"{s3.uri}/runs/ddp", tmp_path / "cache"
@@ -104,6 +114,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
         f"variables.save_folder={run_uri}",
         "save_interval=5ba",
         f"loggers.tensorboard.log_dir={tmp_path / 'tb'}",  # (the default is under the working directory)
+        *MIXED,
     )
     launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
     stored = s3.keys("runs/ddp/")
@@ -143,45 +154,50 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert leaked == []
 
 
+@same_reference("zero2")
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero2_checkpoints_on_s3_survive_a_rank_killed_mid_upload(tiny_data, tmp_path, s3, zero2_run):
-    """ZeRO-2, 2 processes, data and save_folder in the bucket. Run 1 stops at batch 10; run 2 has
-    rank 1 SIGKILLed right after uploading its batch-15 partition (rank 0's Composer file never
-    follows); run 3 resumes from the bucket. The partial batch-15 tag is never taken as the latest,
-    the losses and the exported weights equal those of an uninterrupted local ZeRO-2 run, and
-    rotation leaves one checkpoint with its partitions. (The local run is the session's ``zero2_run``.)"""
+def test_zero2_on_s3_survives_a_rank_killed_mid_upload_and_at_a_random_batch(
+    tiny_data, tmp_path, s3, reference, kill_rng
+):
+    """ZeRO-2, 2 processes, data and save_folder in the bucket, a checkpoint every 3 batches. Run 1
+    has rank 1 SIGKILLed right after uploading its batch-9 partition (rank 0's Composer file never
+    follows); run 2 resumes from the bucket and has a rank SIGKILLed at a random batch (seeded); run 3
+    finishes. The partial batch-9 tag is never taken as the latest; every batch's rows and losses
+    and the final weights equal the uninterrupted local ZeRO-2 run (``reference("zero2")``);
+    rotation leaves one checkpoint with its partitions; the export of the bucket is the local one."""
+    ref = reference("zero2")
     data, _ = tiny_data
     upload_tree(data, f"{s3.uri}/owt")
-    zero2 = "parallelism.deepspeed.zero_optimization.stage=2"
-    run_uri = f"{s3.uri}/runs/zero2"
-    remote = (
-        zero2,
+    run_uri, out = f"{s3.uri}/runs/zero2", tmp_path / "remote"
+    cmd, env = command(tiny_data, out, "zero2")
+    cmd += [
         f"variables.data_remote={s3.uri}/owt",
         f"variables.data_local={tmp_path / 'cache'}",
         f"variables.save_folder={run_uri}",
-        "save_interval=5ba",
         "loggers.tensorboard=null",
-    )
-    launch(tiny_data, tmp_path / "remote", *remote, "max_duration=10ba")
-    cmd, env = train_command(tiny_data, tmp_path / "remote", *remote)
-    env["PIPELINE_TEST_FAULTS"] = "kill@deepspeed_upload:15:1"
-    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode != 0
+    ]
+    assert run_to_end(cmd, env, out, fault="kill@deepspeed_upload:9:1").returncode != 0
     stored = s3.keys("runs/zero2/")
-    assert any(k.startswith("runs/zero2/deepspeed/ba15/zero_pp_rank_1_") for k in stored)  # partial tag
-    assert not any("ba15-rank0.pt" in k for k in stored)
-    assert s3.get("runs/zero2/latest-rank0.pt.symlink").decode().endswith("ep0-ba10-rank0.pt")
-    launch(tiny_data, tmp_path / "remote", *remote)  # autoresume from batch 10
-    local, resumed = records(zero2_run / "loss.jsonl"), records(tmp_path / "remote" / "loss.jsonl")
-    by_batch = {r["batch"]: r["loss/train/total"] for r in resumed}  # batches 11-15 ran twice
-    assert sorted(by_batch) == list(range(1, 21))
-    assert [by_batch[b] for b in range(1, 21)] == [r["loss/train/total"] for r in local]
+    assert any(k.startswith("runs/zero2/deepspeed/ba9/zero_pp_rank_1_") for k in stored)  # partial tag
+    assert not any("ba9-rank0.pt" in k for k in stored)
+    assert s3.get("runs/zero2/latest-rank0.pt.symlink").decode().endswith("ep0-ba6-rank0.pt")
+    with started(cmd, env, out) as proc:  # resumes from batch 6; killed inside a batch or a save
+        logged = kill_a_rank_after(proc, out, kill_rng.randint(10, 16), kill_rng, max_delay=0.3)
+        assert logged is not None, (out / "launcher.log").read_text()[-3000:] + rank_logs(out)
+        proc.wait(timeout=120)
+    print(f"\nkilled after batch {logged}; objects {sorted(s3.keys('runs/zero2/'))}")
+    assert last_batch(out / "loss.jsonl") < 20, "finished before the kill"
+    p = run_to_end(cmd, env, out)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(out)
+    assert_same_run(ref, out)
     after = set(s3.keys("runs/zero2/"))
     assert {k for k in after if k.endswith(".pt") and "/deepspeed/" not in k} == {
         "runs/zero2/ep1-ba20-rank0.pt"
     }
     assert {k.split("/")[3] for k in after if "/deepspeed/" in k} == {"ba20"}
-    for name, ckpt in (("from_s3", run_uri), ("from_local", str(zero2_run / "ckpt"))):
+    assert s3.get("runs/zero2/latest-rank0.pt.symlink").decode().endswith("ep1-ba20-rank0.pt")
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(ref / "ckpt"))):
         assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / name)]) == 0
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
