@@ -1,0 +1,144 @@
+"""Data mixtures (``train_loader.streams``): the share of each stream in the rows a run reads (rows told
+apart by their tokens), Streaming's own weights for repeat/choose, and the config errors of streams that
+do not fit together, all in one process and before any model is built."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.trainer import ConfigError, load_config
+from pipeline.trainer.data import build_dataloader
+from pipeline.trainer.run_inputs import resolve_run_inputs
+from tests.factories import (
+    SEQ_LEN,
+    YAMLS,
+    mixture_overrides,
+    packed_rows,
+    rows_by_content,
+    tiny_overrides,
+    write_data_folder,
+    write_stream_folder,
+    write_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def streams(tiny_data, tmp_path_factory):
+    """{name: folder}: the tiny data (a, 256 train rows) and two compatible folders (b: 128, c: 64)."""
+    data, tok = tiny_data
+    root = tmp_path_factory.mktemp("streams")
+    return {
+        "a": data,
+        "b": write_stream_folder(root / "b", tok, 1, train_rows=128),
+        "c": write_stream_folder(root / "c", tok, 2, train_rows=64),
+    }
+
+
+def _config(tiny_data, tmp_path, weights: dict, *extra):
+    data, tok = tiny_data
+    mixture = mixture_overrides(weights)
+    return load_config(YAMLS / "bd3_tiny.yaml", tiny_overrides(data, tok, tmp_path / "run", *mixture, *extra))
+
+
+def _shares(cfg, lookup, epochs: int) -> tuple[collections.Counter, int]:
+    """Rows read per stream (by content) over ``epochs`` passes of the training loader, and the rows."""
+    loader = build_dataloader(cfg.train_loader, seq_len=SEQ_LEN, batch_size=cfg.global_train_batch_size)
+    counts = collections.Counter()
+    for _ in range(epochs):
+        for batch in loader.dataloader:
+            counts.update(lookup[row.numpy().tobytes()] for row in batch["input_ids"])
+    return counts, sum(counts.values())
+
+
+@pytest.mark.parametrize(
+    "proportions", [{"a": 0.7, "b": 0.3}, {"a": 0.2, "b": 0.5, "c": 0.3}], ids=["two", "three"]
+)
+def test_each_stream_gets_its_proportion_of_the_rows(tiny_data, streams, tmp_path, proportions):
+    """c (64 rows) at 0.3 and b (128) at 0.5 are oversampled: Streaming repeats them within an epoch."""
+    weights = {name: (streams[name], p) for name, p in proportions.items()}
+    cfg = _config(tiny_data, tmp_path, weights)
+    inputs = resolve_run_inputs(cfg)
+    assert list(inputs.streams) == list(proportions)
+    lookup = rows_by_content({name: streams[name] for name in proportions})
+    counts, total = _shares(cfg, lookup, epochs=3)
+    assert total >= 1000
+    for name, p in proportions.items():
+        assert abs(counts[name] / total - p) <= 0.02, (name, counts[name] / total, p)
+
+
+def test_repeat_and_choose_are_streamings_weights(tiny_data, streams, tmp_path):
+    """Absolute weights: one epoch holds int(repeat x rows) of a and exactly choose rows of b and all of c."""
+    cfg = _config(
+        tiny_data,
+        tmp_path,
+        {"a": (streams["a"], None), "b": (streams["b"], None), "c": (streams["c"], None)},
+        "train_loader.streams.a.repeat=0.5",
+        "train_loader.streams.b.choose=200",
+        "global_train_batch_size=4",
+        "device_train_microbatch_size=4",
+    )
+    lookup = rows_by_content(streams)
+    counts, total = _shares(cfg, lookup, epochs=1)
+    assert dict(counts) == {"a": 128, "b": 200, "c": 64} and total == 392
+
+
+def test_one_folder_and_one_stream_read_the_same_rows(tiny_data, tmp_path):
+    data, tok = tiny_data
+    one = load_config(YAMLS / "bd3_tiny.yaml", tiny_overrides(data, tok, tmp_path / "run"))
+    mixture = _config(tiny_data, tmp_path, {"only": (data, None)})
+    order = []
+    for cfg in (one, mixture):
+        loader = build_dataloader(cfg.train_loader, seq_len=SEQ_LEN, batch_size=16).dataloader
+        order.append(np.concatenate([b["input_ids"].numpy() for b in loader]))
+    np.testing.assert_array_equal(*order)
+
+
+def _error(tiny_data, tmp_path, weights, *extra) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        resolve_run_inputs(_config(tiny_data, tmp_path, weights, *extra))
+    assert "\n" not in str(e.value)
+    return e.value
+
+
+def test_a_stream_with_another_tokenizer_or_seq_len_is_named(tiny_data, streams, tmp_path):
+    other_tok = write_tokenizer(tmp_path / "other" / "tokenizer.json", n_words=50)
+    other = write_data_folder(tmp_path / "other_tok", {"train": packed_rows(64, 5)}, other_tok)
+    e = _error(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "web": (other, 0.5)})
+    assert e.key == "train_loader.streams.web" and "tokenizer (sha256)" in str(e) and "'a'" in str(e)
+    short = write_data_folder(tmp_path / "short", {"train": packed_rows(64, 5, seq_len=16)}, tiny_data[1])
+    e = _error(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "short": (short, 0.5)})
+    assert e.key == "train_loader.streams.short" and "seq_len 16" in str(e)
+    wide = tmp_path / "wide"
+    shutil.copytree(streams["b"], wide)
+    manifest = json.loads((wide / "manifest.json").read_text())
+    (wide / "manifest.json").write_text(json.dumps({**manifest, "dtype": "uint32"}))
+    e = _error(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "wide": (wide, 0.5)})
+    assert e.key == "train_loader.streams.wide" and "dtype 'uint32'" in str(e)
+    e = _error(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "gone": (tmp_path / "nope", 0.5)})
+    assert e.key == "train_loader.streams.gone.local" and "nope" in str(e)
+
+
+@pytest.mark.parametrize(
+    "extra, key, words",
+    [
+        (["train_loader.streams.b.proportion=0"], "train_loader.streams.b.proportion", "must be > 0"),
+        (["train_loader.streams.b.proportion=-0.5"], "train_loader.streams.b.proportion", "must be > 0"),
+        (
+            ["train_loader.streams.b.proportion=null", "train_loader.streams.b.repeat=2"],
+            "train_loader.streams.b",
+            "has no proportion but streams.a has one",
+        ),
+        (["train_loader.streams.b.repeat=2"], "train_loader.streams.b.repeat", "both set"),
+        (["train_loader.local=/data"], "train_loader.local", "train_loader.local=null"),
+    ],
+    ids=["zero", "negative", "mixed", "two_weights", "local_too"],
+)
+def test_bad_weights_are_config_errors_naming_the_stream(tiny_data, streams, tmp_path, extra, key, words):
+    with pytest.raises(ConfigError) as e:
+        _config(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "b": (streams["b"], 0.5)}, *extra)
+    assert e.value.key == key and words in str(e.value)
