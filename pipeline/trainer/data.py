@@ -110,6 +110,8 @@ def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, An
     if remote:
         from streaming.base.storage import CloudDownloader
 
+        from data_prep.verify import is_missing_object
+
         url = f"{remote.rstrip('/')}/{MANIFEST}"
         path = Path(folder) / MANIFEST
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,9 +120,7 @@ def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, An
             CloudDownloader.direct_download(url, str(partial))
         except Exception as e:  # botocore, gcs, oci... each raises its own: one line naming the URL
             partial.unlink(missing_ok=True)
-            reason = (
-                "not found" if isinstance(e, FileNotFoundError) else f"cannot be read ({type(e).__name__})"
-            )
+            reason = "not found" if is_missing_object(e) else f"cannot be read ({type(e).__name__})"
             raise DataPrepError(
                 f"{url} {reason}: the remote holds no finished data_prep output; convert the data there "
                 f"first (python -m data_prep convert ... --out {remote.rstrip('/')}) or fix the URL"

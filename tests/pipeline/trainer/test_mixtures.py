@@ -142,3 +142,41 @@ def test_bad_weights_are_config_errors_naming_the_stream(tiny_data, streams, tmp
     with pytest.raises(ConfigError) as e:
         _config(tiny_data, tmp_path, {"a": (streams["a"], 0.5), "b": (streams["b"], 0.5)}, *extra)
     assert e.value.key == key and words in str(e.value)
+
+
+def test_a_remote_stream_mixes_with_a_local_one(tiny_data, streams, tmp_path, s3):
+    from data_prep.remote import upload_tree
+
+    upload_tree(streams["b"], f"{s3.uri}/b")
+    cfg = _config(
+        tiny_data,
+        tmp_path,
+        {"a": (streams["a"], 0.5)},
+        f"train_loader.streams.b.remote={s3.uri}/b",
+        f"train_loader.streams.b.local={tmp_path / 'cache_b'}",
+        "train_loader.streams.b.proportion=0.5",
+    )
+    assert list(resolve_run_inputs(cfg).streams) == ["a", "b"]
+    counts, total = _shares(cfg, rows_by_content({"a": streams["a"], "b": streams["b"]}), epochs=1)
+    assert abs(counts["b"] / total - 0.5) <= 0.02
+
+
+@pytest.mark.parametrize("form", ["stream", "data_remote"])
+def test_a_remote_without_manifest_is_one_line_naming_stream_and_url(tiny_data, streams, tmp_path, s3, form):
+    """Even with a manifest left in the local cache by an earlier run (the remote is what is read)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(streams["b"], cache)
+    url = f"{s3.uri}/nothing"
+    if form == "stream":
+        extra = [f"train_loader.streams.b.remote={url}", f"train_loader.streams.b.local={cache}"]
+        weights, key = {"a": (streams["a"], None)}, "train_loader.streams.b.remote"
+    else:
+        extra = [f"variables.data_remote={url}", f"variables.data_local={cache}", "eval_loader=null"]
+        weights, key = {}, "train_loader.remote"
+    data, tok = tiny_data
+    mixture = mixture_overrides(weights) if weights else []
+    cfg = load_config(YAMLS / "bd3_tiny.yaml", tiny_overrides(data, tok, tmp_path / "run", *mixture, *extra))
+    with pytest.raises(ConfigError) as e:
+        resolve_run_inputs(cfg)
+    assert e.value.key == key and f"{url}/manifest.json not found" in str(e.value)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
