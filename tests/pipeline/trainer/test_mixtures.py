@@ -180,3 +180,24 @@ def test_a_remote_without_manifest_is_one_line_naming_stream_and_url(tiny_data, 
         resolve_run_inputs(cfg)
     assert e.value.key == key and f"{url}/manifest.json not found" in str(e.value)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_plan_prints_each_streams_rows_share_and_epochs(tiny_data, streams, tmp_path, capsys):
+    from pipeline.plan import main as plan_main
+
+    data, tok = tiny_data
+    mixture = mixture_overrides({"a": (streams["a"], 0.7), "c": (streams["c"], 0.3)})
+    args = tiny_overrides(data, tok, tmp_path / "run", *mixture, "max_duration=40ba")
+    out = tmp_path / "plan.json"
+    flags = ["--gpus", "1", "--gpu-memory", "1", "--device", "cpu", "--json", str(out)]
+    assert plan_main([str(YAMLS / "bd3_tiny.yaml"), *args, *flags]) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())["data"]
+    assert plan["epoch_rows"] == 256 + 64 and plan["total_rows"] == 40 * 16
+    for s, (name, rows, p) in zip(plan["streams"], [("a", 256, 0.7), ("c", 64, 0.3)]):
+        assert s["name"] == name and s["rows"] == rows and s["tokens"] == rows * SEQ_LEN
+        assert abs(s["share"] - p) < 0.005 and s["share"] == s["epoch_rows"] / plan["epoch_rows"]
+        assert s["epochs"] == pytest.approx(640 * s["share"] / rows)
+        assert f"{100 * s['share']:.1f}% ({s['share'] * 16:.1f} of 16)" in printed
+        assert f"{s['epochs']:.2f}" in printed  # c (64 rows at 30%) is read 3 times
+    assert "data: 2 stream(s), 320 rows per epoch" in printed
