@@ -52,7 +52,7 @@ class DataPlan:
         ]
         for s in self.streams:
             share = f"{100 * s.share:.1f}% ({s.share * gb:.1f} of {gb})"
-            epochs = f"{s.epochs:.2f}" if s.epochs is not None else "?"
+            epochs = f"{s.epochs:.3g}" if s.epochs is not None else "?"
             lines.append(
                 f"  {s.name:<16} {s.rows:>10,} {s.tokens:>14,} {s.epoch_rows:>11,} {share:>22} {epochs:>11}"
             )
