@@ -13,8 +13,9 @@ shard in a process hashes its decompressed file. Prints tokens/s of both and the
 ``--streams N``: the same rows written once as N folders (rows/N each) and once as one folder, both
 read as training reads them (a shuffled epoch of the ``StreamingDataset``, iterated): the N folders as
 a mixture of N streams with proportion 1/N each, against the one folder. Prints rows/s of both
-(median of ``--repeats`` alternating passes, after one pass that leaves the decompressed copies) and
-their ratio (the goal: >= 0.95).
+and rows per CPU-second (medians of ``--repeats`` passes, alternating which goes first, after one pass
+that leaves the decompressed copies) and their ratios (the goal: >= 0.95). On a machine shared with
+other jobs the CPU-second figure is the steadier one.
 """
 
 from __future__ import annotations
@@ -67,15 +68,16 @@ def one_pass(folder: Path, seq_len: int, validate_hash: str | None) -> float:
     return time.perf_counter() - t0
 
 
-def epoch_pass(seq_len: int, batch_size: int, **where) -> float:
-    """Seconds to iterate one shuffled epoch of a fresh dataset over ``where`` (local=... or streams=...)."""
+def epoch_pass(seq_len: int, batch_size: int, **where) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, its prefetch threads included) to iterate one shuffled
+    epoch of a fresh dataset over ``where`` (local=... or streams=...)."""
     from pipeline.rows import packed_rows_dataset_class
 
     ds = packed_rows_dataset_class()(seq_len=seq_len, shuffle=True, batch_size=batch_size, **where)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = sum(1 for _ in ds)
     assert n == ds.num_samples, (n, ds.num_samples)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def mixture_main(args) -> dict:
@@ -105,17 +107,21 @@ def mixture_main(args) -> dict:
         for run in kinds.values():  # decompress: the copies Streaming reads from then on
             run()
         times = {kind: [] for kind in kinds}
-        for _ in range(args.repeats):
-            for kind, run in kinds.items():
-                times[kind].append(run())
-    rate = {kind: rows / statistics.median(t) for kind, t in times.items()}
-    one, mix = rate["one stream"], rate[f"{n} streams"]
+        for r in range(args.repeats):  # alternating which goes first
+            for kind in list(kinds)[:: 1 if r % 2 == 0 else -1]:
+                times[kind].append(kinds[kind]())
+    rate = {kind: rows / statistics.median(w for w, _ in t) for kind, t in times.items()}
+    per_cpu = {kind: rows / statistics.median(c for _, c in t) for kind, t in times.items()}
+    one, mix = "one stream", f"{n} streams"
+    for kind in (one, mix):
+        print(
+            f"{kind + ':':<13} {rate[kind]:,.0f} rows/s ({rate[kind] * args.seq_len / 1e6:.2f}M tokens/s), "
+            f"{per_cpu[kind]:,.0f} rows per CPU-second (medians of {args.repeats})"
+        )
     print(
-        f"one stream:   {one:,.0f} rows/s ({one * args.seq_len / 1e6:.2f}M tokens/s, median of {args.repeats})"
+        f"ratio: {rate[mix] / rate[one]:.3f} (rows/s), {per_cpu[mix] / per_cpu[one]:.3f} (rows per CPU-second)"
     )
-    print(f"{n} streams:    {mix:,.0f} rows/s ({mix * args.seq_len / 1e6:.2f}M tokens/s)")
-    print(f"ratio: {mix / one:.3f}")
-    return {"rows": rows, "one_stream_rows_per_s": one, "mixture_rows_per_s": mix, "ratio": mix / one}
+    return {"rows": rows, "rows_per_s": rate, "rows_per_cpu_s": per_cpu, "ratio": rate[mix] / rate[one]}
 
 
 def main(argv: list[str] | None = None) -> None:
