@@ -10,10 +10,10 @@ beside the shards (as after a first epoch), then times full passes of a fresh ``
 each, alternating without and with ``validate_hash="sha1"``. With the check on, the first read of each
 shard in a process hashes its decompressed file. Prints tokens/s of both and their ratio.
 
-``--streams N``: the same rows written once as N folders (rows/N each) and once as one folder, both
-read as training reads them (a shuffled epoch of the ``StreamingDataset``, iterated): the N folders as
-a mixture of N streams with proportion 1/N each, against the one folder. Prints rows/s of both
-and rows per CPU-second (medians of ``--repeats`` passes, alternating which goes first, after one pass
+``--streams N``: N folders of rows/N rows each, read as training reads them (a shuffled epoch of the
+``StreamingDataset``, iterated): as a mixture of N streams with proportion 1/N each, against one
+stream of the same shard files (an index.json above the N folders listing all their shards, as
+``data_prep merge`` writes it). Prints rows/s of both and rows per CPU-second (medians of ``--repeats`` passes, alternating which goes first, after one pass
 that leaves the decompressed copies) and their ratios (the goal: >= 0.95). On a machine shared with
 other jobs the CPU-second figure is the steadier one.
 """
@@ -84,24 +84,29 @@ def mixture_main(args) -> dict:
     """``--streams N``: rows/s of an N-stream mixture against one stream of the same rows."""
     from streaming import Stream
 
+    from data_prep import mds
+
     n = args.streams
     per_stream = (args.rows or 6144) // n
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        chunks = [zipf_rows(per_stream, args.seq_len, args.vocab, seed=i) for i in range(n)]
-        for i, tokens in enumerate(chunks):
-            write_rows(root / f"s{i}", per_stream, args.seq_len, args.vocab, tokens)
-        write_rows(root / "one", n * per_stream, args.seq_len, args.vocab, np.concatenate(chunks))
+        one = Path(tmp) / "one"
+        for i in range(n):
+            tokens = zipf_rows(per_stream, args.seq_len, args.vocab, seed=i)
+            write_rows(one / f"s{i}", per_stream, args.seq_len, args.vocab, tokens)
+        # One stream of the same shard files: an index listing the N folders' shards (data_prep merge's).
+        mds.write_merged_index(one, [(f"s{i}", mds.read_index(one / f"s{i}")) for i in range(n)])
         rows = n * per_stream
+        shards = len(mds.read_index(one)["shards"])
         print(
-            f"{rows} rows x {args.seq_len} tokens: {n} streams of {per_stream} rows, and one stream of {rows}"
+            f"{rows} rows x {args.seq_len} tokens in {shards} shards: {n} streams of {per_stream} rows, and "
+            f"one stream of the same {shards} shard files"
         )
 
         def streams():
-            return [Stream(local=str(root / f"s{i}"), proportion=1 / n) for i in range(n)]
+            return [Stream(local=str(one / f"s{i}"), proportion=1 / n) for i in range(n)]
 
         kinds = {
-            "one stream": lambda: epoch_pass(args.seq_len, args.batch_size, local=str(root / "one")),
+            "one stream": lambda: epoch_pass(args.seq_len, args.batch_size, local=str(one)),
             f"{n} streams": lambda: epoch_pass(args.seq_len, args.batch_size, streams=streams()),
         }
         for run in kinds.values():  # decompress: the copies Streaming reads from then on
