@@ -9,6 +9,10 @@ Layout of an output folder (or of DIR/slice-i-of-n/ with --slice):
     <split>/index.json                all parts' shards, written once every part is done
     manifest.json                     written last; its presence means "complete"
 
+With a remote --out the output is staged locally and uploaded, manifest last; "complete" is then
+judged by the destination (`remote.remote_complete`): a complete bucket is left alone, a complete
+and intact staging copy is uploaded again, anything else is converted (resumed) again.
+
 A rerun skips parts that have a done-marker, deletes the first part without one and redoes it
 from the previous part's carry. So rows never depend on where a run was killed, on the number of
 workers, or (since the carry crosses part boundaries) on --docs-per-part.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -55,10 +60,12 @@ from data_prep.manifest import (
 from data_prep.parts import RowFormat, finish_split, kill_point, write_split
 from data_prep.plan import SplitPlan, docs_todo, plan_splits, prepare_out_dir, slice_range
 from data_prep.remote import (
+    can_list,
     check_access,
     check_remote,
     is_remote,
     local_cache_dir,
+    remote_complete,
     upload_output,
     upload_pending,
 )
@@ -105,10 +112,19 @@ def run(args: ConvertArgs) -> ConvertResult:
     recorded = _recorded_args(args, sources, tok_info)
     location = remote or str(out_dir)
 
-    if prepare_out_dir(out_dir, recorded, args.overwrite) == "complete":
+    if remote and not args.overwrite and can_list(remote):
+        done = remote_complete(remote, recorded)  # judged by the destination, whatever is staged here
+        if done is not None:
+            return ConvertResult(done, location, str(out_dir), time.perf_counter() - t0, 0, True)
+    state = prepare_out_dir(out_dir, recorded, args.overwrite)
+    if state == "complete" and remote and not _staging_intact(out_dir):
+        log.warning("the staging copy %s of %s is damaged: converting again", out_dir, remote)
+        shutil.rmtree(out_dir)
+        state = prepare_out_dir(out_dir, recorded, args.overwrite)
+    if state == "complete":
         (out_dir / STATE).unlink(missing_ok=True)  # left by a kill just after the manifest was written
-        if remote and upload_pending(out_dir, remote):
-            upload_output(out_dir, remote)
+        if remote and (can_list(remote) or upload_pending(out_dir, remote)):
+            upload_output(out_dir, remote)  # the destination is not complete: upload the staged copy again
         return ConvertResult(
             read_manifest(out_dir), location, str(out_dir), time.perf_counter() - t0, 0, True
         )
@@ -134,6 +150,17 @@ def run(args: ConvertArgs) -> ConvertResult:
     return ConvertResult(
         manifest, location, str(out_dir), time.perf_counter() - t0, tokens_this_run, False, usage
     )
+
+
+def _staging_intact(out_dir: Path) -> bool:
+    """Whether every shard of a finished local staging copy is there with its recorded size."""
+    for split in read_manifest(out_dir).get("splits", {}):
+        try:
+            for shard in mds.read_index(out_dir / split).get("shards", []):
+                mds.check_shard_file(out_dir / split, shard)
+        except (OSError, ValueError, mds.ShardError):
+            return False
+    return True
 
 
 def _output_location(args: ConvertArgs) -> tuple[Path, str | None]:

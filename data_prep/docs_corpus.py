@@ -1,4 +1,5 @@
-"""An offline corpus of real English text: the docstrings of installed Python packages.
+"""Offline corpora of real text: the docstrings of installed Python packages (English prose), and
+their source files (code: the demo's second stream of a mixture).
 
 Every machine that runs this project has the same packages installed (torch, transformers,
 numpy, ...), and their documentation is prose written by people. Reading it needs no network and
@@ -60,6 +61,34 @@ def write_docs_corpus(
                 seen.add(doc)
                 f.write(json.dumps({"text": doc}) + "\n")
                 n += 1
+                if n >= max_docs:
+                    break
+            if n >= max_docs:
+                break
+    os.replace(tmp, out)
+    return n
+
+
+def write_code_corpus(
+    out: str | os.PathLike, max_docs: int, packages: Sequence[str] = DEFAULT_PACKAGES, max_chars: int = 20_000
+) -> int:
+    """Write up to ``max_docs`` Python source files (at least MIN_CHARS, at most ``max_chars`` characters
+    each, in sorted order) as JSON lines ``{"text": ...}``; returns how many."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    n = 0
+    with tmp.open("w") as f:
+        for name in packages:
+            root = package_dir(name)
+            for path in sorted(root.rglob("*.py")) if root is not None else []:
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                if MIN_CHARS <= len(text) <= max_chars:
+                    f.write(json.dumps({"text": text}) + "\n")
+                    n += 1
                 if n >= max_docs:
                     break
             if n >= max_docs:

@@ -1,6 +1,8 @@
 """Object storage (s3://, gs://, oci://, ...): telling a URI from a local folder, checking that it can
 be reached before any real work, and uploading a finished output, manifest last.
 
+A finished conversion is judged by its destination (`remote_complete`: the manifest, the indexes and
+every shard in the bucket with the recorded sizes), never by a local staging copy alone.
 `check_access` makes one request first, so that a wrong bucket or credential is reported as one
 line naming what to change instead of a retry loop deep inside an upload. Streaming's uploaders
 do the uploading; `streaming` is imported only when one is needed.
@@ -35,6 +37,60 @@ def local_cache_dir(kind: str, uri: str) -> Path:
     return Path(tempfile.gettempdir()) / kind / hashlib.sha1(uri.encode()).hexdigest()[:16]
 
 
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 2}, connect_timeout=10)
+    )
+
+
+def can_list(uri: str) -> bool:
+    """Whether ``remote_complete`` can judge `uri` (s3:// and S3-compatible endpoints)."""
+    return urllib.parse.urlparse(uri).scheme == "s3"
+
+
+def remote_complete(uri: str, recorded_args: dict) -> dict | None:
+    """The manifest at s3:// `uri` when the bucket holds a complete output made with `recorded_args`:
+    its manifest, each split's index.json and every shard the indexes list, with the recorded sizes.
+    None otherwise (nothing there, other arguments, a file missing or of another size)."""
+    import json
+
+    from data_prep import mds
+    from data_prep.manifest import diff_args
+
+    parsed = urllib.parse.urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    client = _s3_client()
+    try:
+        sizes = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            sizes.update({o["Key"][len(prefix) :]: o["Size"] for o in page.get("Contents", [])})
+
+        def get(rel: str) -> dict:
+            return json.loads(client.get_object(Bucket=bucket, Key=prefix + rel)["Body"].read())
+
+        if MANIFEST not in sizes:
+            return None
+        manifest = get(MANIFEST)
+        if diff_args(manifest.get("args", {}), recorded_args):
+            return None
+        for split in manifest.get("splits", {}):
+            if f"{split}/{INDEX}" not in sizes:
+                return None
+            for shard in get(f"{split}/{INDEX}").get("shards", []):
+                info = mds.stored_file(shard)
+                if sizes.get(f"{split}/{info['basename']}") != info["bytes"]:
+                    log.info("%s/%s/%s is missing or has another size", uri, split, info["basename"])
+                    return None
+        return manifest
+    finally:
+        client.close()
+
+
 def check_access(uri: str) -> None:
     """Raise DataPrepError unless the bucket of `uri` exists and the credentials may use it.
 
@@ -45,15 +101,11 @@ def check_access(uri: str) -> None:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme != "s3":
         return
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     endpoint = os.environ.get("S3_ENDPOINT_URL")
     where = f"s3://{parsed.netloc}" + (f" at {endpoint}" if endpoint else "")
-    client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 2}, connect_timeout=10)
-    )
+    client = _s3_client()
     try:
         client.head_bucket(Bucket=parsed.netloc)
     except NoCredentialsError as exc:
@@ -128,7 +180,8 @@ def upload_order(local_dir: str | os.PathLike, *, last: Sequence[str] = (MANIFES
 
 
 def upload_pending(out_dir: Path, remote: str) -> bool:
-    """Whether the finished output in `out_dir` still has to be uploaded to `remote`."""
+    """Whether the finished output in `out_dir` still has to be uploaded to `remote`, for remotes
+    that cannot be listed (``can_list``): judged by the marker an upload leaves in `out_dir`."""
     marker = out_dir / UPLOADED
     return not marker.is_file() or load_json(marker).get("remote") != remote
 

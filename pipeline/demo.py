@@ -1,15 +1,18 @@
 """The whole pipeline end to end at small scale: ``make demo`` (``python -m pipeline.demo``).
 
 Stages (each reuses its output when rerun):
-  1. corpus: OpenWebText's first documents when the Hugging Face hub is reachable, otherwise the
+  1. corpora: OpenWebText's first documents when the Hugging Face hub is reachable, otherwise the
      docstrings of the installed Python packages (real English prose, present on every machine
-     that installed this project, never committed here);
-  2. ``data_prep tokenizer train`` and ``data_prep convert`` with a validation split;
+     that installed this project, never committed here): the "prose" stream; and the Python source
+     files of the same packages: the "code" stream;
+  2. ``data_prep tokenizer train`` (on both) and ``data_prep convert`` of each, with validation splits;
   3. ``pipeline.train yamls/ar_tiny.yaml``: AR pretraining of a tiny LLaMA-style model;
   4. ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml`` from that AR checkpoint under
      DeepSpeed ZeRO-2 (the DiffuLLaMA flow), one model for the block sizes 2, 4, 8 and 16 (each
-     step draws one; BD3-LM's clipped intervals where the paper gives them);
-  5. ``pipeline.eval`` across block sizes: the AR-init baseline and the trained BD3 model;
+     step draws one; BD3-LM's clipped intervals where the paper gives them), on a mixture: the
+     prose it was pretrained on (``MIXTURE``: 70%, replay) and code (30%, the new domain);
+  5. ``pipeline.eval`` across block sizes, each stream alone and their total: the AR-init baseline
+     and the trained BD3 model (the per-stream likelihood table);
   6. ``pipeline.sample`` at a trained block size with the KV cache (``SAMPLING``);
   7. ``pipeline.export``: the BD3 run as a Hugging Face folder with its modeling code, a model card
      showing stage 5's table and stage 6's settings as ``bd3_generate``'s defaults
@@ -32,6 +35,8 @@ from pathlib import Path
 SIZES = {
     # docs, vocab, seq_len, val docs, AR batches, BD3 batches, eval rows, new tokens
     "full": dict(
+        code_docs=3000,
+        code_val_docs=75,
         docs=12000,
         vocab=4096,
         seq_len=128,
@@ -42,8 +47,17 @@ SIZES = {
         new_tokens=256,
     ),
     "quick": dict(
-        docs=600, vocab=512, seq_len=64, val_docs=60, ar_steps=6, bd3_steps=4, eval_rows=16, new_tokens=24
-    ),
+        docs=600,
+        vocab=512,
+        seq_len=64,
+        val_docs=60,
+        ar_steps=6,
+        bd3_steps=4,
+        eval_rows=16,
+        new_tokens=24,
+        code_docs=150,
+        code_val_docs=15,
+    ),  # fmt: skip
 }
 BLOCK_SIZE = 4  # sampled at; the model is trained for all of TRAINED_SIZES
 # Stage 6's sampling (pipeline.sample), which the export records as bd3_generate's defaults.
@@ -51,6 +65,23 @@ SAMPLING = dict(block_size=BLOCK_SIZE, sampler="confidence", top_p=0.9, seed=0)
 TRAINED_SIZES = (2, 4, 8, 16)
 # BD3-LM's clipped intervals for L'=4 and 16 (LM1B); unclipped where the paper gives none.
 NOISE_INTERVALS = {2: (1e-3, 1.0), 4: (0.45, 0.95), 8: (1e-3, 1.0), 16: (0.3, 0.8)}
+# Stage 4's training mixture: stream -> proportion (the folders: ``stream_folders``).
+MIXTURE = {"prose": 0.7, "code": 0.3}
+CODE_DATA = "data_code"  # the code stream's data_prep output, beside the prose's data/
+
+
+def stream_folders(out: Path) -> dict[str, Path]:
+    """The data_prep output of each stream of ``MIXTURE``."""
+    return {"prose": out / "data", "code": out / CODE_DATA}
+
+
+def mixture_overrides(folders: dict[str, Path]) -> list[str]:
+    """Overrides that train on ``MIXTURE`` and evaluate every stream (yamls/bd3_tiny.yaml)."""
+    out = []
+    for role in ("train_loader", "eval_loader"):
+        out += [f"{role}.local=null", f"{role}.remote=null"]
+        out += [f"{role}.streams.{name}.local={folder}" for name, folder in folders.items()]
+    return out + [f"train_loader.streams.{name}.proportion={p}" for name, p in MIXTURE.items()]
 
 
 def sampling_args(max_new_tokens: int) -> list[str]:
@@ -110,9 +141,9 @@ def common_overrides(data: Path, tok: Path, seq_len: int) -> list[str]:
 
 # Over 60 lines on purpose: stages 1-2 in order, each reused when already done: the demo reads as a script.
 def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto") -> tuple[Path, Path]:
-    """Stages 1-2 (corpus, tokenizer + MDS shards), reused when already in ``out``.
+    """Stages 1-2 (corpora, tokenizer + MDS shards of each stream), reused when already in ``out``.
 
-    Returns (MDS data folder, tokenizer.json).
+    Returns (the prose stream's MDS data folder, tokenizer.json); the code stream's is ``out/CODE_DATA``.
     """
     size = SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +161,17 @@ def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto"
 
         n = write_docs_corpus(corpus, size["docs"])
         print(f"hub not reachable: {n} docstrings of installed packages -> {corpus}")
+    code = out / "code.jsonl"
+    if code.exists():
+        print(f"reusing {code}")
+    else:
+        from data_prep.docs_corpus import write_code_corpus
+
+        n = write_code_corpus(code, size["code_docs"])
+        print(f"{n} Python source files of installed packages (the code stream) -> {code}")
     source = [str(corpus)]
 
-    header(2, "tokenizer and MDS shards (data_prep)")
+    header(2, "tokenizer and MDS shards of both streams (data_prep)")
     from pipeline.model.hf_io import TOKENIZER_FILE
 
     tok = out / TOKENIZER_FILE
@@ -147,6 +186,7 @@ def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto"
                 "train",
                 "--input",
                 *source,
+                str(code),
                 "--vocab-size",
                 str(size["vocab"]),
                 "--out",
@@ -173,7 +213,18 @@ def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto"
             str(size["docs"]),
         ]
     )
-
+    convert = [py, "-m", "data_prep", "convert", "--input", str(code), "--out", str(out / CODE_DATA)]
+    sh(
+        [
+            *convert,
+            "--tokenizer",
+            str(tok),
+            "--seq-len",
+            str(size["seq_len"]),
+            "--val-docs",
+            str(size["code_val_docs"]),
+        ]
+    )
     return data, tok
 
 
@@ -209,6 +260,25 @@ def prepare_ar(out: Path, size_name: str = "full", corpus_choice: str = "auto") 
     return data, tok, ar_dir
 
 
+def per_stream_table(ar: dict, bd3: dict) -> str:
+    """PPL bounds per block size of the AR-init baseline and the trained model (``pipeline.eval``
+    results with ``streams``), a column each per stream and for the token-weighted total."""
+    names = list(bd3["streams"])
+    cols = [f"{who} {name}" for name in [*names, "total"] for who in ("AR-init", "BD3")]
+    lines = ["\nPPL bound per stream (each evaluated alone) and in total:", f"{'block size':>10}"]
+    lines[-1] += "".join(f" {c:>{max(12, len(c))}}" for c in cols)
+    for i, r in enumerate(bd3["results"]):
+        values = []
+        for name in [*names, "total"]:
+            for table in (ar, bd3):
+                rs = table["results"] if name == "total" else table["streams"][name]
+                values.append(rs[i]["ppl_bound"])
+        lines.append(
+            f"{r['block_size']:>10}" + "".join(f" {v:>{max(12, len(c))}.2f}" for v, c in zip(values, cols))
+        )
+    return "\n".join(lines)
+
+
 # Over 60 lines on purpose: the demo's stages in the order a user runs them, each a few lines that call the library.
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -229,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     source = [str(out / "corpus.jsonl")]
     common = common_overrides(data, tok, size["seq_len"])
 
-    header(4, f"BD3 for L' in {list(TRAINED_SIZES)} from the AR checkpoint, DeepSpeed ZeRO-2, 2 processes")
+    mix = ", ".join(f"{name} {100 * p:.0f}%" for name, p in MIXTURE.items())
+    header(4, f"BD3 for L' in {list(TRAINED_SIZES)} from the AR checkpoint on {mix}, ZeRO-2, 2 processes")
     bd3_dir = out / "runs" / "bd3-tiny"
     if not (bd3_dir / "hf" / "config.json").exists():
         launcher = str(Path(py).with_name("composer"))
@@ -255,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"save_interval={size['bd3_steps']}ba",
                 "parallelism.deepspeed.zero_optimization.stage=2",
                 f"callbacks.hf_export.folder={bd3_dir / 'hf'}",
+                *mixture_overrides(stream_folders(out)),
             ],
             env={"OMP_NUM_THREADS": "1"},
         )
@@ -273,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pipeline.eval",
                 "--checkpoint",
                 str(ckpt),
-                "--data",
-                str(data),
+                *[f"--data={name}={folder}" for name, folder in stream_folders(out).items()],
                 "--split",
                 "val",
                 "--block-sizes",
@@ -287,10 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(out / f"ppl_{name}.png"),
             ]
         )
-        tables[name] = json.loads(res.read_text())["results"]
-    print(f"\n{'block size':>10} {'AR-init PPL bound':>18} {'BD3 PPL bound':>14}")
-    for a, b in zip(tables["ar_init_baseline"], tables["bd3_trained"]):
-        print(f"{a['block_size']:>10} {a['ppl_bound']:>18.2f} {b['ppl_bound']:>14.2f}")
+        tables[name] = json.loads(res.read_text())
+    print(per_stream_table(tables["ar_init_baseline"], tables["bd3_trained"]))
 
     header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
     sample = out / "sample.json"
@@ -336,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - start) / 60
     print(f"""finished in {minutes:.1f} min
   corpus            {source[0]}
-  shards            {data}  (manifest.json, train/, val/)
+  shards            {data}  (manifest.json, train/, val/); code stream: {out / CODE_DATA}
   AR checkpoint     {ar_dir}  (Hugging Face export: {ar_dir / "hf"})
   BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {ds_folder(bd3_dir)}, export: {bd3_dir / "hf"})
   TensorBoard       tensorboard --logdir {out / "runs"}
@@ -344,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
   plots             {out}/ppl_ar_init_baseline.png, {out}/ppl_bd3_trained.png
   transformers      {hf_model}  (trust_remote_code=True; model card README.md)
   sample            {sample}  ({len(s["tokens"])} tokens, {s["tokens_per_s"]:.1f} tokens/s, {s["nfe"]} NFEs)""")
-    (out / "summary.json").write_text(json.dumps({"minutes": minutes, "eval": tables, "sample": s}, indent=2))
+    summary = {"minutes": minutes, "eval": {k: t["results"] for k, t in tables.items()}, "sample": s}
+    summary["eval_streams"] = {k: t["streams"] for k, t in tables.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 

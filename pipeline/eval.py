@@ -1,7 +1,9 @@
 """Offline likelihood across block sizes: ``python -m pipeline.eval --checkpoint PATH --data DIR``.
 
 Prints a table (block size, NELBO/token, PPL bound, std error, tokens), writes it as JSON
-(``--out``) and plots the PPL bound against the block size (``--plot``). Several processes
+(``--out``) and plots the PPL bound against the block size (``--plot``). ``--data NAME=DIR`` repeated
+evaluates each stream of a mixture alone (a PPL column and a plotted line each) and their
+token-weighted total. Several processes
 (``composer -n N -m pipeline.eval ...``) split the rows; sums are reduced exactly.
 """
 
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         "save_folder (its latest checkpoint; DeepSpeed partitions of any world size) or a Composer checkpoint",
     )
     p.add_argument(
-        "--data", required=True, help="data_prep output folder (with manifest.json) or an MDS split folder"
+        "--data",
+        required=True,
+        action="append",
+        help="data_prep output folder (with manifest.json) or an MDS split folder; NAME=DIR, repeated, "
+        "evaluates each stream of a mixture alone (a column each) and their token-weighted total",
     )
     p.add_argument("--split", default="val")
     p.add_argument(
@@ -103,13 +109,39 @@ def parse_block_sizes(spec: str, seq_len: int) -> list[int]:
         raise ValueError(f"--block-sizes: {e}") from None
 
 
-def format_table(results) -> str:
-    lines = [f"{'block size':>10} {'NELBO/token':>12} {'PPL bound':>10} {'std err':>9} {'tokens':>10}"]
-    for r in results:
+def format_table(results, streams: dict | None = None) -> str:
+    """One line per block size: NELBO, PPL bound, std error and tokens of ``results``; with ``streams``
+    ({name: results}) first a PPL-bound column per stream (``results`` is then their total)."""
+    names = list(streams or {})
+    width = [max(10, len(n) + 1) for n in names]
+    head = "".join(f" {n + ' PPL':>{w + 4}}" for n, w in zip(names, width))
+    total = "total " if names else ""
+    lines = [
+        f"{'block size':>10}{head} {total + 'NELBO/token':>{12 + len(total)}} {total + 'PPL bound':>{10 + len(total)}}"
+        f" {'std err':>9} {'tokens':>10}"
+    ]
+    for i, r in enumerate(results):
+        cols = "".join(f" {streams[n][i].ppl_bound:>{w + 4}.2f}" for n, w in zip(names, width))
         lines.append(
-            f"{r.block_size:>10} {r.nelbo:>12.4f} {r.ppl_bound:>10.2f} {r.stderr:>9.4f} {r.tokens:>10}"
+            f"{r.block_size:>10}{cols} {r.nelbo:>{12 + len(total)}.4f} {r.ppl_bound:>{10 + len(total)}.2f}"
+            f" {r.stderr:>9.4f} {r.tokens:>10}"
         )
     return "\n".join(lines)
+
+
+def parse_streams(items: list[str]) -> dict[str, str]:
+    """``--data`` values as {name: folder}: one plain DIR is the stream "data"; several need NAME=DIR."""
+    if len(items) == 1 and "=" not in items[0]:
+        return {"data": items[0]}
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--data {item!r}: with several --data, give each as NAME=DIR")
+        if name in out:
+            raise ValueError(f"--data names stream {name!r} twice")
+        out[name] = folder
+    return out
 
 
 def _genppl(args, model, checkpoint: Path) -> dict:
@@ -147,17 +179,20 @@ def _genppl(args, model, checkpoint: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
+    from pipeline.diffusion.metrics import combine_results, evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader
     from pipeline.save_folder import load_for_inference, local_checkpoint
 
     rank, world = _init_distributed(args.device)
     try:
-        reader = RowReader(args.data, args.split)
+        readers = {name: RowReader(folder, args.split) for name, folder in parse_streams(args.data).items()}
         checkpoint = local_checkpoint(args.checkpoint)
         model = load_for_inference(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
-        reader.check_vocab(model.config.base_vocab_size)
+        for name, reader in readers.items():
+            reader.check_vocab(model.config.base_vocab_size)
+            if reader.seq_len != next(iter(readers.values())).seq_len:
+                raise ValueError(f"--data {name}: rows of {reader.seq_len} tokens, unlike the first stream's")
         block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
         if args.genppl and not args.reference:
             raise ValueError(
@@ -166,24 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = min(len(reader), args.max_rows or len(reader))
-    mine = list(range(rank, n, world))
-    batches = reader.batches(mine, args.batch_size)
     cfg = DiffusionConfig(block_size=block_sizes[0], shift=model.config.shift and not args.no_shift)
-    results = evaluate_block_sizes(model, batches, block_sizes, cfg, draws=args.draws, seed=args.seed)
+    per_stream, rows = {}, 0
+    for name, reader in readers.items():  # each stream alone: its rows' noise ids are its own indices
+        n = min(len(reader), args.max_rows or len(reader))
+        batches = reader.batches(list(range(rank, n, world)), args.batch_size)
+        per_stream[name] = evaluate_block_sizes(
+            model, batches, block_sizes, cfg, draws=args.draws, seed=args.seed
+        )
+        rows += n
+    several = len(per_stream) > 1
+    results = combine_results(list(per_stream.values())) if several else per_stream["data"]
     if rank != 0:
         return 0
-    print(format_table(results))
+    print(format_table(results, per_stream if several else None))
     payload = {
         "checkpoint": str(args.checkpoint),
-        "data": str(args.data),
+        "data": args.data[0] if not several else dict(parse_streams(args.data)),
         "split": args.split,
-        "rows": n,
+        "rows": rows,
         "draws": args.draws,
         "seed": args.seed,
         "shift": cfg.shift,
         "results": [r.as_dict() for r in results],
     }
+    if several:
+        payload["streams"] = {name: [r.as_dict() for r in rs] for name, rs in per_stream.items()}
     if args.genppl:
         payload["generation"] = _genppl(args, model, checkpoint)
         g = payload["generation"]
@@ -198,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     if args.plot:
         ar = next((r.ppl_bound for r in results if r.block_size == 1), None)
-        plot_ppl_bounds(results, args.plot, title=Path(args.checkpoint).name, ar_ppl=ar)
+        streams = per_stream if several else None
+        plot_ppl_bounds(results, args.plot, title=Path(args.checkpoint).name, ar_ppl=ar, streams=streams)
     return 0
 
 

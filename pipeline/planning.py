@@ -10,7 +10,8 @@
   (activations grow linearly with the microbatch; the candidate is traced to confirm);
 - peak = model states + activations; fits when the peak is at most the GPU memory.
 
-FLOPs per optimizer step in two conventions (allowed query-key pairs, as the speed monitor reports,
+The data: per training stream, rows, tokens, share of each global batch and the epochs of it that
+``max_duration`` reads (``pipeline.data_plan``). FLOPs per optimizer step in two conventions (allowed query-key pairs, as the speed monitor reports,
 and ``FlopCounterMode`` on the fake step with dense attention) and the time at a given MFU.
 Not counted: the CUDA context and allocator fragmentation (typically 0.5-2 GiB), communication
 buckets of DeepSpeed/NCCL, and data-loader memory on the host.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data_plan import DataPlan, data_plan
 from pipeline.diffusion.footprint import trace_train_step, train_flops_per_sample
 from pipeline.model import BD3LM, ModelConfig
 from pipeline.model.memory import ModelStateBytes, model_state_bytes, param_counts
@@ -55,6 +57,7 @@ class Plan:
     mfu: float
     peak_tflops: float
     notes: list[str] = field(default_factory=list)
+    data: DataPlan | None = None  # the training streams (None when the data checks were skipped)
 
     @property
     def peak_bytes(self) -> int:
@@ -82,6 +85,7 @@ class Plan:
             "seconds_per_step": self.seconds_per_step,
             "tokens_per_s": self.tokens_per_s,
             "total_hours": self.total_hours,
+            "data": self.data.to_json() if self.data is not None else None,
         }
 
     def table(self) -> str:
@@ -111,6 +115,8 @@ class Plan:
             f"  {self.seconds_per_step:.3f} s/step, {self.tokens_per_s:,.0f} tokens/s"
             + (f", max_duration {self.total_hours:.2f} h" if self.total_hours is not None else ""),
         ]
+        if self.data is not None:
+            lines.append(self.data.table())
         lines += [f"note: {n}" for n in self.notes]
         lines.append(
             "fits"
@@ -142,11 +148,12 @@ def parallelism_scheme(cfg: TrainConfig) -> tuple[str, dict]:
 
 
 def resolve_model_config(cfg: TrainConfig, online: bool = True) -> tuple[ModelConfig, dict | None, list[str]]:
-    """(the run's ModelConfig, the data manifest or None, notes) without loading weights.
+    """(the run's ModelConfig, {stream name: data manifest} or None, notes) without loading weights.
 
-    With ``train_loader.local`` present, every check of ``pipeline.train`` runs (manifest, shards,
-    tokenizer); without it, data checks are skipped (one note) and the shape comes from config.json
-    or the shape keys alone.
+    With the local folder of every training stream present (``train_loader.local``, or each of
+    ``train_loader.streams``), every check of ``pipeline.train`` runs (manifests, shards, tokenizer);
+    otherwise data checks are skipped (one note) and the shape comes from config.json or the shape
+    keys alone.
     """
     from pipeline.trainer.run_inputs import model_config_from, resolve_run_inputs
 
@@ -154,10 +161,15 @@ def resolve_model_config(cfg: TrainConfig, online: bool = True) -> tuple[ModelCo
     init_dir = _config_folder(cfg.model.init_from, online)
     if init_dir is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(init_dir)))
-    if Path(cfg.train_loader.local).expanduser().exists():
+    missing = [
+        s
+        for s in cfg.train_loader.resolved_streams("train_loader")
+        if not Path(s.local).expanduser().exists()
+    ]
+    if not missing:
         inputs = resolve_run_inputs(cfg)
-        return inputs.model_config, inputs.manifest, notes
-    notes.append(f"data checks skipped: train_loader.local {cfg.train_loader.local} does not exist")
+        return inputs.model_config, inputs.streams, notes
+    notes.append(f"data checks skipped: {missing[0].key}.local {missing[0].local} does not exist")
     tok_vocab = None
     if cfg.tokenizer.path and Path(cfg.tokenizer.path).expanduser().exists():
         from pipeline.trainer.run_inputs import resolve_tokenizer
@@ -199,7 +211,7 @@ def _config_folder(init_from: str | None, online: bool) -> Path | None:
     )
 
 
-def _steps(cfg: TrainConfig, manifest: dict | None) -> float | None:
+def _steps(cfg: TrainConfig, data: DataPlan | None) -> float | None:
     m = re.match(r"^(\d+(?:\.\d+)?)(ba|sp|tok|ep|dur)$", str(cfg.max_duration))
     if not m:
         return None
@@ -211,9 +223,8 @@ def _steps(cfg: TrainConfig, manifest: dict | None) -> float | None:
         return n / gb
     if unit == "tok":
         return n / (gb * L)
-    if unit == "ep" and manifest is not None:
-        rows = manifest.get("splits", {}).get(cfg.train_loader.split, {}).get("rows")
-        return n * (rows // gb) if rows else None
+    if unit == "ep" and data is not None:
+        return n * (data.epoch_rows // gb) if data.epoch_rows else None
     return None
 
 
@@ -285,7 +296,8 @@ def plan_run(
         raise ConfigError("--gpus", f"must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
         raise ConfigError("--mfu", f"must be in (0, 1], got {mfu}")
-    config, manifest, notes = resolve_model_config(cfg, online)
+    config, manifests, notes = resolve_model_config(cfg, online)
+    data = data_plan(cfg, manifests) if manifests else None
     if device == "cuda":
         notes.append("not counted: the CUDA context and allocator fragmentation (about 0.5-2 GiB per GPU)")
     with torch.device("meta"):
@@ -303,7 +315,7 @@ def plan_run(
     flops_allowed = gb * train_flops_per_sample(config, diffusion, L)
     flops_counter = first.flops * (gb / mb)
     seconds = flops_allowed / (gpus * mfu * peak_tflops * 1e12)
-    steps = _steps(cfg, manifest)
+    steps = _steps(cfg, data)
     if steps is None:
         notes.append(f"max_duration {cfg.max_duration} cannot be converted to steps without the data")
     return Plan(
@@ -323,6 +335,7 @@ def plan_run(
         mfu=mfu,
         peak_tflops=peak_tflops,
         notes=notes,
+        data=data,
     )
 
 

@@ -55,6 +55,16 @@ SEAMS = [
     ),
     Seam(
         "streaming",
+        _DATASET,
+        "sample_offset_per_stream",
+        "where each stream's rows start in a mixture (per-stream evaluation)",
+        set_in="__init__",
+    ),
+    Seam(
+        "streaming", _DATASET, "samples_per_stream", "the rows of each stream of a mixture", set_in="__init__"
+    ),
+    Seam(
+        "streaming",
         "streaming.base.shared.prefix",
         "_get_path",
         "the shared-memory names NNNNNN_<name> of stale segments",
@@ -91,3 +101,9 @@ def shard_files(reader):
 def shard_of_sample(dataset, sample_id: int) -> int:
     """The shard that holds sample ``sample_id`` of a ``StreamingDataset``."""
     return int(dataset.spanner[sample_id][0])
+
+
+def stream_rows(dataset) -> list[range]:
+    """The sample ids of each stream of a ``StreamingDataset``, in stream order (one range per stream)."""
+    offsets, counts = dataset.sample_offset_per_stream, dataset.samples_per_stream
+    return [range(int(o), int(o) + int(n)) for o, n in zip(offsets, counts)]

@@ -7,7 +7,8 @@
   folder with modeling code and card); ``card_table_rows`` reads a card's likelihood table.
 - ``write_tokenizer``, ``packed_rows``, ``write_data_folder``, ``write_manifest``: a data_prep-style
   output (MDS splits and manifest.json) written directly, so the training tests do not depend on
-  data_prep's code; ``tiny_data_folder`` is the training tests' (``tiny_data``).
+  data_prep's code; ``tiny_data_folder`` is the training tests' (``tiny_data``); ``write_stream_folder``
+  another compatible folder for mixtures (``mixture_overrides``), whose rows ``rows_by_content`` tells apart.
 
 Benchmarks import them too (``python -m benchmarks.x`` from the repository root). ``streaming``,
 ``tokenizers`` and ``transformers`` are imported where they are used: each costs seconds.
@@ -167,17 +168,19 @@ def write_tokenizer(path: Path, n_words: int = N_WORDS) -> Path:
     return path
 
 
-def packed_rows(n_rows: int, seed: int, seq_len: int = SEQ_LEN) -> tuple[np.ndarray, list[np.ndarray]]:
+def packed_rows(
+    n_rows: int, seed: int, seq_len: int = SEQ_LEN, strides: tuple[int, ...] = (1, 2, 3)
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """A learnable synthetic corpus packed into rows: (tokens (n_rows, seq_len) uint16, each row's
     document start positions, some rows none).
 
-    Documents are arithmetic progressions of word ids (start a, stride d in {1, 2, 3}, mod N_WORDS),
+    Documents are arithmetic progressions of word ids (start a, stride d in ``strides``, mod N_WORDS),
     each followed by EOS.
     """
     rng = np.random.default_rng(seed)
     stream, starts = [], []
     while len(stream) < n_rows * seq_len:
-        a, d, n = rng.integers(0, N_WORDS), rng.integers(1, 4), rng.integers(6, 80)
+        a, d, n = rng.integers(0, N_WORDS), strides[rng.integers(0, len(strides))], rng.integers(6, 80)
         starts.append(len(stream))
         stream.extend(1 + (a + d * np.arange(n)) % N_WORDS)
         stream.append(EOS)
@@ -273,9 +276,56 @@ def tiny_data_folder(
     return write_data_folder(root, splits, tokenizer)
 
 
+def write_stream_folder(
+    root: Path,
+    tokenizer: Path,
+    stream: int,
+    train_rows: int = 256,
+    val_rows: int = 32,
+    seq_len: int = SEQ_LEN,
+) -> Path:
+    """Another data folder compatible with ``tiny_data_folder`` (same tokenizer, seq_len, dtype) for
+    mixtures: its documents use stride ``3 + stream`` (``stream`` >= 1), which no other stream uses, so
+    every row (it holds two adjacent tokens of one document) belongs to one stream only: ``rows_by_content``
+    tells a row's stream from its tokens."""
+    assert stream >= 1
+    strides = (3 + stream,)
+    splits = {
+        "train": packed_rows(train_rows, 2 * stream + 10, seq_len, strides),
+        "val": packed_rows(val_rows, 2 * stream + 11, seq_len, strides),
+    }
+    return write_data_folder(root, splits, tokenizer)
+
+
+def rows_by_content(folders: dict[str, Path], split: str = "train") -> dict[bytes, str]:
+    """{a row's tokens as bytes (int64): the name of the stream whose folder holds it}, read from the
+    shards of ``split`` of each folder; a row found in two streams is an error."""
+    from data_prep import mds
+
+    out: dict[bytes, str] = {}
+    for name, root in folders.items():
+        folder = Path(root) / split
+        for shard in mds.read_index(folder)["shards"]:
+            for tokens in mds.read_shard(folder, shard)[0]:
+                key = np.asarray(tokens, dtype=np.int64).tobytes()
+                assert out.setdefault(key, name) == name, f"a row of {name} is also in {out[key]}"
+    return out
+
+
 # -- the training recipe's overrides -----------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = REPO / "yamls"
+
+
+def mixture_overrides(streams: dict[str, tuple[Path, float | None]], role: str = "train_loader") -> list[str]:
+    """Overrides that turn ``role`` of yamls/bd3_tiny.yaml into a mixture: {name: (folder, proportion
+    or None)}; ``tiny_overrides`` still sets ``variables.data_local`` (the other loader's folder)."""
+    out = [f"{role}.local=null", f"{role}.remote=null"]
+    for name, (folder, proportion) in streams.items():
+        out.append(f"{role}.streams.{name}.local={folder}")
+        if proportion is not None:
+            out.append(f"{role}.streams.{name}.proportion={proportion}")
+    return out
 
 
 def tiny_overrides(data: Path, tokenizer: Path, save_folder: Path, *extra: str) -> list[str]:

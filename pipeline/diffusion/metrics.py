@@ -143,6 +143,22 @@ def evaluate_block_sizes(
     return results
 
 
+def combine_results(per_stream: Sequence[Sequence[BlockSizeResult]]) -> list[BlockSizeResult]:
+    """The token-weighted total of several streams' results (one list per stream, same block sizes in
+    the same order): NELBO = sum of NELBO x tokens over the streams / all tokens, i.e. the NELBO of all
+    their rows together. Its standard error treats the streams as strata with weights tokens / all
+    tokens (exact when each stream's rows score the same number of tokens)."""
+    out = []
+    for same_size in zip(*per_stream):
+        tokens = sum(r.tokens for r in same_size)
+        nelbo = sum(r.nelbo * r.tokens for r in same_size) / max(tokens, 1)
+        var = sum((r.tokens / max(tokens, 1)) ** 2 * r.stderr**2 for r in same_size)
+        rows = sum(r.rows for r in same_size)
+        bs = same_size[0].block_size
+        out.append(BlockSizeResult(bs, nelbo, math.exp(min(nelbo, 700)), math.sqrt(var), tokens, rows))
+    return out
+
+
 def interval_grid(widths: Sequence[float] | None = None, step: float = 0.05) -> list[tuple[float, float]]:
     """Candidate clipped intervals [beta, beta + width] (BD3-LM: widths 0.5..0.9), plus [1e-3, 1]."""
     widths = widths or INTERVAL_WIDTHS
@@ -212,18 +228,27 @@ def noise_interval_search(
     return tuple(best["interval"]), records
 
 
-def plot_ppl_bounds(results: Sequence[BlockSizeResult], path, title: str = "", ar_ppl: float | None = None):
-    """PNG of the perplexity bound against block size (log x axis), with the AR line if known."""
+def plot_ppl_bounds(
+    results: Sequence[BlockSizeResult],
+    path,
+    title: str = "",
+    ar_ppl: float | None = None,
+    streams: dict[str, Sequence[BlockSizeResult]] | None = None,
+):
+    """PNG of the perplexity bound against block size (log x axis), with the AR line if known; with
+    ``streams`` ({name: results}) one line per stream beside ``results`` (their token-weighted total)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    xs = [r.block_size for r in results]
-    ys = [r.ppl_bound for r in results]
-    errs = [r.ppl_bound * r.stderr for r in results]  # delta method: d exp(x) = exp(x) dx
-    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label="BD3 NELBO bound")
+    series = {**(streams or {}), "BD3 NELBO bound" + (" (all streams)" if streams else ""): results}
+    for label, rs in series.items():
+        xs = [r.block_size for r in rs]
+        ys = [r.ppl_bound for r in rs]
+        errs = [r.ppl_bound * r.stderr for r in rs]  # delta method: d exp(x) = exp(x) dx
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
     if ar_ppl is not None:
         ax.axhline(ar_ppl, color="gray", linestyle="--", label=f"AR (L'=1): {ar_ppl:.2f}")
     ax.set_xscale("log", base=2)

@@ -67,7 +67,9 @@ class CardFacts:
         if sample is not None and "settings" not in sample:
             raise ValueError(f"{sample_json} has no 'settings': write it with pipeline.sample --out")
         if data is None and run is not None:  # the run's data folder, when this machine can reach it
-            local = (run.get("train_loader") or {}).get("local")
+            loader = run.get("train_loader") or {}
+            first = next(iter((loader.get("streams") or {}).values()), {})  # a mixture: its first stream
+            local = loader.get("local") or first.get("local")
             data = local if local and (Path(local) / MANIFEST).exists() else None
         if fields.get("base_model") is None and run is not None:
             fields["base_model"] = (run.get("model") or {}).get("init_from")

@@ -32,6 +32,7 @@ from pipeline.trainer.config import TrainConfig, diffusion_config
 from pipeline.trainer.run_inputs import RunInputs
 from pipeline.trainer.startup import (
     inputs_local_rank_zero_first,
+    log_data_plan,
     prepare_model,
     prepare_node,
     start_distributed,
@@ -236,6 +237,7 @@ def build_trainer(cfg: TrainConfig, inputs: RunInputs | None = None):
 
     device = start_distributed(cfg)
     inputs = inputs or inputs_local_rank_zero_first(cfg)
+    log_data_plan(cfg, inputs)
     prepare_node(cfg, inputs)
     atomic_checkpoint_files()
     node_unique_signal_files()

@@ -8,6 +8,9 @@ Batches are dicts: ``input_ids`` int64 (b, L), ``doc_starts`` bool (b, L), ``dat
 (the row's index in its split; it seeds the noise of evaluation). The trainer adds ``sample_index``
 (the row's position in the training stream, the noise id of training) and ``step``.
 
+A mixture (``streams``) is one ``StreamingDataset`` of several Streaming ``Stream``s: Streaming draws
+each stream's share of every epoch and shuffles the rows of all streams together.
+
 Deterministic resumption: the DataLoader's dataset *is* the ``StreamingDataset``, so Composer saves
 ``dataset.state_dict`` in every checkpoint and loads it on resume (``State._dataset_of``).
 """
@@ -105,18 +108,36 @@ def clean_stale_streaming_memory() -> list[str]:
 
 
 def read_manifest(folder: str | Path, remote: str | None = None) -> dict[str, Any]:
-    """data_prep's manifest of a data folder, fetched from ``remote`` first when only remote has it.
+    """data_prep's manifest of a data folder; with ``remote``, the remote's manifest (fetched into
+    ``folder`` every time: a manifest left in the cache by an earlier run must not hide a remote that
+    has none).
 
-    Raises ``data_prep.DataPrepError`` when the folder is not a finished data_prep output.
+    Raises ``data_prep.DataPrepError`` when the folder is not a finished data_prep output, or when the
+    remote has no manifest (one line naming the URL).
     """
+    from data_prep import DataPrepError
     from data_prep.manifest import MANIFEST
     from data_prep.manifest import read_manifest as read_local
 
-    path = Path(folder) / MANIFEST
-    if not path.exists() and remote:
+    if remote:
         from streaming.base.storage import CloudDownloader
 
-        CloudDownloader.direct_download(f"{remote.rstrip('/')}/{MANIFEST}", str(path))
+        from data_prep.verify import is_missing_object
+
+        url = f"{remote.rstrip('/')}/{MANIFEST}"
+        path = Path(folder) / MANIFEST
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{MANIFEST}.{os.getpid()}")
+        try:
+            CloudDownloader.direct_download(url, str(partial))
+        except Exception as e:  # botocore, gcs, oci... each raises its own: one line naming the URL
+            partial.unlink(missing_ok=True)
+            reason = "not found" if is_missing_object(e) else f"cannot be read ({type(e).__name__})"
+            raise DataPrepError(
+                f"{url} {reason}: the remote holds no finished data_prep output; convert the data there "
+                f"first (python -m data_prep convert ... --out {remote.rstrip('/')}) or fix the URL"
+            ) from None
+        os.replace(partial, path)
     return read_local(folder)
 
 
@@ -136,6 +157,28 @@ def global_batch_positions(
     return torch.arange(device_batch_size, dtype=torch.long) * world_size + local_rank * nodes + node_rank
 
 
+def dataset_location(section) -> dict[str, Any]:
+    """The ``StreamingDataset`` arguments that say where a loader section's rows are: ``local``/
+    ``remote``/``split`` of one folder, or one ``streaming.Stream`` per stream of a mixture (in the
+    YAML's order, which is the order of their rows in the dataset) and the mixture's ``epoch_size``."""
+    if not section.is_mixture:
+        return dict(local=section.local, remote=section.remote, split=section.split)
+    from streaming import Stream
+
+    streams = [
+        Stream(
+            local=s.local,
+            remote=s.remote,
+            split=s.split,
+            proportion=s.proportion,
+            repeat=s.repeat,
+            choose=s.choose,
+        )
+        for s in section.resolved_streams("loader")
+    ]
+    return dict(streams=streams, epoch_size=section.epoch_size)
+
+
 def build_dataloader(section, *, seq_len: int, batch_size: int):
     """A Composer ``DataSpec`` over one split: a torch DataLoader whose dataset is the StreamingDataset.
 
@@ -148,9 +191,10 @@ def build_dataloader(section, *, seq_len: int, batch_size: int):
 
     try:
         dataset = packed_rows_dataset_class()(
-            local=section.local,
-            remote=section.remote,
-            split=section.split,
+            **dataset_location(section),
+            sampling_method=section.sampling_method,
+            shuffle_algo=section.shuffle_algo,
+            shuffle_block_size=section.shuffle_block_size,
             shuffle=section.shuffle,
             shuffle_seed=section.shuffle_seed,
             predownload=section.predownload,

@@ -5,13 +5,14 @@ its weights) and returns the resolved ``ModelConfig`` the run will build, raisin
 for a sequence length, vocabulary, tokenizer or mask-token mismatch before any model exists. For a
 local dataset (no ``remote``) it also reads each split's index.json and checks that every shard file
 is there with the recorded size (a stat per shard, no reads), so a missing or truncated shard fails
-at start rather than hours into the run.
+at start rather than hours into the run. A mixture (``streams``) is checked stream by stream, and its
+streams against each other (``check_compatible``): a stream that differs is named in the error.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunInputs:
-    """What ``resolve_run_inputs`` found; ``model_config`` has the mask token and padded vocabulary."""
+    """What ``resolve_run_inputs`` found; ``model_config`` has the mask token and padded vocabulary;
+    ``manifest`` is the first training stream's."""
 
     manifest: dict[str, Any]
     tokenizer_file: Path
     tokenizer_vocab_size: int
     model_config: ModelConfig
     init_dir: Path | None
+    # name -> manifest of each training / eval stream (the one-folder form: one stream, "data")
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_streams: dict[str, dict[str, Any]] | None = None
 
 
 def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
@@ -54,9 +59,12 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
     init_dir = _init_dir(cfg.model.init_from, download)
     tok_file, tok = resolve_tokenizer(cfg, init_dir)
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
-    manifest = _checked_manifest(cfg, "train_loader", tok, tok_vocab)
+    streams = _checked_data(cfg, "train_loader", tok, tok_vocab)
+    manifest = next(iter(streams.values()))
+    eval_streams = None
     if cfg.eval_loader is not None:
-        _checked_manifest(cfg, "eval_loader", tok, tok_vocab)
+        reference = next(iter(streams.items()))
+        eval_streams = _checked_data(cfg, "eval_loader", tok, tok_vocab, reference)
     model_config = model_config_from(cfg, init_dir, tok_vocab, manifest)
     try:
         check_vocab(tok_vocab, model_config, where=f"tokenizer.path ({tok_file})")
@@ -69,18 +77,18 @@ def resolve_run_inputs(cfg: TrainConfig, download: bool = False) -> RunInputs:
             "max_seq_len", f"{L} exceeds the checkpoint's sliding_window {model_config.sliding_window}"
         )
     _check_context(cfg, model_config, init_dir)
-    return RunInputs(manifest, tok_file, tok_vocab, model_config, init_dir)
+    return RunInputs(manifest, tok_file, tok_vocab, model_config, init_dir, streams, eval_streams)
 
 
 def _check_remote_access(cfg: TrainConfig) -> None:
     """A missing bucket or a wrong credential in any remote location: a config error before any model."""
     from data_prep.remote import check_access
 
-    for key, uri in (
-        ("train_loader.remote", cfg.train_loader.remote),
-        ("eval_loader.remote", cfg.eval_loader.remote if cfg.eval_loader else None),
-        ("save_folder", cfg.save_folder),
-    ):
+    places = []
+    for role in ("train_loader", "eval_loader"):
+        if getattr(cfg, role) is not None:
+            places += [(f"{s.key}.remote", s.remote) for s in getattr(cfg, role).resolved_streams(role)]
+    for key, uri in [*places, ("save_folder", cfg.save_folder)]:
         if uri and is_remote(uri):
             try:
                 check_access(uri)
@@ -161,15 +169,63 @@ def resolve_tokenizer(cfg: TrainConfig, init_dir: Path | None):
         raise ConfigError("tokenizer.path", f"cannot load {file}: {e}") from None
 
 
-def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[str, Any]:
+def _checked_data(cfg: TrainConfig, role: str, tok, tok_vocab: int, reference=None) -> dict[str, dict]:
+    """The manifest of every stream of ``role`` (the one-folder form is one stream), checked: streams
+    agree with each other and with ``reference`` (name, manifest: the first training stream), then with
+    the config and tokenizer, and every local split's shards are complete."""
+    streams = getattr(cfg, role).resolved_streams(role)
+    manifests = {}
+    for s in streams:
+        try:
+            manifests[s.name] = read_manifest(s.local, s.remote)
+        except (DataPrepError, OSError, ValueError) as e:
+            key = f"{s.key}.remote" if s.remote else f"{s.key}.local"
+            raise ConfigError(key, str(e)) from None
+    ref_name, ref = reference or (streams[0].name, manifests[streams[0].name])
+    for s in streams:
+        check_compatible(s, manifests[s.name], ref_name, ref)
+    rows = sum(_checked_manifest(cfg, role, s, manifests[s.name], tok, tok_vocab) or 0 for s in streams)
+    split = cfg.train_loader.split
+    if role == "train_loader" and rows and rows < cfg.global_train_batch_size:
+        raise ConfigError(
+            "global_train_batch_size",
+            f"{cfg.global_train_batch_size} is larger than the {rows} rows of split {split!r}",
+        )
+    return manifests
+
+
+# What every stream of a run shares with the others: (what it is called in messages, how to read it).
+COMPATIBLE = (
+    ("tokenizer (sha256)", lambda m: m.get("tokenizer", {}).get("sha256")),
+    ("tokenizer vocab_size", lambda m: m.get("tokenizer", {}).get("vocab_size")),
+    ("seq_len", lambda m: m.get("seq_len")),
+    ("dtype", lambda m: m.get("dtype")),
+    ("eos_id", lambda m: m.get("tokenizer", {}).get("eos_id")),
+    ("bos_id", lambda m: m.get("tokenizer", {}).get("bos_id")),
+    ("BOS convention (--bos)", lambda m: bool(m.get("args", {}).get("bos"))),
+)
+
+
+def check_compatible(stream, manifest: dict, ref_name: str, ref: dict) -> None:
+    """ConfigError naming ``stream`` and the first field in which its manifest differs from ``ref``'s."""
+    for what, get in COMPATIBLE:
+        mine, theirs = get(manifest), get(ref)
+        if mine != theirs:
+            raise ConfigError(
+                stream.key,
+                f"stream {stream.name!r} has {what} {mine!r} but stream {ref_name!r} has {theirs!r} "
+                f"({stream.local}/manifest.json): every stream must be prepared by data_prep with the same "
+                "tokenizer, seq_len, dtype and BOS/EOS convention",
+            )
+
+
+def _checked_manifest(cfg: TrainConfig, role: str, stream, manifest: dict, tok, tok_vocab: int) -> int | None:
+    """Rows of ``stream``'s split (None when remote and unknown) after checking its manifest against
+    the config and tokenizer and, for a local stream, its shards."""
     from data_prep.tokenizer import tokenizer_sha256
 
-    section = getattr(cfg, role)
-    try:
-        manifest = read_manifest(section.local, section.remote)
-    except (DataPrepError, OSError, ValueError) as e:
-        raise ConfigError(f"{role}.local", str(e)) from None
-    where = f"{section.local}/manifest.json"
+    local_key = f"{stream.key}.local"
+    where = f"{stream.local}/manifest.json"
     if manifest.get("seq_len") != cfg.max_seq_len:
         raise ConfigError(
             "max_seq_len",
@@ -179,9 +235,7 @@ def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[
         )
     dtype = manifest.get("dtype")
     if dtype not in TOKEN_DTYPES:
-        raise ConfigError(
-            f"{role}.local", f"{where} has dtype {dtype!r}; expected one of {list(TOKEN_DTYPES)}"
-        )
+        raise ConfigError(local_key, f"{where} has dtype {dtype!r}; expected one of {list(TOKEN_DTYPES)}")
     if tok_vocab > TOKEN_DTYPES[dtype]:
         raise ConfigError(
             "tokenizer.path", f"{tok_vocab} tokens do not fit the data's dtype {dtype} ({where})"
@@ -195,39 +249,36 @@ def _checked_manifest(cfg: TrainConfig, role: str, tok, tok_vocab: int) -> dict[
             f"{recorded.get('vocab_size')}, source {recorded.get('source')!r}); use that tokenizer",
         )
     splits = manifest.get("splits", {})
-    if section.split not in splits:
-        raise ConfigError(f"{role}.split", f"{section.split!r} is not in {where} (splits: {sorted(splits)})")
-    rows = splits[section.split].get("rows")
-    if section.remote is None:
-        rows = _checked_shards(cfg, role, dtype)
+    if stream.split not in splits:
+        raise ConfigError(
+            f"{stream.key}.split", f"{stream.split!r} is not in {where} (splits: {sorted(splits)})"
+        )
+    rows = splits[stream.split].get("rows")
+    if stream.remote is None:
+        rows = _checked_shards(cfg, role, stream, dtype)
     if rows == 0:
         remedy = "" if role == "train_loader" else ", or remove eval_loader"
         raise ConfigError(
-            f"{role}.local",
-            f"split {section.split!r} of {section.local} has no rows: prepare it again with more documents "
+            local_key,
+            f"split {stream.split!r} of {stream.local} has no rows: prepare it again with more documents "
             f"or a smaller --seq-len (python -m data_prep convert){remedy}",
         )
-    if role == "train_loader" and rows is not None and rows < cfg.global_train_batch_size:
-        raise ConfigError(
-            "global_train_batch_size",
-            f"{cfg.global_train_batch_size} is larger than the {rows} rows of split {section.split!r}",
-        )
-    return manifest
+    return rows
 
 
-def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
+def _checked_shards(cfg: TrainConfig, role: str, stream, dtype: str) -> int:
     """Rows of a local split, after checking its index.json and that every shard file is complete."""
-
     section = getattr(cfg, role)
-    split_dir = Path(section.local) / section.split
+    local_key = f"{stream.key}.local"
+    split_dir = Path(stream.local) / stream.split
     verify = (
-        f"check the folder with `python -m data_prep verify {section.local}` and rerun the data_prep "
+        f"check the folder with `python -m data_prep verify {stream.local}` and rerun the data_prep "
         "command that wrote it (or copy it again)"
     )
     try:
         index = mds.read_index(split_dir)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{role}.local", f"cannot read {split_dir / INDEX} ({e}): {verify}") from None
+        raise ConfigError(local_key, f"cannot read {split_dir / INDEX} ({e}): {verify}") from None
     want = mds.mds_columns(dtype, cfg.max_seq_len)["tokens"]
     rows = 0
     for shard in index.get("shards", []):
@@ -236,9 +287,9 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
         # data_prep stores the row length in the encoding; other writers may leave the shape out.
         if tokens not in (want, want.rsplit(":", 1)[0]):  # (the row length may be left out)
             raise ConfigError(
-                f"{role}.local",
+                local_key,
                 f"{split_dir / INDEX} stores tokens as {tokens!r}, but max_seq_len is "
-                f"{cfg.max_seq_len} and {section.local}/manifest.json says dtype {dtype} ({want!r}): this "
+                f"{cfg.max_seq_len} and {stream.local}/manifest.json says dtype {dtype} ({want!r}): this "
                 "split was prepared with other settings than the manifest; prepare the whole folder again "
                 "with one data_prep command",
             )
@@ -254,9 +305,9 @@ def _checked_shards(cfg: TrainConfig, role: str, dtype: str) -> int:
             mds.check_shard_file(split_dir, shard)
         except mds.ShardError as e:
             if mds.decompressed_copy(split_dir, shard) is not None:  # the message names the copy and the fix
-                raise ConfigError(f"{role}.local", str(e)) from None
+                raise ConfigError(local_key, str(e)) from None
             name = mds.stored_file(shard)["basename"]
-            raise ConfigError(f"{role}.local", f"shard {split_dir / name}: {e}; {verify}") from None
+            raise ConfigError(local_key, f"shard {split_dir / name}: {e}; {verify}") from None
         rows += shard.get("samples", 0)
     return rows
 

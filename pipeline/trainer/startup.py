@@ -3,7 +3,7 @@ the run inputs (one download per node), prepare the node and its save_folder, ap
 switches to the built model (torchtitan style: applied *to* a plain model, never baked into it).
 
 Order in ``pipeline.trainer.build.build_trainer``: ``start_distributed`` -> ``inputs_local_rank_zero_first``
--> ``prepare_node`` -> the crash-safe save patches (``safe_saves``) -> ``build_model`` -> ``prepare_model``
+-> ``log_data_plan`` -> ``prepare_node`` -> the crash-safe save patches (``safe_saves``) -> ``build_model`` -> ``prepare_model``
 -> the other ``build_*`` -> the Trainer.
 """
 
@@ -55,6 +55,19 @@ def inputs_local_rank_zero_first(cfg: TrainConfig) -> RunInputs:
     if err is not None:
         raise err
     return inputs or resolve_run_inputs(cfg, download=True)
+
+
+def log_data_plan(cfg: TrainConfig, inputs: RunInputs) -> None:
+    """Global rank 0 prints the data plan (``pipeline.data_plan``: per stream rows, tokens, share of each
+    global batch, epochs read by max_duration) to stderr before training."""
+    import sys
+
+    from composer.utils import dist
+
+    from pipeline.data_plan import data_plan
+
+    if dist.get_global_rank() == 0 and inputs.streams:
+        print(data_plan(cfg, inputs.streams).table(), file=sys.stderr, flush=True)
 
 
 def prepare_node(cfg: TrainConfig, inputs: RunInputs) -> None:

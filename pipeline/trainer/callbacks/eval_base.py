@@ -118,13 +118,24 @@ class EvalRows:
         n = min(num_batches * self.batch_size * world, (total // world) * world)
         return list(range(rank, n, world))
 
-    def batches(self, state: State, num_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, state: State, num_batches: int, stream: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of the first ``num_batches`` global batches of the eval rows, or of the
+        rows of stream ``stream`` of a mixture (its rows in the dataset, numbered from 0 within the
+        stream: a stream's noise ids, and so its numbers, are those of evaluating it alone)."""
         ds = self.dataset(state)
-        total = int(getattr(ds, "num_samples", None) or len(ds))
+        if stream is None:
+            offset, total = 0, int(getattr(ds, "num_samples", None) or len(ds))
+        else:
+            from pipeline.streaming_seams import stream_rows
+
+            ids = stream_rows(ds)[stream]
+            offset, total = ids.start, len(ids)
         mine = self.indices(total, num_batches)
         for s in range(0, len(mine), self.batch_size):
-            rows = [ds[i] for i in mine[s : s + self.batch_size]]
-            yield stack_rows(rows, [r["dataset_index"] for r in rows])
+            rows = [ds[offset + i] for i in mine[s : s + self.batch_size]]
+            yield stack_rows(rows, [r["dataset_index"] - offset for r in rows])
 
 
 class ScheduledEval(Callback):

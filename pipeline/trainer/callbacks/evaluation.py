@@ -44,7 +44,10 @@ class BlockSizeLikelihood(ScheduledEval):
     """``evaluate_block_sizes`` of the current weights on fixed eval rows, every ``interval``.
 
     Logs ``eval/nelbo/bs{N}`` (nats per scored token), ``eval/ppl_bound/bs{N}`` (exp NELBO),
-    ``eval/stderr/bs{N}`` (standard error of the NELBO over rows) and ``eval/train_block_size``.
+    ``eval/stderr/bs{N}`` (standard error of the NELBO over rows) and ``eval/train_block_size``. With an
+    eval mixture (``eval_loader.streams``) each stream's first ``num_batches`` global batches are
+    evaluated alone and logged as ``eval/bs{N}/{stream}/{nelbo,ppl_bound,stderr}``; the keys above are
+    then the token-weighted total (``combine_results``).
     Runs at BATCH_END on its schedule and at FIT_END when the last batch was not evaluated yet.
     ``last_results`` holds the latest ``BlockSizeResult`` list.
     """
@@ -55,24 +58,37 @@ class BlockSizeLikelihood(ScheduledEval):
         block_sizes: list[int],
         interval: str | int,
         batch_size: int,
+        streams: list[str] | None = None,
     ):
         """``block_sizes``: the section's sizes as integers ("L" resolved); ``interval``: the resolved
-        schedule (the section's, else ``eval_interval``); ``batch_size``: eval rows per rank and batch."""
+        schedule (the section's, else ``eval_interval``); ``batch_size``: eval rows per rank and batch;
+        ``streams``: the names of the eval streams of a mixture (``eval_loader.streams``, in order)."""
         self.section = section
         self.block_sizes = list(block_sizes)
         self.schedule = EvalSchedule(interval)
         self.rows = EvalRows(batch_size)
+        self.streams = list(streams or [])
         self.last_results: list = []
+        self.last_streams: dict[str, list] = {}
 
     def evaluate(self, state: State) -> list:
-        from pipeline.diffusion.metrics import evaluate_block_sizes
+        """``BlockSizeResult`` per block size: of the eval rows, or with ``streams`` the token-weighted
+        total of the streams' (``last_streams`` then holds each stream's)."""
+        from pipeline.diffusion.metrics import combine_results, evaluate_block_sizes
 
+        n, draws, seed = self.section.num_batches, self.section.draws, self.section.seed
         with isolated_eval(state) as bd3:
-            batches = self.rows.batches(state, self.section.num_batches)
             diffusion = live_model(state).diffusion
-            return evaluate_block_sizes(
-                bd3, batches, self.block_sizes, diffusion, self.section.draws, self.section.seed
-            )
+            if not self.streams:
+                batches = self.rows.batches(state, n)
+                return evaluate_block_sizes(bd3, batches, self.block_sizes, diffusion, draws, seed)
+            self.last_streams = {
+                name: evaluate_block_sizes(
+                    bd3, self.rows.batches(state, n, i), self.block_sizes, diffusion, draws, seed
+                )
+                for i, name in enumerate(self.streams)
+            }
+        return combine_results(list(self.last_streams.values()))
 
     def _run(self, state: State, logger: Logger) -> None:
         results = self.evaluate(state)
@@ -82,6 +98,10 @@ class BlockSizeLikelihood(ScheduledEval):
             metrics[f"eval/nelbo/bs{r.block_size}"] = r.nelbo
             metrics[f"eval/ppl_bound/bs{r.block_size}"] = r.ppl_bound
             metrics[f"eval/stderr/bs{r.block_size}"] = r.stderr
+        for name, stream_results in self.last_streams.items():
+            for r in stream_results:
+                for key in ("nelbo", "ppl_bound", "stderr"):
+                    metrics[f"eval/bs{r.block_size}/{name}/{key}"] = getattr(r, key)
         logger.log_metrics(metrics)
         self.last_results = results
 
@@ -95,6 +115,11 @@ class BlockSizeLikelihood(ScheduledEval):
             "draws": self.section.draws,
             "seed": self.section.seed,
             "results": [r.as_dict() for r in self.last_results],
+            **(
+                {"streams": {n: [r.as_dict() for r in rs] for n, rs in self.last_streams.items()}}
+                if self.last_streams
+                else {}
+            ),
         }
 
 
@@ -317,7 +342,10 @@ def eval_callbacks(cfg, tokenizer_file: str | Path) -> list:
     eval_batch = cfg.device_eval_batch_size or cfg.device_train_microbatch_size
     out = []
     if c.block_size_likelihood is not None:
-        out.append(BlockSizeLikelihood(c.block_size_likelihood, block_size_list(cfg), base, eval_batch))
+        streams = list(cfg.eval_loader.streams or {})
+        out.append(
+            BlockSizeLikelihood(c.block_size_likelihood, block_size_list(cfg), base, eval_batch, streams)
+        )
     if c.noise_interval_search is not None:
         n = c.noise_interval_search
         out.append(NoiseIntervalSearch(n, n.interval or base, eval_batch))

@@ -1,6 +1,7 @@
 """The training YAML: llm-foundry conventions, a dataclass schema, and checks that run before any model.
 
 - ``schema``: the sections (dataclasses; the plain-PyTorch layer's own configs where they apply);
+- ``loaders``: ``train_loader`` / ``eval_loader``: one data folder or a mixture of streams;
 - ``convert``: ``load_config(path, overrides)`` -> ``TrainConfig`` (typed conversion, key errors);
 - ``checks``: cross-field checks and the configs derived from the YAML (DeepSpeed, objective).
 
@@ -19,6 +20,7 @@ from pipeline.trainer.config.checks import (
 )
 from pipeline.trainer.config.convert import from_dict, load_config
 from pipeline.trainer.config.errors import ConfigError
+from pipeline.trainer.config.loaders import ONE_FOLDER, ResolvedStream, StreamSection
 from pipeline.trainer.config.schema import (
     SHAPE_FIELDS,
     BlockSizeLikelihoodSection,
@@ -30,12 +32,15 @@ from pipeline.trainer.config.schema import (
 )
 
 __all__ = [
+    "ONE_FOLDER",
     "SHAPE_FIELDS",
     "BlockSizeLikelihoodSection",
     "ConfigError",
     "EvalLoaderSection",
     "GenerationSection",
     "NoiseIntervalSearchSection",
+    "ResolvedStream",
+    "StreamSection",
     "TrainLoaderSection",
     "TrainConfig",
     "block_size_list",

@@ -29,13 +29,20 @@ URL_KEYS = ("train_loader.remote", "eval_loader.remote", "save_folder", "model.i
 
 
 def check_no_credentials(cfg: TrainConfig) -> None:
-    """Refuse URLs with embedded credentials (``scheme://user:password@host``) in ``URL_KEYS``."""
+    """Refuse URLs with embedded credentials (``scheme://user:password@host``) in ``URL_KEYS`` and in
+    the streams' ``remote``."""
     import urllib.parse
 
+    places = []
     for key in URL_KEYS:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part, None) if value is not None else None
+        places.append((key, value))
+    for role in ("train_loader", "eval_loader"):
+        for name, stream in (getattr(getattr(cfg, role), "streams", None) or {}).items():
+            places.append((f"{role}.streams.{name}.remote", stream.remote))
+    for key, value in places:
         if not isinstance(value, str) or "://" not in value:
             continue
         url = urllib.parse.urlsplit(value)

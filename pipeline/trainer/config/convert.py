@@ -148,8 +148,10 @@ def _convert(value: Any, tp, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:
-                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                    raise  # a section with a bad key inside: report that key, not the union
+                if (dataclasses.is_dataclass(arg) or typing.get_origin(arg) is dict) and isinstance(
+                    value, dict
+                ):
+                    raise  # a section (or sections) with a bad key inside: report that key, not the union
                 last = e
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}") from last
     if value is None:

@@ -5,7 +5,7 @@ Sections that configure the plain-PyTorch layer are that layer's own dataclasses
 ``pipeline.diffusion.sampler.SamplerConfig``) or derived from them (``ModelSection``'s shape keys are
 ``pipeline.model.ModelConfig``'s fields), so every default has one home. Every section checks its own
 values in ``__post_init__``; ``checks`` holds what spans sections. A class may name fields that are
-not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer).
+not YAML keys in ``NOT_IN_YAML`` (set at run time by the trainer). The data sections are in ``loaders``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pipeline.diffusion.metrics import EVAL_BLOCK_SIZES, EVAL_SEED, INTERVAL_WID
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.diffusion.sampler import SamplerConfig
 from pipeline.model.config import SHAPE_SIZES, ModelConfig
+from pipeline.trainer.config.loaders import EvalLoaderSection, TrainLoaderSection
 
 # ---------------------------------------------------------------------------------------------
 # Schema. Every section is a dataclass; a field without a default is a required key. A section checks
@@ -88,33 +89,6 @@ class TokenizerSection:
     """``path``: tokenizer.json or a folder holding one; null uses the init checkpoint's."""
 
     path: str | None = None
-
-
-@dataclass
-class TrainLoaderSection:
-    """MDS data written by data_prep: ``local``/``split`` (or ``remote``/``split`` cached in ``local``)."""
-
-    local: str
-    remote: str | None = None
-    split: str = "train"
-    shuffle: bool = True
-    shuffle_seed: int = 9176
-    num_workers: int = 0
-    prefetch_factor: int | None = None
-    persistent_workers: bool = False
-    pin_memory: bool = False
-    predownload: int | None = None
-    num_canonical_nodes: int | None = None
-    drop_last: bool = True
-    # A hash the index records ("sha1" for data_prep output): check each shard file on its first read.
-    validate_hash: str | None = None
-
-
-@dataclass
-class EvalLoaderSection(TrainLoaderSection):
-    split: str = "val"
-    shuffle: bool = False
-    drop_last: bool = False
 
 
 @dataclass

@@ -31,6 +31,8 @@ def test_quick_demo_produces_every_artifact(tmp_path):
         "data/manifest.json",
         "data/train/index.json",
         "data/val/index.json",
+        "code.jsonl",
+        "data_code/manifest.json",  # the second stream of the BD3 stage's mixture
         "runs/ar-tiny/hf/model.safetensors",
         "runs/bd3-tiny/hf/model.safetensors",
         "runs/bd3-tiny/deepspeed",
@@ -43,8 +45,10 @@ def test_quick_demo_produces_every_artifact(tmp_path):
         assert (out / rel).exists(), rel
     seq_len = json.loads((out / "data" / "manifest.json").read_text())["seq_len"]
     for name in ("eval_ar_init_baseline.json", "eval_bd3_trained.json"):
-        sizes = [r["block_size"] for r in json.loads((out / name).read_text())["results"]]
+        table = json.loads((out / name).read_text())
+        sizes = [r["block_size"] for r in table["results"]]
         assert sizes == [1, 2, 4, 8, 16, seq_len]
+        assert list(table["streams"]) == ["prose", "code"]  # each stream alone, and the total above
     # The transformers export's card shows the demo's table (the trained model's PPL bounds).
     card = (out / "bd3-tiny-hf" / "README.md").read_text()
     trained = json.loads((out / "eval_bd3_trained.json").read_text())["results"]
@@ -66,6 +70,7 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     ids, nfe = hf.bd3_generate(torch.tensor([[start]]), return_nfe=True)
     assert ids[0, 1 : 1 + len(sample["tokens"])].tolist() == sample["tokens"] and nfe == sample["nfe"]
     assert "finished in" in proc.stdout
+    assert "PPL bound per stream" in proc.stdout and "BD3 code" in proc.stdout
     # A rerun reuses every finished stage.
     again = _demo(out)
     assert again.returncode == 0

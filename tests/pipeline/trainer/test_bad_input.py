@@ -28,6 +28,7 @@ from tests.factories import (
     REPO,
     SEQ_LEN,
     YAMLS,
+    mixture_overrides,
     packed_rows,
     tiny_data_folder,
     tiny_overrides,
@@ -241,6 +242,24 @@ def other_tokenizer(tiny_data, tmp_path):
     return config_error(tiny_data, tmp_path, f"variables.tokenizer={other}")
 
 
+def mixture_error(tiny_data, tmp_path, *extra, other: Path | None = None) -> str:
+    """The config error of a mixture of the fixture data (a) and ``other`` (b; default: a copy of a)."""
+    b = other or data_copy(tiny_data, tmp_path)
+    weights = {"a": (tiny_data[0], 0.5), "b": (b, 0.5)}
+    return config_error(tiny_data, tmp_path, *mixture_overrides(weights), *extra)
+
+
+def stream_with_other_tokenizer(tiny_data, tmp_path) -> str:
+    tok = write_tokenizer(tmp_path / "other" / "tokenizer.json", n_words=59)
+    b = write_data_folder(tmp_path / "b", {"train": packed_rows(64, 5)}, tok)
+    return mixture_error(tiny_data, tmp_path, other=b)
+
+
+def stream_with_other_seq_len(tiny_data, tmp_path) -> str:
+    b = write_data_folder(tmp_path / "b", {"train": packed_rows(64, 5, seq_len=16)}, tiny_data[1])
+    return mixture_error(tiny_data, tmp_path, other=b)
+
+
 CASES: dict[str, list[Case]] = {
     "a misspelled YAML key": [
         Case(
@@ -421,6 +440,51 @@ CASES: dict[str, list[Case]] = {
             "needs a GPU",
             "precision",
             "add precision=fp32 to the command",
+        ),
+    ],
+    "a stream of a mixture prepared unlike the first (tokenizer, seq_len, dtype, BOS/EOS)": [
+        Case(
+            "stream_tokenizer",
+            stream_with_other_tokenizer,
+            "but stream",
+            "train_loader.streams.b",
+            "same tokenizer",
+        ),
+        Case(
+            "stream_seq_len",
+            stream_with_other_seq_len,
+            "but stream",
+            "train_loader.streams.b",
+            "seq_len, dtype",
+        ),
+    ],
+    "a stream weight of 0 or less, or `proportion` given in some streams only": [
+        Case(
+            "weight_zero",
+            lambda d, t: mixture_error(d, t, "train_loader.streams.b.proportion=0"),
+            "must be > 0",
+            "train_loader.streams.b.proportion",
+            "remove the stream",
+        ),
+        Case(
+            "weights_mixed",
+            lambda d, t: mixture_error(
+                d, t, "train_loader.streams.b.proportion=null", "train_loader.streams.b.repeat=2"
+            ),
+            "has no proportion but",
+            "train_loader.streams.b",
+            "every stream by proportion or none",
+        ),
+    ],
+    "a remote (`data_remote`, a stream's `remote`) without `manifest.json`": [
+        Case(
+            "remote_manifest",
+            lambda d, t: config_error(
+                d, t, f"variables.data_remote={t / 'empty'}", f"variables.data_local={t / 'c'}"
+            ),
+            "manifest.json not found",
+            "train_loader.remote",
+            "convert the data there first",
         ),
     ],
     "credentials in a URL (`s3://user:secret@...`)": [
