@@ -7,8 +7,9 @@ Every run made here is made once per session and shared by the tests that only r
   process;
 - ``ddp_run``: ``composer -n 2`` DDP of ``FULL``;
 - ``reference(variant)``: the fault tests' uninterrupted runs (``launch.FAULT_COMMON``: a checkpoint
-  every 3 batches, row ids logged, a Hugging Face export) for "1proc", "zero2" and "zero3", launched
-  on first use; the ZeRO-2 and ZeRO-3 ones are also those runs' comparisons with one process.
+  every 3 batches, row ids logged, a Hugging Face export) for "1proc", "zero2" (both on a two-stream
+  mixture, ``launch.mixture``) and "zero3", launched on first use; they are also the comparisons of
+  ZeRO-2 with one process on the mixture and of ZeRO-3 with ``one_process``.
 """
 
 from __future__ import annotations

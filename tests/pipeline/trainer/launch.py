@@ -161,23 +161,55 @@ FAULT_COMMON = [
     "save_interval=3ba",
     "callbacks.loss_log.sample_ids=true",
 ]
-VARIANTS = {
-    "1proc": (0, []),
-    "zero2": (2, ["parallelism.deepspeed.zero_optimization.stage=2"]),
-    "zero3": (2, ["parallelism.deepspeed.zero_optimization.stage=3"]),
+VARIANTS = {  # name: (processes, overrides, trains on the two-stream mixture of ``web_stream``)
+    "1proc": (0, [], True),
+    "zero2": (2, ["parallelism.deepspeed.zero_optimization.stage=2"], True),
+    "zero3": (2, ["parallelism.deepspeed.zero_optimization.stage=3"], False),
 }
+WEB_ROWS = 64  # the second stream's train rows: 0.4 of every batch, so they are repeated
+
+
+def web_stream(tiny_data) -> Path:
+    """The second stream of the fault tests' mixture, written beside the ``tiny_data`` folder on first
+    use: a compatible data_prep-style folder (same tokenizer) whose rows no other stream holds."""
+    from tests.factories import write_stream_folder
+
+    data, tok = tiny_data
+    root = data.parent / "web"
+    if not (root / "manifest.json").exists():
+        write_stream_folder(root, tok, 1, train_rows=WEB_ROWS)
+    return root
+
+
+def mixture(tiny_data, local_a: Path | None = None, remote_a: str | None = None) -> list[str]:
+    """Overrides that train on stream ``a`` (the tiny data, 0.6 of every batch; read from ``remote_a``
+    through the cache ``local_a`` when given) and ``web`` (0.4), with a fixed num_canonical_nodes."""
+    from tests.factories import mixture_overrides
+
+    out = mixture_overrides({"a": (local_a or tiny_data[0], 0.6), "web": (web_stream(tiny_data), 0.4)})
+    out.append("train_loader.num_canonical_nodes=1")
+    return out + ([f"train_loader.streams.a.remote={remote_a}"] if remote_a else [])
 
 
 def same_reference(variant: str):
     """Mark of the tests that read ``reference(variant)`` (tests/pipeline/trainer/conftest.py): they run
-    on one pytest-xdist worker, so that the run is launched once."""
-    return pytest.mark.xdist_group(f"reference-{variant}")
+    on one pytest-xdist worker, so that the run is launched once (the two mixture runs together: one
+    test compares them)."""
+    return pytest.mark.xdist_group("reference-mixture" if VARIANTS[variant][2] else f"reference-{variant}")
 
 
-def command(tiny_data, out: Path, variant: str):
-    nproc, extra = VARIANTS[variant]
+def command(tiny_data, out: Path, variant: str, *extra: str):
+    """(argv, env) of the fault tests' recipe for ``variant``; ``extra`` overrides go last."""
+    nproc, overrides, mixed = VARIANTS[variant]
+    overrides = [*overrides, *(mixture(tiny_data) if mixed else [])]
     return train_command(
-        tiny_data, out, *extra, f"callbacks.hf_export.folder={out}/hf", nproc=nproc, common=FAULT_COMMON
+        tiny_data,
+        out,
+        *overrides,
+        f"callbacks.hf_export.folder={out}/hf",
+        *extra,
+        nproc=nproc,
+        common=FAULT_COMMON,
     )
 
 
@@ -207,7 +239,8 @@ def final_records(out: Path) -> dict[int, dict]:
 
 
 def assert_same_run(ref: Path, got: Path) -> None:
-    """Per-batch rows and losses, and final weights, equal to the reference run."""
+    """Per-batch rows and losses, and final weights, equal to the reference run; a single-stream run
+    reads every row once in its first epoch (16 batches), a mixture reads both streams."""
     want = final_records(ref)
     have = final_records(got)
     assert sorted(have) == sorted(want) == list(range(1, 21))
@@ -216,9 +249,11 @@ def assert_same_run(ref: Path, got: Path) -> None:
         for key in ("loss/train/total", "loss/train/nelbo"):
             # Exact: a resumed run replays the same arithmetic (same ranks, same order).
             assert have[b][key] == want[b][key], (b, key, have[b][key], want[b][key])
-    # Every row once per epoch: the first 16 batches are one pass over the 256 rows.
-    first_epoch = [r for b in range(1, 17) for r in want[b]["rows"]]
-    assert sorted(first_epoch) == list(range(ROWS_PER_EPOCH))
+    ids = [r for b in range(1, 21) for r in want[b]["rows"]]
+    if max(ids) < ROWS_PER_EPOCH:  # one stream: the first 16 batches are one pass over its 256 rows
+        assert sorted(ids[: 16 * 16]) == list(range(ROWS_PER_EPOCH))
+    else:  # the mixture: sample ids past stream a's 256 rows are web's
+        assert 0.3 < sum(i >= ROWS_PER_EPOCH for i in ids) / len(ids) < 0.5
     w_ref, w_got = weights(ref / "hf"), weights(got / "hf")
     assert w_ref.keys() == w_got.keys()
     for k in w_ref:

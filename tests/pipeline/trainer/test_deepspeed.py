@@ -38,12 +38,16 @@ def ds(stage: int, *extra: str) -> list[str]:
 @same_reference("zero2")
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero2_matches_one_process(reference, one_process):
-    """ZeRO-2: the fault tests' uninterrupted run (test_faults.py) against 1 process. (ZeRO-1 and
-    ZeRO-3 with a save_folder in the bucket: test_object_storage.py.)"""
-    run = reference("zero2")
-    assert (run / "ckpt" / "deepspeed" / "ba20").is_dir()
-    assert_same_curve(one_process[0], records(run / "loss.jsonl"))
+def test_zero2_reads_the_global_batches_of_one_process_and_matches_it(reference):
+    """The fault tests' uninterrupted runs (test_faults.py) on a two-stream mixture with a fixed
+    num_canonical_nodes: ZeRO-2 on 2 processes reads the same global batches as 1 process, row for
+    row, and its curve equals the 1-process curve up to summation order. (ZeRO-1 and ZeRO-3 with a
+    save_folder in the bucket: test_object_storage.py.)"""
+    two, one = reference("zero2"), reference("1proc")
+    assert (two / "ckpt" / "deepspeed" / "ba20").is_dir()
+    one, two = records(one / "loss.jsonl"), records(two / "loss.jsonl")
+    assert [r["rows"] for r in one] == [r["rows"] for r in two]  # the mixture's sample ids, in order
+    assert_same_curve(one, two)
 
 
 @same_reference("zero3")

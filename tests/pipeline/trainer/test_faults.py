@@ -30,6 +30,7 @@ from tests.pipeline.trainer.launch import (
     kill_a_rank_after,
     kill_group,
     last_batch,
+    mixture,
     rank_logs,
     records,
     run_to_end,
@@ -78,8 +79,9 @@ def test_sigkill_at_a_random_batch_then_autoresume_matches(tiny_data, tmp_path, 
 def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
     tiny_data, tmp_path, reference, s3, kill_rng
 ):
-    """The same kill with the data read from the S3 server (node cache) and save_folder in it: the
-    resumed run equals the uninterrupted local run, rows, losses and final weights. (ZeRO-2's, after
+    """The same kill with the mixture's stream ``a`` read from the S3 server (node cache; ``web`` stays
+    local) and save_folder in it: the resumed run equals the uninterrupted local run, rows, losses and
+    final weights. (ZeRO-2's, after
     a kill in the middle of an upload: test_object_storage.py.)"""
     from data_prep.remote import upload_tree
 
@@ -87,13 +89,14 @@ def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
     ref = reference(variant)
     nproc = VARIANTS[variant][0]
     upload_tree(tiny_data[0], f"{s3.uri}/owt")
-    cmd, env = command(tiny_data, tmp_path, variant)
-    cmd += [
-        f"variables.data_remote={s3.uri}/owt",
-        f"variables.data_local={tmp_path / 'cache'}",
+    cmd, env = command(
+        tiny_data,
+        tmp_path,
+        variant,
+        *mixture(tiny_data, local_a=tmp_path / "cache", remote_a=f"{s3.uri}/owt"),
         f"variables.save_folder={s3.uri}/runs/kill",
         "loggers.tensorboard=null",  # its default log dir is under the working directory
-    ]
+    )
     logged, _ = kill_at_random_batch(cmd, env, tmp_path, kill_rng, nproc)
     print(f"\n{variant} on S3: killed after batch {logged}; objects {sorted(s3.keys('runs/kill/'))}")
     assert last_batch(tmp_path / "loss.jsonl") < 20, "finished before the kill"

@@ -31,6 +31,7 @@ from tests.pipeline.trainer.launch import (
     kill_a_rank_after,
     last_batch,
     launch,
+    mixture,
     rank_logs,
     records,
     run_to_end,
@@ -160,7 +161,8 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
 def test_zero2_on_s3_survives_a_rank_killed_mid_upload_and_at_a_random_batch(
     tiny_data, tmp_path, s3, reference, kill_rng
 ):
-    """ZeRO-2, 2 processes, data and save_folder in the bucket, a checkpoint every 3 batches. Run 1
+    """ZeRO-2, 2 processes, the mixture's stream ``a`` and save_folder in the bucket (``web`` local), a
+    checkpoint every 3 batches. Run 1
     has rank 1 SIGKILLed right after uploading its batch-9 partition (rank 0's Composer file never
     follows); run 2 resumes from the bucket's latest complete checkpoint and has a rank SIGKILLed at
     a random batch (seeded); run 3 finishes. The partial batch-9 tag is never taken as the latest; every batch's rows and losses
@@ -170,13 +172,14 @@ def test_zero2_on_s3_survives_a_rank_killed_mid_upload_and_at_a_random_batch(
     data, _ = tiny_data
     upload_tree(data, f"{s3.uri}/owt")
     run_uri, out = f"{s3.uri}/runs/zero2", tmp_path / "remote"
-    cmd, env = command(tiny_data, out, "zero2")
-    cmd += [
-        f"variables.data_remote={s3.uri}/owt",
-        f"variables.data_local={tmp_path / 'cache'}",
+    cmd, env = command(
+        tiny_data,
+        out,
+        "zero2",
+        *mixture(tiny_data, local_a=tmp_path / "cache", remote_a=f"{s3.uri}/owt"),
         f"variables.save_folder={run_uri}",
         "loggers.tensorboard=null",
-    ]
+    )
     assert run_to_end(cmd, env, out, fault="kill@deepspeed_upload:9:1").returncode != 0
     stored = s3.keys("runs/zero2/")
     assert any(k.startswith("runs/zero2/deepspeed/ba9/zero_pp_rank_1_") for k in stored)  # partial tag
