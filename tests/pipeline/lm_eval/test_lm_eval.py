@@ -1,0 +1,181 @@
+"""The ``bd3`` lm-eval model: the hf backend's numbers at block size 1, the exact NELBO in expectation at
+block size 2, common random numbers across the choices of a question, fixed seeds, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from pipeline.diffusion.noise import MIN_T  # noqa: E402
+from pipeline.lm_eval.__main__ import main as lm_eval_main  # noqa: E402
+from pipeline.lm_eval.model import BD3EvalLM  # noqa: E402
+from pipeline.lm_eval.scoring import continuation_bound, draw_noise  # noqa: E402
+from pipeline.model.masks import AttentionMask  # noqa: E402
+from tests.factories import write_lm_eval_tasks, write_tiny_hf_checkpoint, write_tokenizer  # noqa: E402
+
+TASKS = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+
+
+@pytest.fixture(scope="module")
+def ar_folder(tmp_path_factory):
+    """A tiny LLaMA folder that both backends load, with a transformers tokenizer beside it."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder, _ = write_tiny_hf_checkpoint(tmp_path_factory.mktemp("ar") / "llama", "llama")
+    tok_file = write_tokenizer(folder / "tokenizer.json", n_words=249)
+    PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_lm_eval_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="module")
+def tasks(task_dir):
+    return TaskManager(include_path=str(task_dir))
+
+
+def _run(lm, tasks, names=TASKS):
+    out = simple_evaluate(model=lm, tasks=names, task_manager=tasks, log_samples=True, random_seed=0)
+    resps = {t: [s["resps"] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])] for t in names}
+    return out["results"], resps
+
+
+def _close(a, b, tol):
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= tol * max(1.0, abs(a))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def hf_results(ar_folder, tasks):
+    return _run(HFLM(pretrained=str(ar_folder), device="cpu", dtype="float32", batch_size=4), tasks)
+
+
+def test_block_size_one_equals_the_hf_backend(ar_folder, task_dir, tasks, hf_results, one_thread):
+    bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=1, batch_size=3, device="cpu")
+    results, resps = _run(bd3, tasks)
+    hf_metrics, hf_resps = hf_results
+    for task in TASKS:
+        assert _close(resps[task], hf_resps[task], 1e-5), task
+        for key, value in hf_metrics[task].items():
+            if key == "alias" or isinstance(value, str):
+                continue
+            assert results[task][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (task, key)
+    # the generation task produced real text, and the rolling task several windows per document
+    assert any(r[0][0].strip() for r in resps["tiny_gen"])
+    assert bd3.max_length == 256
+    assert len(resps["tiny_mc"]) == 6 and all(len(r) == 4 for r in resps["tiny_mc"])
+    assert any(len(bd3.tok_encode(d)) > 256 for d in _ppl_texts(task_dir))  # several rolling windows
+
+
+def _ppl_texts(task_dir):
+    import json
+
+    return [json.loads(line)["text"] for line in open(task_dir / "ppl.jsonl")]
+
+
+def _exact_block_nelbo(model, row, n_ctx, block_size, nodes=64):
+    """Exact -NELBO of the continuation (float64): per block, every mask subset of its continuation
+    positions, the model run on (clean earlier tokens, that noisy block) with the block-causal mask, and
+    t integrated over U[1e-3, 1] by Gauss-Legendre quadrature."""
+    mask_id = model.config.mask_token_id
+    x, grid, weights = torch.tensor(row), *(torch.tensor(a) for a in _legendre(nodes))
+    t = MIN_T + (1 - MIN_T) * (grid + 1) / 2
+    w = weights / 2  # the density of U[1e-3, 1] times the interval's length cancel: mean over t
+    total = 0.0
+    for start in range(0, len(row), block_size):
+        scored = [p for p in range(start, min(start + block_size, len(row))) if p >= n_ctx]
+        for k in range(1, len(scored) + 1):
+            for subset in itertools.combinations(scored, k):
+                block = x[start : start + block_size].clone()
+                block = torch.cat([block, torch.full((block_size - len(block),), mask_id)])
+                block[[p - start for p in subset]] = mask_id
+                seq = torch.cat([x[:start], block])[None]
+                with torch.no_grad():
+                    logits = model(seq, attn=AttentionMask("block_causal", block_size)).double()
+                logits[..., model.invalid_output_ids] = float("-inf")
+                logp = torch.log_softmax(logits[0], -1)
+                ce = -sum(float(logp[p - 1, x[p]]) for p in subset)  # shift: position p-1 predicts p
+                n = len(scored)
+                law = (t ** (k - 1) * (1 - t) ** (n - k) * w).sum().item()  # E[(1/t) t^k (1-t)^(n-k)]
+                total -= ce * law
+    return total
+
+
+def _legendre(n):
+    import numpy as np
+
+    return np.polynomial.legendre.leggauss(n)
+
+
+def test_block_size_two_monte_carlo_mean_is_the_exact_nelbo(ar_folder, one_thread):
+    bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=4000, batch_size=1, device="cpu")
+    row, n_ctx = [5, 9, 14, 3, 22, 7], 3  # context of 3, continuation of 3 over blocks [2,3], [4,5]
+    t, u = draw_noise(row[:n_ctx], 7, 4000, 16)
+    values = continuation_bound(bd3.model, [row] * 4000, [n_ctx] * 4000, t, u, 2, True).double()
+    mean, se = values.mean().item(), values.std().item() / math.sqrt(len(values))
+    exact = _exact_block_nelbo(bd3.model, row, n_ctx, 2)
+    assert abs(mean - exact) < 3 * se, (mean, exact, se)
+    assert se < 0.05 * abs(exact)  # the comparison is sharp enough to catch a wrong weight or layout
+
+
+def test_choices_share_noise_and_seed_fixes_results(ar_folder, tasks, one_thread):
+    bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=8, batch_size=4, device="cpu")
+    ctx = bd3.tok_encode("w1 w2 w3")
+    a, b = draw_noise(ctx, bd3.seed, 8, 64), draw_noise(ctx, bd3.seed, 8, 64)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], draw_noise(ctx, bd3.seed + 1, 8, 64)[0])
+    # every choice of a question is scored with its context's draws: shared noise (common random numbers)
+    from lm_eval.api.instance import Instance
+
+    reqs = [
+        Instance("loglikelihood", {}, ("w1 w2 w3", c), i)
+        for i, c in enumerate([" w4 w5", " w6", " w7 w8 w9"])
+    ]
+    got = bd3.loglikelihood(reqs)
+    t, u = draw_noise(ctx, bd3.seed, 8, bd3.max_length + 2)
+    for (value, _), (_, cont) in zip(got, (r.args for r in reqs)):
+        row = ctx + bd3.tok_encode("w1 w2 w3" + cont)[len(ctx) :]
+        expected = continuation_bound(bd3.model, [row] * 8, [len(ctx)] * 8, t, u, 2, True).mean().item()
+        assert value == pytest.approx(expected, abs=1e-5)
+    single = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=8, batch_size=1, device="cpu")
+    assert [v for v, _ in single.loglikelihood(reqs)] == pytest.approx(
+        [v for v, _ in got], abs=1e-5
+    )  # batching does not change the draws
+    r1, s1 = _run(bd3, tasks, ["tiny_mc"])
+    r2, s2 = _run(bd3, tasks, ["tiny_mc"])
+    assert s1 == s2 and r1 == r2
+
+
+def test_bad_model_args_are_clear(ar_folder):
+    with pytest.raises(ValueError, match="unknown model_args.*blocksize"):
+        BD3EvalLM(pretrained=str(ar_folder), blocksize=4)
+    with pytest.raises(ValueError, match="mc_samples must be >= 1"):
+        BD3EvalLM(pretrained=str(ar_folder), mc_samples=0)
+
+
+def test_cli_offline_hub_dataset_is_one_line(tmp_path, ar_folder, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "hub.yaml").write_text(
+        "task: tiny_hub\ndataset_path: nobody/no_such_dataset\ntest_split: test\noutput_type: loglikelihood\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\nmetric_list:\n  - metric: perplexity\n"
+    )
+    args = ["--model", "bd3", "--model_args", f"pretrained={ar_folder},block_size=1", "--device", "cpu"]
+    rc = lm_eval_main([*args, "--tasks", "tiny_hub", "--include_path", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "nobody/no_such_dataset" in err[-1] and "--include_path" in err[-1]
