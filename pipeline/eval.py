@@ -3,6 +3,10 @@
 Prints a table (block size, NELBO/token, PPL bound, std error, tokens), writes it as JSON
 (``--out``) and plots the PPL bound against the block size (``--plot``). Several processes
 (``composer -n N -m pipeline.eval ...``) split the rows; sums are reduced exactly.
+
+With ``--tasks a,b`` (lm-evaluation-harness tasks, ``--include-path`` for local ones) it runs those
+tasks instead, at every ``--block-sizes`` entry: one table task x metric x block size, ``--out`` JSON
+and ``--plot`` PNG (``pipeline.lm_eval.sweep``).
 """
 
 from __future__ import annotations
@@ -38,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "save_folder (its latest checkpoint; DeepSpeed partitions of any world size) or a Composer checkpoint",
     )
     p.add_argument(
-        "--data", required=True, help="data_prep output folder (with manifest.json) or an MDS split folder"
+        "--data",
+        help="data_prep output folder (with manifest.json) or an MDS split folder (required without --tasks)",
     )
+    p.add_argument("--tasks", help="lm-eval tasks, comma list: run them at each block size instead of --data")
+    p.add_argument("--include-path", help="folder of lm-eval task YAMLs (local files, offline)")
+    p.add_argument("--limit", type=float, help="lm-eval: documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples")
+    p.add_argument("--mc-samples", type=int, default=32, help="lm-eval: noise draws per request at L' > 1")
     p.add_argument("--split", default="val")
     p.add_argument(
         "--block-sizes",
@@ -145,8 +155,50 @@ def _genppl(args, model, checkpoint: Path) -> dict:
     return {**out, "protocol": generation_protocol(cfg, args.num_samples, args.reference)}
 
 
+def _downstream(args) -> int:
+    """``--tasks``: lm-eval's tasks at each block size; one table, JSON and plot."""
+    from pipeline.lm_eval.sweep import format_table, plot_downstream, run_tasks
+
+    try:
+        sizes = sorted({int(b) for b in args.block_sizes.split(",")})
+    except ValueError:
+        print(f"error: --block-sizes with --tasks takes integers, got {args.block_sizes!r}", file=sys.stderr)
+        return 2
+    model_args = dict(
+        mc_samples=args.mc_samples, seed=args.seed, batch_size=args.batch_size, device=args.device
+    )
+    model_args["trust_checkpoint"] = args.trust_checkpoint
+    results = run_tasks(
+        args.checkpoint,
+        [t.strip() for t in args.tasks.split(",")],
+        sizes,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        model_args=model_args,
+    )
+    if not results:
+        return 0
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "mc_samples": args.mc_samples}
+        payload.update(seed=args.seed, results=[r.as_dict() for r in results])
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        plot_downstream(results, args.plot, title=Path(args.checkpoint).name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tasks:
+        if args.block_sizes == ",".join(map(str, EVAL_BLOCK_SIZES)):
+            args.block_sizes = "1,4,8,16"
+        return _downstream(args)
+    if not args.data:
+        print("error: --data is required (or --tasks to run lm-eval tasks)", file=sys.stderr)
+        return 2
     from pipeline.diffusion.metrics import evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader

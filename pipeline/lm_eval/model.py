@@ -139,7 +139,8 @@ class BD3EvalLM(TemplateLM):
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self._batch_size = int(batch_size)
         self._max_length = int(max_length) if max_length else c.max_position_embeddings
-        self.greedy_check = bool(greedy_check)
+        self.greedy_check = str(greedy_check).lower() not in ("false", "0")
+        self._greedy_memo: dict[tuple[int, ...], list[int]] = {}
         self.sampler = SamplerConfig(
             block_size=self.block_size,
             sampler=sampler,
@@ -199,17 +200,18 @@ class BD3EvalLM(TemplateLM):
         return row, len(row) - len(continuation)
 
     def _loglikelihood_tokens(
-        self, requests, disable_tqdm: bool = False, **kwargs
+        self, requests, disable_tqdm: bool = False, greedy: bool = True, **kwargs
     ) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) per (key, context ids, continuation ids); sorted longest first."""
+        """(log-likelihood, is_greedy) per (key, context ids, continuation ids); sorted longest first.
+        ``greedy=False`` skips the greedy check at L' > 1 (is_greedy False), as rolling windows need."""
         order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="bd3 loglikelihood")
         res = []
         for chunk in order.get_batched(n=self.batch_size):
             rows, n_ctx = zip(*(self._row(r[1], r[2]) for r in chunk))
             values = self._bound(list(rows), list(n_ctx))
-            greedy = self._is_greedy(list(rows), list(n_ctx))
-            for req, v, g in zip(chunk, values, greedy):
+            matches = self._is_greedy(list(rows), list(n_ctx), greedy)
+            for req, v, g in zip(chunk, values, matches):
                 answer = (float(v), bool(g))
                 res.append(answer)
                 if req[0] is not None:
@@ -234,15 +236,23 @@ class BD3EvalLM(TemplateLM):
         )
         return values.view(len(rows), M).mean(1).tolist()
 
-    def _is_greedy(self, rows: list[list[int]], n_ctx: list[int]) -> list[bool]:
+    def _is_greedy(self, rows: list[list[int]], n_ctx: list[int], check: bool = True) -> list[bool]:
         if self.block_size == 1:
             best = greedy_tokens(self.model, rows, n_ctx)
             return [b == row[k:] for b, row, k in zip(best, rows, n_ctx)]
-        if not self.greedy_check:
+        if not (check and self.greedy_check):
             return [False] * len(rows)
         out = []
         for row, k in zip(rows, n_ctx):
-            out.append(greedy_decode(self.model, row[:k], len(row) - k, self.sampler) == row[k:])
+            # Block decoding is prefix-consistent (every block is denoised whole, then cut): the choices
+            # of a question share one decode of their context, as long as the longest of them.
+            key, need = tuple(row[:k]), len(row) - k
+            if len(self._greedy_memo.get(key, ())) < need:
+                n = -(-need // self.block_size) * self.block_size
+                if len(self._greedy_memo) > 4096:  # bounded: requests come sorted by length, not by question
+                    self._greedy_memo.clear()
+                self._greedy_memo[key] = greedy_decode(self.model, row[:k], n, self.sampler)
+            out.append(self._greedy_memo[key][:need] == row[k:])
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -256,7 +266,9 @@ class BD3EvalLM(TemplateLM):
             ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
-        values = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
+        values = (
+            self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm, greedy=False) if windows else []
+        )
         totals = [0.0] * len(requests)
         for i, (v, _) in zip(owner, values):
             totals[i] += v

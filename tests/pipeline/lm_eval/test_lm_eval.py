@@ -16,7 +16,6 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from pipeline.diffusion.noise import MIN_T  # noqa: E402
-from pipeline.lm_eval.__main__ import main as lm_eval_main  # noqa: E402
 from pipeline.lm_eval.model import BD3EvalLM  # noqa: E402
 from pipeline.lm_eval.scoring import continuation_bound, draw_noise  # noqa: E402
 from pipeline.model.masks import AttentionMask  # noqa: E402
@@ -43,7 +42,7 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tasks(task_dir):
-    return TaskManager(include_path=str(task_dir))
+    return TaskManager(include_path=str(task_dir), include_defaults=False)
 
 
 def _run(lm, tasks, names=TASKS):
@@ -168,14 +167,88 @@ def test_bad_model_args_are_clear(ar_folder):
         BD3EvalLM(pretrained=str(ar_folder), mc_samples=0)
 
 
-def test_cli_offline_hub_dataset_is_one_line(tmp_path, ar_folder, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+@pytest.mark.slow  # a fresh interpreter imports lm-eval and indexes its built-in tasks (15-30 s)
+def test_cli_offline_hub_dataset_is_one_line(tmp_path, ar_folder):
+    """``python -m pipeline.lm_eval`` (lm-eval's flags, bd3 registered) on a hub task with the hub offline."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     (tmp_path / "hub.yaml").write_text(
         "task: tiny_hub\ndataset_path: nobody/no_such_dataset\ntest_split: test\noutput_type: loglikelihood\n"
         "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\nmetric_list:\n  - metric: perplexity\n"
     )
     args = ["--model", "bd3", "--model_args", f"pretrained={ar_folder},block_size=1", "--device", "cpu"]
-    rc = lm_eval_main([*args, "--tasks", "tiny_hub", "--include_path", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "nobody/no_such_dataset" in err[-1] and "--include_path" in err[-1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.lm_eval", *args, "--tasks", "tiny_hub", "--include_path", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[3], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "nobody/no_such_dataset" in last and "--include_path" in last, p.stderr[
+        -2000:
+    ]
+
+
+def test_is_greedy_at_block_size_two_is_greedy_block_decoding(ar_folder, one_thread):
+    from lm_eval.api.instance import Instance
+
+    from pipeline.lm_eval.scoring import greedy_decode
+
+    bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=2, batch_size=4, device="cpu")
+    ctx = bd3.tok_encode("w1 w2 w3")
+    decoded = greedy_decode(bd3.model, ctx, 4, bd3.sampler)
+    greedy_text = " " + " ".join(bd3.tok_decode([i]) for i in decoded[:3])
+    other = decoded[2] % 50 + 1 if decoded[2] % 50 + 1 != decoded[2] else 7
+    wrong_text = " " + " ".join(bd3.tok_decode([i]) for i in [*decoded[:2], other])
+    reqs = [
+        Instance("loglikelihood", {}, ("w1 w2 w3", c), i) for i, c in enumerate([greedy_text, wrong_text])
+    ]
+    assert [g for _, g in bd3.loglikelihood(reqs)] == [True, False]
+
+
+def test_eval_tasks_writes_one_table_over_block_sizes(ar_folder, task_dir, hf_results, tmp_path, one_thread):
+    import json
+
+    from pipeline.eval import main
+
+    out, plot = tmp_path / "downstream.json", tmp_path / "downstream.png"
+    args = ["--checkpoint", str(ar_folder), "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(task_dir)]
+    args += [
+        "--block-sizes",
+        "1,2",
+        "--mc-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
+    assert main(args) == 0
+    cells = {
+        (r["task"], r["metric"], r["block_size"]): r["value"] for r in json.loads(out.read_text())["results"]
+    }
+    for task, metric in [("tiny_mc", "acc"), ("tiny_mc", "acc_norm"), ("tiny_ppl", "word_perplexity")]:
+        assert {(task, metric, 1), (task, metric, 2)} <= set(cells)
+        assert cells[(task, metric, 1)] == pytest.approx(hf_results[0][task][f"{metric},none"], rel=1e-6)
+    assert cells[("tiny_ppl", "word_perplexity", 2)] >= cells[("tiny_ppl", "word_perplexity", 1)] * 0.5
+    assert plot.stat().st_size > 0
+
+
+def test_generation_batched_equals_one_at_a_time(ar_folder, one_thread):
+    from lm_eval.api.instance import Instance
+
+    prompts = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9", "w9 w8", "w2 w2 w2"]
+    greedy = {"until": ["w3"], "max_gen_toks": 5, "do_sample": False}
+    sampled = {"until": ["w3"], "max_gen_toks": 5, "temperature": 1.0, "do_sample": True}
+    reqs = [
+        Instance("generate_until", {}, (p, kw), i) for i, p in enumerate(prompts) for kw in (greedy, sampled)
+    ]
+    texts = {}
+    for batch in (1, 4):
+        bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, batch_size=batch, device="cpu")
+        texts[batch] = bd3.generate_until(reqs)
+    assert texts[1] == texts[4] and len(set(texts[1])) > 2
