@@ -291,11 +291,18 @@ def tiny_overrides(data: Path, tokenizer: Path, save_folder: Path, *extra: str) 
 
 
 # -- lm-evaluation-harness tasks (local files, offline) ------------------------------------------
-def write_lm_eval_tasks(root: Path, n_docs: int = 6, n_words: int = N_WORDS, seed: int = 0) -> Path:
+def write_lm_eval_tasks(
+    root: Path,
+    n_docs: int = 6,
+    n_words: int = N_WORDS,
+    seed: int = 0,
+    question_words: tuple[int, int] = (3, 9),
+) -> Path:
     """Three lm-eval tasks over jsonl files of words ``w0 w7 ...`` (``write_tokenizer``'s vocabulary),
     each read offline (``dataset_path: json``): ``tiny_mc`` (multiple choice, 4 choices of 1-3 words),
     ``tiny_ppl`` (rolling perplexity of ~300-word documents) and ``tiny_gen`` (greedy generation until
-    ``w3``, exact match). Returns the folder to pass as ``--include_path``."""
+    ``w3``, exact match). ``question_words``: the range of a multiple-choice question's length.
+    Returns the folder to pass as ``--include_path``."""
     rng = np.random.default_rng(seed)
 
     def words(n: int) -> str:
@@ -305,7 +312,7 @@ def write_lm_eval_tasks(root: Path, n_docs: int = 6, n_words: int = N_WORDS, see
     root.mkdir(parents=True, exist_ok=True)
     docs = {
         "mc": [
-            {"question": words(int(rng.integers(3, 9))), "choices": [" " + words(int(rng.integers(1, 4))) for _ in range(4)],
+            {"question": words(int(rng.integers(*question_words))), "choices": [" " + words(int(rng.integers(1, 4))) for _ in range(4)],
              "label": int(rng.integers(0, 4))}
             for _ in range(n_docs)
         ],

@@ -25,7 +25,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, generate
-from pipeline.lm_eval.scoring import continuation_bound, draw_noise, greedy_decode, greedy_tokens, noise_seed
+from pipeline.lm_eval.scoring import ar_scores, continuation_bound, draw_noise, greedy_decode, noise_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MC_SAMPLES = 32
@@ -209,8 +209,11 @@ class BD3EvalLM(TemplateLM):
         res = []
         for chunk in order.get_batched(n=self.batch_size):
             rows, n_ctx = zip(*(self._row(r[1], r[2]) for r in chunk))
-            values = self._bound(list(rows), list(n_ctx))
-            matches = self._is_greedy(list(rows), list(n_ctx), greedy)
+            if self.block_size == 1:
+                values, matches = zip(*ar_scores(self.model, rows, n_ctx))
+            else:
+                values = self._bound(list(rows), list(n_ctx))
+                matches = self._is_greedy(list(rows), list(n_ctx), greedy)
             for req, v, g in zip(chunk, values, matches):
                 answer = (float(v), bool(g))
                 res.append(answer)
@@ -237,9 +240,6 @@ class BD3EvalLM(TemplateLM):
         return values.view(len(rows), M).mean(1).tolist()
 
     def _is_greedy(self, rows: list[list[int]], n_ctx: list[int], check: bool = True) -> list[bool]:
-        if self.block_size == 1:
-            best = greedy_tokens(self.model, rows, n_ctx)
-            return [b == row[k:] for b, row, k in zip(best, rows, n_ctx)]
         if not (check and self.greedy_check):
             return [False] * len(rows)
         out = []

@@ -99,15 +99,21 @@ def continuation_bound(
 
 
 @torch.no_grad()
-def greedy_tokens(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) -> list[list[int]]:
-    """At block size 1: the argmax prediction of each continuation position (the AR greedy check)."""
-    mask_id = model.config.mask_token_id
+def ar_scores(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) -> list[tuple[float, bool]]:
+    """Block size 1 in one causal forward: (log-probability of each row's continuation, whether every
+    continuation token is the argmax). The same numbers as ``continuation_bound`` at block size 1."""
     device = model.lm_head.weight.device
-    x = pad_rows(rows, 1, mask_id, device)
-    logits = model(x).float()
+    x = pad_rows(rows, 1, model.config.mask_token_id, device)
+    logits = model(x[:, :-1]).float() if x.shape[1] > 1 else model(x).float()
     logits[..., model.invalid_output_ids.to(device)] = float("-inf")
-    best = logits.argmax(-1).tolist()
-    return [best[i][k - 1 : len(r) - 1] for i, (r, k) in enumerate(zip(rows, n_context))]
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, (r, k) in enumerate(zip(rows, n_context)):
+        target = x[i, k : len(r)]
+        lp = logp[i, k - 1 : len(r) - 1]
+        value = lp.gather(-1, target[:, None]).sum().item()
+        out.append((value, bool((lp.argmax(-1) == target).all())))
+    return out
 
 
 def greedy_decode(model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig) -> list[int]:
