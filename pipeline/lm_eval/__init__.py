@@ -4,3 +4,14 @@ its command line (``python -m pipeline.lm_eval``, lm-eval's own flags) and a swe
 
 ``lm-eval`` is the optional extra ``lmeval`` (in ``dev``); ``scoring`` needs only torch.
 """
+
+
+def build_parser():
+    """The parser of ``python -m pipeline.lm_eval``: lm-eval's own ``run`` command, every flag of it."""
+    import argparse
+
+    from lm_eval._cli.run import Run
+
+    sub = argparse.ArgumentParser(prog="python -m pipeline.lm_eval").add_subparsers()
+    Run.create(sub)
+    return sub.choices["run"]

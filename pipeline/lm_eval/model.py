@@ -25,6 +25,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from pipeline.diffusion.sampler import SAMPLERS, SamplerConfig, generate
+from pipeline.hf_names import TOKENIZER_FILE
 from pipeline.lm_eval.scoring import ar_scores, continuation_bound, draw_noise, greedy_decode, noise_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +42,7 @@ def load_tokenizer(folder: Path, model_config, tokenizer: str | None = None):
     src = Path(tokenizer) if tokenizer else folder
     if src.is_dir() and (src / "tokenizer_config.json").exists():
         return transformers.AutoTokenizer.from_pretrained(str(src))
-    file = src if src.is_file() else src / "tokenizer.json"
+    file = src if src.is_file() else src / TOKENIZER_FILE
     if not file.exists():
         raise FileNotFoundError(
             f"no tokenizer at {file}: pass model_args tokenizer=PATH (a folder or tokenizer.json)"
