@@ -118,14 +118,18 @@ def ar_scores(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) ->
 
 def greedy_decode(model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig) -> list[int]:
     """Greedy block decoding (temperature 0) of ``n_tokens`` after ``context`` with ``sampler``'s
-    in-block denoiser and block size: what ``is_greedy`` compares the continuation with."""
+    in-block denoiser and block size: what ``is_greedy`` compares the continuation with.
+
+    Without the KV cache (the same tokens inside the context length, by the sampler's contract): a
+    continuation of a few tokens then costs a few forwards over the whole row, where the cache would
+    first write the context block by block, one forward (and one pass over the weights) per block."""
     cfg = SamplerConfig(
         **{
             **sampler.__dict__,
             "max_new_tokens": n_tokens,
             "temperature": 0.0,
             "stop_at_eos": False,
-            "use_kv_cache": True,
+            "use_kv_cache": False,
         }
     )
     prompt = torch.tensor([list(context)], device=model.lm_head.weight.device)

@@ -199,6 +199,13 @@ def test_is_greedy_at_block_size_two_is_greedy_block_decoding(ar_folder, one_thr
     bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=2, batch_size=4, device="cpu")
     ctx = bd3.tok_encode("w1 w2 w3")
     decoded = greedy_decode(bd3.model, ctx, 4, bd3.sampler)
+    # the same tokens as pipeline.sample's decoding with the KV cache (greedy_decode recomputes the prefix)
+    from pipeline.diffusion.sampler import SamplerConfig, generate
+
+    cfg = SamplerConfig(
+        **{**bd3.sampler.__dict__, "max_new_tokens": 4, "temperature": 0.0, "stop_at_eos": False}
+    )
+    assert generate(bd3.model, torch.tensor([ctx]), cfg).tokens[0].tolist() == decoded
     greedy_text = " " + " ".join(bd3.tok_decode([i]) for i in decoded[:3])
     other = decoded[2] % 50 + 1 if decoded[2] % 50 + 1 != decoded[2] else 7
     wrong_text = " " + " ".join(bd3.tok_decode([i]) for i in [*decoded[:2], other])
