@@ -122,7 +122,9 @@ class BD3EvalLM(TemplateLM):
         self.model = load_for_inference(
             checkpoint, device=self._device, trust_checkpoint=bool(trust_checkpoint)
         )
+        inv_freq = self.model.inv_freq  # rotary frequencies stay float32 whatever the weights' dtype
         self.model.to(DTYPES[dtype])
+        self.model.inv_freq = inv_freq
         c = self.model.config
         self.block_size = int(block_size) if block_size is not None else (c.block_size or 1)
         if self.block_size < 1:

@@ -101,18 +101,21 @@ def continuation_bound(
 @torch.no_grad()
 def ar_scores(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) -> list[tuple[float, bool]]:
     """Block size 1 in one causal forward: (log-probability of each row's continuation, whether every
-    continuation token is the argmax). The same numbers as ``continuation_bound`` at block size 1."""
+    continuation token is the argmax). The output layer runs on the continuation positions only (the
+    V-wide logits of the context are never needed)."""
     device = model.lm_head.weight.device
     x = pad_rows(rows, 1, model.config.mask_token_id, device)
-    logits = model(x[:, :-1]).float() if x.shape[1] > 1 else model(x).float()
-    logits[..., model.invalid_output_ids.to(device)] = float("-inf")
+    h = model(x[:, :-1], return_hidden=True)
+    spans = [(i, k - 1, len(r) - 1) for i, (r, k) in enumerate(zip(rows, n_context))]
+    sel = torch.cat([h[i, a:b] for i, a, b in spans])
+    logits = model.lm_head(sel).float()
+    logits[:, model.invalid_output_ids.to(device)] = float("-inf")
     logp = torch.log_softmax(logits, dim=-1)
-    out = []
-    for i, (r, k) in enumerate(zip(rows, n_context)):
-        target = x[i, k : len(r)]
-        lp = logp[i, k - 1 : len(r) - 1]
-        value = lp.gather(-1, target[:, None]).sum().item()
-        out.append((value, bool((lp.argmax(-1) == target).all())))
+    out, start = [], 0
+    for (i, a, b), (r, k) in zip(spans, zip(rows, n_context)):
+        lp, target = logp[start : start + b - a], x[i, k : len(r)]
+        start += b - a
+        out.append((lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
     return out
 
 

@@ -259,3 +259,39 @@ def test_generation_batched_equals_one_at_a_time(ar_folder, one_thread):
         bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, batch_size=batch, device="cpu")
         texts[batch] = bd3.generate_until(reqs)
     assert texts[1] == texts[4] and len(set(texts[1])) > 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_give_the_same_table(ar_folder, task_dir, tmp_path):
+    """``composer -n 2 -m pipeline.eval --tasks ...``: lm-eval splits the documents over the ranks and
+    gathers them; every cell equals the one-process run's (the noise is keyed on the context)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.eval import main
+
+    common = ["--checkpoint", str(ar_folder), "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(task_dir)]
+    common += ["--block-sizes", "1,2", "--mc-samples", "2", "--device", "cpu"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main([*common, "--out", str(one)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    composer = Path(sys.executable).parent / "composer"
+    proc = subprocess.run(
+        [str(composer), "-n", "2", "--master_port", str(port), "-m", "pipeline.eval", *common, "--out", str(two)],
+        env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ({(r["task"], r["metric"], r["block_size"]): r["value"] for r in json.loads(p.read_text())["results"]}
+            for p in (one, two))  # fmt: skip
+    assert a.keys() == b.keys() and len(a) >= 8
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
