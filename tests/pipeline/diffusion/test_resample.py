@@ -202,3 +202,17 @@ def test_compute_nelbo_uses_the_steps_block_size_and_its_interval(model):
             assert out.t.min() >= beta and out.t.max() <= omega
             seen.add(bs)
     assert seen == {4, 16}
+
+
+@pytest.mark.parametrize("interval", [(0.45, 0.95), (0.3, 0.8), (0.25, 0.75)])
+def test_an_interval_allowing_one_masked_count_warns(interval):
+    import warnings
+
+    from pipeline.diffusion.objective import DiffusionConfig
+
+    with pytest.warns(UserWarning, match="block size 2 allows only 1 of 2 tokens masked"):
+        DiffusionConfig(block_size=[2, 4], noise_interval=interval)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionConfig(block_size=[4, 16], noise_interval=interval)  # several counts at 4 and 16
+        DiffusionConfig(block_size=2, noise_interval=interval, resample=False)  # no conditioning
