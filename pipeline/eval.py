@@ -76,14 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         help="Hugging Face folder of the AR model that scores samples (with its tokenizer.json)",
     )
-    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--num-samples", type=int, help="--genppl samples (default 8; bd3lm protocol 300)")
+    p.add_argument(
+        "--genppl-protocol",
+        choices=("project", "bd3lm"),
+        default="project",
+        help="bd3lm: BD3-LM's generative perplexity (pipeline.genppl): fixed-length 1,024-token samples x 300, "
+        "entropy filter, any transformers causal LM as --reference (e.g. gpt2-large), mean of per-sample "
+        "perplexities and the pooled one",
+    )
     p.add_argument(
         "--gen-block-size",
         type=int,
         help="block size for --genppl sampling (default: the checkpoint's smallest trained block size)",
     )
     p.add_argument(
-        "--gen-tokens", type=int, default=SamplerConfig.max_new_tokens, help="tokens per sample for --genppl"
+        "--gen-tokens",
+        type=int,
+        help=f"tokens per sample for --genppl (default {SamplerConfig.max_new_tokens}; bd3lm 1024)",
     )
     p.add_argument(
         "--gen-sampler",
@@ -127,6 +137,7 @@ def _genppl(args, model, checkpoint: Path) -> dict:
 
     from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
     from pipeline.diffusion.sampler import SamplerConfig
+    from pipeline.genppl import BD3LM_PROTOCOL
     from pipeline.save_folder import TOKENIZER_FILE, load_for_inference
 
     def tokenizer_of(folder):
@@ -136,7 +147,11 @@ def _genppl(args, model, checkpoint: Path) -> dict:
             raise FileNotFoundError(f"{path} not found: --genppl needs the tokenizer beside each model")
         return Tokenizer.from_file(str(path))
 
-    reference = load_for_inference(args.reference, device=args.device)
+    bd3lm = args.genppl_protocol == "bd3lm"
+    if args.num_samples is None:
+        args.num_samples = BD3LM_PROTOCOL["num_samples"] if bd3lm else 8
+    if args.gen_tokens is None:
+        args.gen_tokens = BD3LM_PROTOCOL["max_new_tokens"] if bd3lm else SamplerConfig.max_new_tokens
     block = args.gen_block_size or model.config.block_size
     if block is None:
         raise ValueError("the checkpoint records no block size: pass --gen-block-size")
@@ -149,10 +164,20 @@ def _genppl(args, model, checkpoint: Path) -> dict:
         shift=model.config.shift,
         seed=args.seed,
     )
+    protocol = {
+        **generation_protocol(cfg, args.num_samples, args.reference),
+        "protocol": args.genppl_protocol,
+    }
+    if bd3lm:
+        from pipeline.genppl import generative_perplexity as bd3lm_genppl
+
+        out = bd3lm_genppl(model, tokenizer_of(checkpoint), args.reference, cfg, args.num_samples)
+        return {**out, "protocol": protocol}
+    reference = load_for_inference(args.reference, device=args.device)
     out = generative_perplexity(
         model, tokenizer_of(checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
     )
-    return {**out, "protocol": generation_protocol(cfg, args.num_samples, args.reference)}
+    return {**out, "protocol": protocol}
 
 
 def _downstream(args) -> int:
@@ -240,11 +265,18 @@ def main(argv: list[str] | None = None) -> int:
         payload["generation"] = _genppl(args, model, checkpoint)
         g = payload["generation"]
         pr = g["protocol"]
-        print(
-            f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
-            f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token "
-            f"({pr['sampler']}, top-p {pr['top_p']}, L'={pr['block_size']}, {pr['max_new_tokens']} tokens)"
-        )
+        if "gen_ppl_mean" in g:
+            print(
+                f"generative perplexity (BD3-LM's protocol) under {args.reference}: mean of per-sample "
+                f"{g['gen_ppl_mean']:.2f}, pooled {g['gen_ppl_pooled']:.2f} over {g['scored_tokens']} tokens; "
+                f"entropy {g['entropy_mean']:.3f} nats; {g['redraws']} samples redrawn"
+            )
+        else:
+            print(
+                f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
+                f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token "
+                f"({pr['sampler']}, top-p {pr['top_p']}, L'={pr['block_size']}, {pr['max_new_tokens']} tokens)"
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

@@ -256,6 +256,7 @@ def test_generative_perplexity_matches_transformers_rescoring(hf_dir, data_dir, 
         "seed": EVAL_SEED,
         "num_samples": 2,
         "reference": str(hf_dir),
+        "protocol": "project",
     }
     assert g["nfe_per_token"] <= 1.0  # one token per denoising step
     assert main([*args, "--gen-sampler", "confidence", "--gen-top-p", "0.5"]) == 0
