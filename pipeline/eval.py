@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument(
         "--block-sizes",
-        default=",".join(map(str, EVAL_BLOCK_SIZES)),
-        help="comma list; L means the full sequence length (MDLM)",
+        help="comma list; L means the full sequence length (MDLM) (default: "
+        f"{','.join(map(str, EVAL_BLOCK_SIZES))} and every size the checkpoint was trained for; with --tasks 1,4,8,16)",
     )
     p.add_argument("--max-rows", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
@@ -121,6 +121,13 @@ def parse_block_sizes(spec: str, seq_len: int) -> list[int]:
         return sorted(set(resolve_block_sizes([item.strip() for item in spec.split(",")], seq_len)))
     except ValueError as e:
         raise ValueError(f"--block-sizes: {e}") from None
+
+
+def default_block_sizes(config, seq_len: int) -> str:
+    """``EVAL_BLOCK_SIZES`` and every trained size of ``config`` that divides ``seq_len`` (L'=2 is not among
+    the defaults, and a checkpoint trained at 2 should be evaluated there)."""
+    trained = config.trained_block_sizes or ([config.block_size] if config.block_size else [])
+    return ",".join(map(str, [*EVAL_BLOCK_SIZES, *(b for b in trained if seq_len % b == 0)]))
 
 
 def format_table(results) -> str:
@@ -218,8 +225,7 @@ def _downstream(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tasks:
-        if args.block_sizes == ",".join(map(str, EVAL_BLOCK_SIZES)):
-            args.block_sizes = "1,4,8,16"
+        args.block_sizes = args.block_sizes or "1,4,8,16"
         return _downstream(args)
     if not args.data:
         print("error: --data is required (or --tasks to run lm-eval tasks)", file=sys.stderr)
@@ -235,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = local_checkpoint(args.checkpoint)
         model = load_for_inference(checkpoint, device=args.device, trust_checkpoint=args.trust_checkpoint)
         reader.check_vocab(model.config.base_vocab_size)
-        block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
+        block_sizes = parse_block_sizes(
+            args.block_sizes or default_block_sizes(model.config, reader.seq_len), reader.seq_len
+        )
         if args.genppl and not args.reference:
             raise ValueError(
                 "--genppl needs --reference PATH (an AR Hugging Face folder with tokenizer.json)"

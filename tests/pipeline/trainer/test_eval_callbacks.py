@@ -396,3 +396,13 @@ def test_two_processes_evaluate_the_same_rows_as_one(tiny_data, tmp_path, one_pr
     scalars = tensorboard_scalars(out / "ckpt" / "tensorboard")
     for bs, nelbo in expected.items():
         assert scalars[f"eval/nelbo/bs{bs}"][4] == pytest.approx(nelbo, rel=1e-5), bs
+
+
+def test_default_likelihood_sizes_include_every_trained_size(tiny_data, tmp_path):
+    from pipeline.trainer.config import block_size_list
+
+    with pytest.warns(UserWarning, match="block size 2 allows only 1"):  # [0.45, 0.95] at L'=2
+        cfg = config(tiny_data, tmp_path, "diffusion.block_size=[2,4]", "callbacks.block_size_likelihood={}")
+    assert block_size_list(cfg) == [1, 2, 4, 8, 16, SEQ_LEN]
+    cfg = config(tiny_data, tmp_path, "callbacks.block_size_likelihood.block_sizes=[1,8]")
+    assert block_size_list(cfg) == [1, 8]  # an explicit list is kept as written
