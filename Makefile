@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_train
 	$(PY) -m benchmarks.bench_block_sizes
 	$(PY) -m benchmarks.bench_object_storage
+	$(PY) -m benchmarks.bench_lm_eval
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -5,6 +5,10 @@ Prints a table (block size, NELBO/token, PPL bound, std error, tokens), writes i
 evaluates each stream of a mixture alone (a PPL column and a plotted line each) and their
 token-weighted total. Several processes
 (``composer -n N -m pipeline.eval ...``) split the rows; sums are reduced exactly.
+
+With ``--tasks a,b`` (lm-evaluation-harness tasks, ``--include-path`` for local ones) it runs those
+tasks instead, at every ``--block-sizes`` entry: one table task x metric x block size, ``--out`` JSON
+and ``--plot`` PNG (``pipeline.lm_eval.sweep``).
 """
 
 from __future__ import annotations
@@ -41,16 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        required=True,
         action="append",
         help="data_prep output folder (with manifest.json) or an MDS split folder; NAME=DIR, repeated, "
-        "evaluates each stream of a mixture alone (a column each) and their token-weighted total",
+        "evaluates each stream of a mixture alone (a column each) and their token-weighted total "
+        "(required without --tasks)",
     )
+    p.add_argument("--tasks", help="lm-eval tasks, comma list: run them at each block size instead of --data")
+    p.add_argument("--include-path", help="folder of lm-eval task YAMLs (local files, offline)")
+    p.add_argument("--limit", type=float, help="lm-eval: documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples")
+    p.add_argument("--mc-samples", type=int, default=32, help="lm-eval: noise draws per request at L' > 1")
     p.add_argument("--split", default="val")
     p.add_argument(
         "--block-sizes",
-        default=",".join(map(str, EVAL_BLOCK_SIZES)),
-        help="comma list; L means the full sequence length (MDLM)",
+        help="comma list; L means the full sequence length (MDLM) (default: "
+        f"{','.join(map(str, EVAL_BLOCK_SIZES))} and every size the checkpoint was trained for; with --tasks 1,4,8,16)",
     )
     p.add_argument("--max-rows", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=8)
@@ -72,14 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         help="Hugging Face folder of the AR model that scores samples (with its tokenizer.json)",
     )
-    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--num-samples", type=int, help="--genppl samples (default 8; bd3lm protocol 300)")
+    p.add_argument(
+        "--genppl-protocol",
+        choices=("project", "bd3lm"),
+        default="project",
+        help="bd3lm: BD3-LM's generative perplexity (pipeline.genppl): fixed-length 1,024-token samples x 300, "
+        "entropy filter, any transformers causal LM as --reference (e.g. gpt2-large), mean of per-sample "
+        "perplexities and the pooled one",
+    )
     p.add_argument(
         "--gen-block-size",
         type=int,
         help="block size for --genppl sampling (default: the checkpoint's smallest trained block size)",
     )
     p.add_argument(
-        "--gen-tokens", type=int, default=SamplerConfig.max_new_tokens, help="tokens per sample for --genppl"
+        "--gen-tokens",
+        type=int,
+        help=f"tokens per sample for --genppl (default {SamplerConfig.max_new_tokens}; bd3lm 1024)",
     )
     p.add_argument(
         "--gen-sampler",
@@ -107,6 +126,13 @@ def parse_block_sizes(spec: str, seq_len: int) -> list[int]:
         return sorted(set(resolve_block_sizes([item.strip() for item in spec.split(",")], seq_len)))
     except ValueError as e:
         raise ValueError(f"--block-sizes: {e}") from None
+
+
+def default_block_sizes(config, seq_len: int) -> str:
+    """``EVAL_BLOCK_SIZES`` and every trained size of ``config`` that divides ``seq_len`` (L'=2 is not among
+    the defaults, and a checkpoint trained at 2 should be evaluated there)."""
+    trained = config.trained_block_sizes or ([config.block_size] if config.block_size else [])
+    return ",".join(map(str, [*EVAL_BLOCK_SIZES, *(b for b in trained if seq_len % b == 0)]))
 
 
 def format_table(results, streams: dict | None = None) -> str:
@@ -149,6 +175,7 @@ def _genppl(args, model, checkpoint: Path) -> dict:
 
     from pipeline.diffusion.metrics import generation_protocol, generative_perplexity
     from pipeline.diffusion.sampler import SamplerConfig
+    from pipeline.genppl import BD3LM_PROTOCOL
     from pipeline.save_folder import TOKENIZER_FILE, load_for_inference
 
     def tokenizer_of(folder):
@@ -158,7 +185,11 @@ def _genppl(args, model, checkpoint: Path) -> dict:
             raise FileNotFoundError(f"{path} not found: --genppl needs the tokenizer beside each model")
         return Tokenizer.from_file(str(path))
 
-    reference = load_for_inference(args.reference, device=args.device)
+    bd3lm = args.genppl_protocol == "bd3lm"
+    if args.num_samples is None:
+        args.num_samples = BD3LM_PROTOCOL["num_samples"] if bd3lm else 8
+    if args.gen_tokens is None:
+        args.gen_tokens = BD3LM_PROTOCOL["max_new_tokens"] if bd3lm else SamplerConfig.max_new_tokens
     block = args.gen_block_size or model.config.block_size
     if block is None:
         raise ValueError("the checkpoint records no block size: pass --gen-block-size")
@@ -171,14 +202,65 @@ def _genppl(args, model, checkpoint: Path) -> dict:
         shift=model.config.shift,
         seed=args.seed,
     )
+    protocol = {
+        **generation_protocol(cfg, args.num_samples, args.reference),
+        "protocol": args.genppl_protocol,
+    }
+    if bd3lm:
+        from pipeline.genppl import generative_perplexity as bd3lm_genppl
+
+        out = bd3lm_genppl(model, tokenizer_of(checkpoint), args.reference, cfg, args.num_samples)
+        return {**out, "protocol": protocol}
+    reference = load_for_inference(args.reference, device=args.device)
     out = generative_perplexity(
         model, tokenizer_of(checkpoint), reference, tokenizer_of(args.reference), cfg, args.num_samples
     )
-    return {**out, "protocol": generation_protocol(cfg, args.num_samples, args.reference)}
+    return {**out, "protocol": protocol}
+
+
+def _downstream(args) -> int:
+    """``--tasks``: lm-eval's tasks at each block size; one table, JSON and plot."""
+    from pipeline.lm_eval.sweep import format_table, plot_downstream, run_tasks
+
+    try:
+        sizes = sorted({int(b) for b in args.block_sizes.split(",")})
+    except ValueError:
+        print(f"error: --block-sizes with --tasks takes integers, got {args.block_sizes!r}", file=sys.stderr)
+        return 2
+    model_args = dict(
+        mc_samples=args.mc_samples, seed=args.seed, batch_size=args.batch_size, device=args.device
+    )
+    model_args["trust_checkpoint"] = args.trust_checkpoint
+    results = run_tasks(
+        args.checkpoint,
+        [t.strip() for t in args.tasks.split(",")],
+        sizes,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        model_args=model_args,
+    )
+    if not results:
+        return 0
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "mc_samples": args.mc_samples}
+        payload.update(seed=args.seed, results=[r.as_dict() for r in results])
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        plot_downstream(results, args.plot, title=Path(args.checkpoint).name)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tasks:
+        args.block_sizes = args.block_sizes or "1,4,8,16"
+        return _downstream(args)
+    if not args.data:
+        print("error: --data is required (or --tasks to run lm-eval tasks)", file=sys.stderr)
+        return 2
     from pipeline.diffusion.metrics import combine_results, evaluate_block_sizes, plot_ppl_bounds
     from pipeline.diffusion.objective import DiffusionConfig
     from pipeline.rows import RowReader
@@ -193,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             reader.check_vocab(model.config.base_vocab_size)
             if reader.seq_len != next(iter(readers.values())).seq_len:
                 raise ValueError(f"--data {name}: rows of {reader.seq_len} tokens, unlike the first stream's")
-        block_sizes = parse_block_sizes(args.block_sizes, reader.seq_len)
+        block_sizes = parse_block_sizes(
+            args.block_sizes or default_block_sizes(model.config, reader.seq_len), reader.seq_len
+        )
         if args.genppl and not args.reference:
             raise ValueError(
                 "--genppl needs --reference PATH (an AR Hugging Face folder with tokenizer.json)"
@@ -231,11 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         payload["generation"] = _genppl(args, model, checkpoint)
         g = payload["generation"]
         pr = g["protocol"]
-        print(
-            f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
-            f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token "
-            f"({pr['sampler']}, top-p {pr['top_p']}, L'={pr['block_size']}, {pr['max_new_tokens']} tokens)"
-        )
+        if "gen_ppl_mean" in g:
+            print(
+                f"generative perplexity (BD3-LM's protocol) under {args.reference}: mean of per-sample "
+                f"{g['gen_ppl_mean']:.2f}, pooled {g['gen_ppl_pooled']:.2f} over {g['scored_tokens']} tokens; "
+                f"entropy {g['entropy_mean']:.3f} nats; {g['redraws']} samples redrawn"
+            )
+        else:
+            print(
+                f"generative perplexity under {args.reference}: {g['gen_ppl']:.2f} over {g['scored_tokens']} tokens; "
+                f"unigram entropy {g['unigram_entropy']:.3f} nats; {g['nfe_per_token']:.2f} NFE/token "
+                f"({pr['sampler']}, top-p {pr['top_p']}, L'={pr['block_size']}, {pr['max_new_tokens']} tokens)"
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

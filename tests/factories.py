@@ -338,3 +338,51 @@ def tiny_overrides(data: Path, tokenizer: Path, save_folder: Path, *extra: str) 
         "loggers.progress_bar=null",
         *extra,
     ]
+
+
+# -- lm-evaluation-harness tasks (local files, offline) ------------------------------------------
+def write_lm_eval_tasks(
+    root: Path,
+    n_docs: int = 6,
+    n_words: int = N_WORDS,
+    seed: int = 0,
+    question_words: tuple[int, int] = (3, 9),
+) -> Path:
+    """Three lm-eval tasks over jsonl files of words ``w0 w7 ...`` (``write_tokenizer``'s vocabulary),
+    each read offline (``dataset_path: json``): ``tiny_mc`` (multiple choice, 4 choices of 1-3 words),
+    ``tiny_ppl`` (rolling perplexity of ~300-word documents) and ``tiny_gen`` (greedy generation until
+    ``w3``, exact match). ``question_words``: the range of a multiple-choice question's length.
+    Returns the folder to pass as ``--include_path``."""
+    rng = np.random.default_rng(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(0, n_words, n))
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    docs = {
+        "mc": [
+            {"question": words(int(rng.integers(*question_words))), "choices": [" " + words(int(rng.integers(1, 4))) for _ in range(4)],
+             "label": int(rng.integers(0, 4))}
+            for _ in range(n_docs)
+        ],
+        "ppl": [{"text": words(int(rng.integers(40, 300)))} for _ in range(n_docs)],
+        "gen": [{"question": words(int(rng.integers(2, 12))), "answer": " " + words(2)} for _ in range(n_docs)],
+    }  # fmt: skip
+    specs = {
+        "mc": "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        "ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
+        "gen": "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['w3']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n",
+    }
+    for name, rows in docs.items():
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"tiny_{name}.yaml").write_text(
+            f"task: tiny_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"  cache_dir: {root / 'cache'}\ntest_split: test\n{specs[name]}"
+        )
+    return root

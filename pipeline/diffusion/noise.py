@@ -12,13 +12,14 @@ batch when the trainer passes the global batch size): the group's G * B slots ta
 Clipped schedule (BD3-LM's ``training.resample``): with t_b in [beta, omega] and independent
 per-token masks, the realized masked fraction of a block often falls outside [beta, omega]
 (42.7% of blocks at L'=4 with [0.45, 0.95]). BD3-LM redraws such a block's mask until its
-fraction k / L' lies in [beta, omega]. Given t and the n maskable positions of the block, that
+fraction k / L' lies in [beta, omega]. Given t and the L' positions of the block, that
 loop returns a mask of k tokens with probability Binomial(k; n, t) / P(K) for k in the allowed set
 K, the k positions uniform among the n. ``sample_masks`` draws from exactly that distribution
 without a loop: a block whose first draw already fits keeps it; any other block draws k from the
 binomial truncated to K (inverse CDF, one extra uniform per block from its own stream) and masks
 the k positions with the smallest per-token uniforms. Both cases together give every fitting mask
-S the probability t^|S| (1-t)^(n-|S|) / P(K), the loop's law.
+S the probability t^|S| (1-t)^(n-|S|) / P(K), the loop's law (n = L'). As in BD3-LM, protected
+positions (a row's first token) are drawn and counted like the others and unmasked afterwards.
 """
 
 from __future__ import annotations
@@ -144,10 +145,10 @@ def sample_masks(
     ``protect`` (b, L) marks tokens that are never masked (the first token of every row, and of
     every document with per-document masking).
     ``counts`` = (k_min, k_max) (``clipped_counts``): every block's number of masked tokens is
-    conditioned to lie in that range, BD3-LM's resampling (see the module docstring). A protected
-    token stays unmasked and still counts in the block's L' (BD3-LM's fraction is masked / L'), so
-    the first block of a row has L' - 1 maskable positions. A block where no count fits (k_min above
-    its maskable positions, e.g. per-document starts filling a block) keeps its unconditioned draw.
+    conditioned to lie in that range, BD3-LM's resampling (see the module docstring). As BD3-LM does
+    with a row's first token, the count is conditioned over all L' positions of the block, protected
+    ones included, and protected positions are unmasked afterwards (so a row's first block can end with
+    fewer masked tokens than k_min).
     """
     b, n_blocks = t.shape
     L = n_blocks * block_size
@@ -155,22 +156,24 @@ def sample_masks(
     u = torch.stack([torch.rand(L, generator=_generator(seed, _STREAM_MASK, i)) for i in ids])
     masked = u < t.repeat_interleave(block_size, dim=1)
     eligible = torch.ones(b, L, dtype=torch.bool) if protect is None else ~protect.cpu()
-    masked &= eligible
     if counts is None or counts == (0, block_size):
-        return masked
+        return masked & eligible
+    # As BD3-LM: the block's count is conditioned with every position drawn (protected ones included),
+    # and protected positions are unmasked afterwards.
     k_min, k_max = counts
     shape = (b, n_blocks, block_size)
-    n = eligible.view(shape).sum(-1)
-    hi = n.clamp(max=k_max)
     have = masked.view(shape).sum(-1)
-    redraw = (k_min <= hi) & ((have < k_min) | (have > hi))
-    if not redraw.any():
-        return masked
-    v = torch.stack(
-        [torch.rand(n_blocks, generator=_generator(seed, _STREAM_COUNT, i), dtype=torch.float64) for i in ids]
-    )
-    k = truncated_binomial(n, t, k_min, hi.clamp(min=k_min), v)
-    # Ranks of the uniforms among the block's maskable positions: the k smallest form a uniform k-subset.
-    rank = u.view(shape).masked_fill(~eligible.view(shape), 2.0).argsort(-1).argsort(-1)
-    fresh = rank < k[..., None]
-    return torch.where(redraw[..., None], fresh, masked.view(shape)).view(b, L)
+    redraw = (have < k_min) | (have > k_max)
+    if redraw.any():
+        v = torch.stack(
+            [
+                torch.rand(n_blocks, generator=_generator(seed, _STREAM_COUNT, i), dtype=torch.float64)
+                for i in ids
+            ]
+        )
+        n = torch.full((b, n_blocks), block_size)
+        k = truncated_binomial(n, t, k_min, torch.full_like(n, k_max), v)
+        # Ranks of the uniforms within the block: the k smallest form a uniform k-subset.
+        rank = u.view(shape).argsort(-1).argsort(-1)
+        masked = torch.where(redraw[..., None], rank < k[..., None], masked.view(shape)).view(b, L)
+    return masked & eligible

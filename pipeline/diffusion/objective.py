@@ -19,6 +19,7 @@ L'=1 needs only the causal clean pass and L'=L only the bidirectional noisy pass
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,6 +90,7 @@ class DiffusionConfig:
             raise ValueError(f"block_size lists a block size twice: {sizes}")
         self._check_weights()
         self._check_intervals()
+        self._warn_single_count()
         for name, low in (("anneal_steps", 0), ("loss_chunk_size", 1), ("stratify_group", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -122,6 +124,19 @@ class DiffusionConfig:
                     f"noise_interval{'' if b is None else f'.{b}'} must be [beta, omega] with "
                     f"0 <= beta < omega <= 1, got {iv} (BD3-LM uses [0.3, 0.8] for block size 16, "
                     "[0.45, 0.95] for 4)"
+                )
+
+    def _warn_single_count(self) -> None:
+        # With resampling, a block's masked count is conditioned on the interval: at small L' one interval
+        # can allow a single count (L'=2 with [0.45, 0.95], [0.3, 0.8] or [0.25, 0.75]: always 1 of 2).
+        for b in self.block_sizes:
+            k_min, k_max = clipped_counts(self.interval_for(b), b)
+            if self.resample and b > 1 and k_min == k_max:
+                warnings.warn(
+                    f"noise_interval {list(self.interval_for(b))} at block size {b} allows only {k_min} of {b} "
+                    "tokens masked per block (resample): every block is masked alike; give this size a wider "
+                    "interval (noise_interval as a mapping per block size)",
+                    stacklevel=3,
                 )
 
     @property

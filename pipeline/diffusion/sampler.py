@@ -83,12 +83,15 @@ class GenerationResult:
 
 
 def filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering of (..., V) probabilities: keep the smallest set with mass >= top_p."""
+    """Nucleus filtering of (..., V) probabilities, BD3-LM's rule (``_nucleus_sample``): keep the tokens
+    whose cumulative probability (sorted, descending) is <= top_p, and always the most probable one;
+    renormalized. (The token that crosses top_p is dropped, one fewer than "smallest set with mass >= p".)"""
     if top_p >= 1.0:
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    keep = sorted_p.cumsum(-1) <= top_p
+    keep[..., 0] = True
+    sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     out = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return out / out.sum(-1, keepdim=True)
 

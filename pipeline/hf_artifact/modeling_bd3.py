@@ -42,12 +42,14 @@ GENERATION_DEFAULTS = {
 
 
 def top_p_filter(probs, top_p):
-    """Nucleus filtering of (..., V) probabilities: the smallest set with mass >= top_p, renormalized."""
+    """Nucleus filtering of (..., V) probabilities, BD3-LM's rule: the tokens whose cumulative probability
+    is <= top_p plus the most probable one, renormalized."""
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    before = sorted_p.cumsum(-1) - sorted_p
-    kept = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    keep = sorted_p.cumsum(-1) <= top_p
+    keep[..., 0] = True
+    kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     out = torch.zeros_like(probs).scatter(-1, order, kept)
     return out / out.sum(-1, keepdim=True)
 

@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from pipeline.diffusion.metrics import resolve_block_sizes
+from pipeline.diffusion.metrics import EVAL_BLOCK_SIZES, resolve_block_sizes
 from pipeline.diffusion.objective import DiffusionConfig
 from pipeline.model.masks import check_block_size
 from pipeline.trainer.config.errors import ConfigError
@@ -157,13 +157,17 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def block_size_list(cfg: TrainConfig) -> list[int]:
-    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len); ConfigError
-    when one does not divide max_seq_len."""
+    """``callbacks.block_size_likelihood.block_sizes`` as integers ("L" is max_seq_len), plus every trained
+    block size when the list is the default; ConfigError when one does not divide max_seq_len."""
     key = "callbacks.block_size_likelihood.block_sizes"
+    listed = cfg.callbacks.block_size_likelihood.block_sizes
     try:
-        return resolve_block_sizes(cfg.callbacks.block_size_likelihood.block_sizes, cfg.max_seq_len)
+        sizes = resolve_block_sizes(listed, cfg.max_seq_len)
     except ValueError as e:
         raise ConfigError(key, f"{e} (max_seq_len = {cfg.max_seq_len})") from None
+    if list(listed) == list(EVAL_BLOCK_SIZES):  # the default list also evaluates every trained size (e.g. 2)
+        sizes = sorted(set(sizes) | set(cfg.diffusion.block_sizes))
+    return sizes
 
 
 def check_eval_callbacks(cfg: TrainConfig) -> None:

@@ -49,17 +49,18 @@ def test_no_block_outside_the_interval(block_size, interval):
     clipped = sample_masks(ids, t, block_size, 3, protect, clipped_counts(interval, block_size))
     beta, omega = interval
 
-    def outside(m):
-        frac = m.view(rows, -1, block_size).sum(-1).double() / block_size
+    def outside(m):  # blocks after the first (a row's first token is unmasked after the count)
+        frac = m.view(rows, -1, block_size)[:, 1:].sum(-1).double() / block_size
         return ((frac < beta - 1e-9) | (frac > omega + 1e-9)).double().mean().item()
 
     assert outside(plain) > 0.1  # the independent draws the resampling corrects (42% and 19%)
     assert outside(clipped) == 0.0
     assert not clipped[:, 0].any()  # the protected first token stays unmasked
-    fits = plain.view(rows, -1, block_size).sum(-1).double() / block_size
+    later = lambda m: m.view(rows, -1, block_size)[:, 1:]  # noqa: E731
+    fits = later(plain).sum(-1).double() / block_size
     fits = (fits >= beta - 1e-9) & (fits <= omega + 1e-9)
     # Blocks whose first draw fits keep it (BD3-LM's loop only redraws the others).
-    assert torch.equal(clipped.view(rows, -1, block_size)[fits], plain.view(rows, -1, block_size)[fits])
+    assert torch.equal(later(clipped)[fits], later(plain)[fits])
 
 
 def _rejection_law(n: int, t: float, k_min: int, k_max: int) -> dict[tuple[bool, ...], float]:
@@ -75,16 +76,21 @@ def _rejection_law(n: int, t: float, k_min: int, k_max: int) -> dict[tuple[bool,
 
 @pytest.mark.parametrize("t_value", [0.5, 0.9])
 def test_small_block_masks_have_the_rejection_loops_exact_law(t_value):
-    """L'=4, [0.45, 0.95]: frequencies of all mask patterns against the enumerated law, for a full
-    block (4 maskable positions) and a row's first block (3: its first token is protected)."""
+    """L'=4, [0.45, 0.95]: frequencies of all mask patterns against the enumerated law of BD3-LM's loop,
+    for a full block and for a row's first block (the loop draws all 4 positions, the first token
+    counted, and unmasks that token afterwards: the law of positions 1..3 is the 4-position law
+    summed over position 0)."""
     bs, rows, interval = 4, 20_000, (0.45, 0.95)
     ids = torch.arange(rows)
     t = torch.full((rows, 2), t_value)
     k_min, k_max = clipped_counts(interval, bs)
     m = sample_masks(ids, t, bs, 5, _row_starts(rows, 2 * bs), (k_min, k_max))
-    for block, n in ((0, 3), (1, 4)):
+    full = _rejection_law(bs, t_value, k_min, k_max)
+    first: dict[tuple[bool, ...], float] = {}
+    for s, p in full.items():
+        first[s[1:]] = first.get(s[1:], 0.0) + p
+    for block, n, law in ((0, 3, first), (1, 4, full)):
         cols = slice(block * bs + (bs - n), (block + 1) * bs)  # the maskable positions
-        law = _rejection_law(n, t_value, k_min, min(k_max, n))
         patterns = list(itertools.product((False, True), repeat=n))
         observed = torch.zeros(len(patterns))
         index = {s: i for i, s in enumerate(patterns)}
@@ -143,19 +149,19 @@ def test_evaluation_interval_leaves_masks_unchanged():
     )
 
 
-def test_block_where_no_count_fits_keeps_its_draw():
-    """Per-document starts can leave fewer maskable positions than the interval's minimum count."""
+def test_protected_positions_count_then_are_unmasked():
+    """Per-document starts (protected) count in their block's conditioned draw, as a row's first token
+    does in BD3-LM, and are unmasked afterwards: the draw is the unprotected draw with them removed."""
     bs, rows = 4, 2000
     ids = torch.arange(rows)
     t = torch.full((rows, 2), 0.85)
     protect = torch.zeros(rows, 2 * bs, dtype=torch.bool)
-    protect[:, [0, 1]] = True  # block 0: 2 maskable positions, but [0.75, 1] needs 3 of 4
+    protect[:, [0, 1]] = True
     counts = clipped_counts((0.75, 1.0), bs)
-    plain = sample_masks(ids, t, bs, 4, protect)
+    free = sample_masks(ids, t, bs, 4, None, counts)
     clipped = sample_masks(ids, t, bs, 4, protect, counts)
-    assert torch.equal(clipped[:, :bs], plain[:, :bs])
-    assert (clipped[:, bs:].sum(1) >= 3).all()
-    assert not clipped[:, :2].any()
+    assert torch.equal(clipped, free & ~protect)
+    assert (free.view(rows, 2, bs).sum(-1) >= 3).all() and not clipped[:, :2].any()
 
 
 # -- several block sizes in one run ------------------------------------------------------------------
@@ -202,3 +208,17 @@ def test_compute_nelbo_uses_the_steps_block_size_and_its_interval(model):
             assert out.t.min() >= beta and out.t.max() <= omega
             seen.add(bs)
     assert seen == {4, 16}
+
+
+@pytest.mark.parametrize("interval", [(0.45, 0.95), (0.3, 0.8), (0.25, 0.75)])
+def test_an_interval_allowing_one_masked_count_warns(interval):
+    import warnings
+
+    from pipeline.diffusion.objective import DiffusionConfig
+
+    with pytest.warns(UserWarning, match="block size 2 allows only 1 of 2 tokens masked"):
+        DiffusionConfig(block_size=[2, 4], noise_interval=interval)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionConfig(block_size=[4, 16], noise_interval=interval)  # several counts at 4 and 16
+        DiffusionConfig(block_size=2, noise_interval=interval, resample=False)  # no conditioning

@@ -91,9 +91,34 @@ def test_ddpm_cache_skips_the_network_when_nothing_changes(model):
 def test_top_p_definition():
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert torch.equal(filter_top_p(p, 1.0), p)
-    assert torch.allclose(filter_top_p(p, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(filter_top_p(p, 0.7), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # 0.8 > 0.7: dropped
     assert torch.allclose(filter_top_p(p, 0.5), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
-    assert torch.allclose(filter_top_p(p, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    assert torch.allclose(filter_top_p(p, 0.81), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.allclose(filter_top_p(p, 0.3), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the top token stays
+
+
+def _reference_nucleus(p_x0, p):
+    """BD3-LM's ``Diffusion._nucleus_sample`` (diffusion.py), transcribed line by line on (..., V) rows."""
+    p_x0_ = p_x0.clone()
+    sorted_probs, sorted_indices = p_x0_.sort(dim=-1, descending=True)
+    cum_probs = sorted_probs.cumsum(dim=-1)
+    nucleus_mask = cum_probs <= p
+    nucleus_mask[..., 0] = 1
+    sorted_probs = sorted_probs * nucleus_mask
+    p_x0_.scatter_(-1, sorted_indices, sorted_probs * nucleus_mask)
+    p_x0_ /= p_x0_.sum(-1, keepdim=True)
+    return p_x0_
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.9, 0.99])
+def test_top_p_is_bd3lms_nucleus_in_the_sampler_and_the_export(top_p):
+    from pipeline.hf_artifact.modeling_bd3 import top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(4, 6, 50, generator=g), dim=-1)
+    ref = _reference_nucleus(probs, top_p)
+    assert torch.allclose(filter_top_p(probs, top_p), ref, atol=1e-7)
+    assert torch.allclose(top_p_filter(probs, top_p), ref, atol=1e-7)
 
 
 def test_tiny_top_p_samples_the_argmax_and_top_p_one_samples_the_distribution():

@@ -256,6 +256,7 @@ def test_generative_perplexity_matches_transformers_rescoring(hf_dir, data_dir, 
         "seed": EVAL_SEED,
         "num_samples": 2,
         "reference": str(hf_dir),
+        "protocol": "project",
     }
     assert g["nfe_per_token"] <= 1.0  # one token per denoising step
     assert main([*args, "--gen-sampler", "confidence", "--gen-top-p", "0.5"]) == 0
@@ -266,3 +267,12 @@ def test_generative_perplexity_matches_transformers_rescoring(hf_dir, data_dir, 
 def test_genppl_needs_a_reference(hf_dir, data_dir, capsys):
     assert main(["--checkpoint", str(hf_dir), "--data", str(data_dir), "--genppl"]) == 2
     assert "--reference" in capsys.readouterr().err
+
+
+def test_default_block_sizes_include_the_trained_sizes():
+    from pipeline.eval import default_block_sizes, parse_block_sizes
+    from tests.factories import tiny_model_config
+
+    trained = tiny_model_config(block_size=2, trained_block_sizes=[2, 4])
+    assert parse_block_sizes(default_block_sizes(trained, 16), 16) == [1, 2, 4, 8, 16]
+    assert parse_block_sizes(default_block_sizes(tiny_model_config(), 32), 32) == [1, 4, 8, 16, 32]

@@ -326,3 +326,13 @@ def test_yaml_examples_load(tiny_data, tmp_path):
     from pipeline.trainer.config import block_size_list
 
     assert block_size_list(cfg) == [1, 4, 8, 16, SEQ_LEN]
+
+
+def test_default_likelihood_sizes_include_every_trained_size(tiny_data, tmp_path):
+    from pipeline.trainer.config import block_size_list
+
+    with pytest.warns(UserWarning, match="block size 2 allows only 1"):  # [0.45, 0.95] at L'=2
+        cfg = config(tiny_data, tmp_path, "diffusion.block_size=[2,4]", "callbacks.block_size_likelihood={}")
+    assert block_size_list(cfg) == [1, 2, 4, 8, 16, SEQ_LEN]
+    cfg = config(tiny_data, tmp_path, "callbacks.block_size_likelihood.block_sizes=[1,8]")
+    assert block_size_list(cfg) == [1, 8]  # an explicit list is kept as written
