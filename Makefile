@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_train
 	$(PY) -m benchmarks.bench_block_sizes
 	$(PY) -m benchmarks.bench_object_storage
+	$(PY) -m benchmarks.bench_read --streams 3
 	$(PY) -m benchmarks.bench_lm_eval
 
 clean:
