@@ -31,6 +31,9 @@ from pipeline.rows import packed_rows_dataset_class
 log = logging.getLogger(__name__)
 
 _SHM_DIR = Path("/dev/shm")
+# A job that starts creates its memory, then maps it; in between nobody maps it. Segments younger than
+# this are never taken for a killed job's (a restarted job gets here seconds after the kill at best).
+_NEW_SEGMENT_AGE_S = 3.0
 _ORPHAN_LOCK_AGE_S = 60.0  # a Streaming lock file without memory this old belongs to no starting job
 
 
@@ -63,9 +66,10 @@ def clean_stale_streaming_memory() -> list[str]:
     with it) leaves ``/dev/shm/NNNNNN_*`` segments and ``$TMPDIR/NNNNNN_*_filelock`` files behind.
     Streaming skips every such prefix, so on a long-lived node they pile up in RAM, and a segment
     whose lock file is gone makes the next job fail with FileExistsError. A prefix is stale when no
-    live process maps any of its segments, so jobs still running on the node are never touched
-    (unlike ``streaming.base.util.clean_stale_shared_memory``, which removes everything). Linux
-    only; call on one process per node before any dataset exists.
+    live process maps any of its segments and none of them is new (a job starting beside this one
+    creates its memory an instant before it maps it), so jobs running or starting on the node are
+    never touched (unlike ``streaming.base.util.clean_stale_shared_memory``, which removes
+    everything). Linux only; call on one process per node before any dataset exists.
     """
     if not _SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
         return []
@@ -76,14 +80,18 @@ def clean_stale_streaming_memory() -> list[str]:
         m = SHARED_MEMORY_NAME.match(p.name)
         if m:
             groups.setdefault(m.group(1), []).append(p)
+    now = time.time()
     live = _mapped_shm_names() if groups else set()
-    stale = {prefix for prefix, files in groups.items() if not any(f.name in live for f in files)}
+    stale = {
+        prefix
+        for prefix, files in groups.items()
+        if not any(f.name in live for f in files) and all(_age_s(f, now) > _NEW_SEGMENT_AGE_S for f in files)
+    }
     doomed = [f for prefix in sorted(stale) for f in groups[prefix]]
     # File locks Streaming leaves in the temp dir: stale with their segments, or with none left at all.
     # (Streaming skips every prefix that has one, so they pile up over killed runs.) A lock with no
     # segment may also be a job on this node that is starting now (it takes the lock, then creates
     # its memory): such a lock is left alone until it is _ORPHAN_LOCK_AGE_S old.
-    now = time.time()
     for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock"):
         m = LOCK_FILE_NAME.match(p.name)
         if m and (m.group(1) in stale or (m.group(1) not in groups and _age_s(p, now) > _ORPHAN_LOCK_AGE_S)):

@@ -319,6 +319,8 @@ def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not
     live = hold_dataset(tmp_path / "cache-b", data)
     try:
         live_shm = mapped_shm(live)
+        newest = max((Path("/dev/shm") / n).stat().st_mtime for n in killed_shm)
+        time.sleep(max(0.0, newest + 3.5 - time.time()))  # a restarted job comes seconds after the kill
         assert killed_shm and live_shm and killed_shm <= streaming_shm()  # the kill leaked its segments
         removed = set(clean_stale_streaming_memory())
         prefix = next(iter(killed_shm))[:6]
@@ -331,9 +333,10 @@ def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not
         live.wait()
 
 
-def test_a_lock_without_memory_is_removed_only_when_no_job_can_be_starting_with_it():
-    """A job takes Streaming's lock file before it creates its memory: another job's clean-up in that
-    moment must not take the lock away. Orphan locks go once they are a minute old."""
+def test_a_starting_jobs_lock_and_memory_are_left_alone():
+    """A job takes Streaming's lock file, then creates its memory, then maps it: another job's clean-up
+    in those moments must not take them away. Unmapped memory goes once it is a few seconds old (a
+    killed job's), orphan locks once they are a minute old."""
     import tempfile
 
     from pipeline.trainer.data import clean_stale_streaming_memory
@@ -341,15 +344,20 @@ def test_a_lock_without_memory_is_removed_only_when_no_job_can_be_starting_with_
     taken = {p.name[:6] for p in Path("/dev/shm").iterdir()} | {
         p.name[:6] for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock")
     }
-    prefix = next(f"{n:06d}" for n in range(900000, 999999) if f"{n:06d}" not in taken)
+    prefix = next(f"{n:06d}" for n in range(900000, 999998, 2) if not {f"{n:06d}", f"{n + 1:06d}"} & taken)
     young, old = (Path(tempfile.gettempdir()) / f"{prefix}_{k}_filelock" for k in ("cache", "barrier"))
     young.touch()
     old.touch()
     os.utime(old, (time.time() - 120, time.time() - 120))
+    segment = Path("/dev/shm") / f"{int(prefix) + 1:06d}_locals"  # created, not mapped yet
+    segment.touch()
     try:
         removed = clean_stale_streaming_memory()
         assert old.name in removed and not old.exists()
         assert young.name not in removed and young.exists()
+        assert segment.name not in removed and segment.exists()
+        os.utime(segment, (time.time() - 10, time.time() - 10))  # nobody mapped it in 10 s: a killed job's
+        assert segment.name in clean_stale_streaming_memory() and not segment.exists()
     finally:
-        young.unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
+        for f in (young, old, segment):
+            f.unlink(missing_ok=True)
