@@ -40,12 +40,13 @@ def one_process_full(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ddp_run(tiny_data, tmp_path_factory) -> tuple[Path, str]:
-    """``composer -n 2`` DDP run of ``FULL`` (20 batches), launched once per session: (its folder with
-    loss.jsonl, ckpt/ and rank logs; rank 0's output). Read-only."""
+    """``composer -n 2 launch yamls/bd3_tiny.yaml`` (the repository's ``launch`` file; every other launch
+    is ``-m pipeline.train``) DDP run of ``FULL`` (20 batches), launched once per session: (its folder
+    with loss.jsonl, ckpt/ and rank logs; rank 0's output). Read-only."""
     from tests.pipeline.trainer.launch import FULL, launch
 
     out = tmp_path_factory.mktemp("ddp-run")
-    p = launch(tiny_data, out, common=FULL)
+    p = launch(tiny_data, out, entry=("launch",), common=FULL)
     return out, p.stdout + p.stderr
 
 

@@ -37,18 +37,6 @@ def test_ddp_two_processes_match_one_process(ddp_run, one_process_full):
     assert_same_evaluation(one_process_full[3], out, output)
 
 
-@pytest.mark.xdist_group("ddp_run")
-def test_composer_launch_file_trains_like_the_module(tiny_data, tmp_path, ddp_run):
-    """``composer -n 2 launch yamls/bd3_tiny.yaml ...`` (the repository's ``launch`` file) is
-    ``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` (the session's ``ddp_run``): the same
-    losses, bit for bit."""
-    launch(tiny_data, tmp_path / "file", entry=("launch",), common=FULL)
-    by_file, by_module = records(tmp_path / "file" / "loss.jsonl"), records(ddp_run[0] / "loss.jsonl")
-    assert [r["batch"] for r in by_file] == list(range(1, 21))
-    assert [r["loss/train/total"] for r in by_file] == [r["loss/train/total"] for r in by_module]
-    assert (tmp_path / "file" / "ckpt" / "latest-rank0.pt").exists()
-
-
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process_full, capsys):
     """FSDP2 FULL_SHARD, stopped at batch 10 and autoresumed from its sharded checkpoint to 20: the
     curve, the block sizes drawn and the evaluation at batch 20 are those of 1 process; the exported

@@ -103,7 +103,8 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     """2 processes (DDP), data read from the bucket through a node cache, save_folder in the bucket,
     stopped at batch 10 and autoresumed from the bucket to 20: the losses equal, bit for bit, those of
     an uninterrupted run on the local copy (the session's ``ddp_run``, which also ran the evaluation
-    callbacks: they leave training bitwise unchanged); rotation keeps one remote checkpoint; export, eval and
+    callbacks, which leave training bitwise unchanged, and was started by the repository's ``launch``
+    file: it trains like ``-m pipeline.train``, used here); rotation keeps one remote checkpoint; export, eval and
     sample read ``--checkpoint s3://...``; the secret key is in no file any of it wrote."""
     ddp_run, _ = ddp_run
     data, _ = tiny_data

@@ -45,6 +45,7 @@ def soak_command(tiny_data, out: Path, steps: int):
         "eval_loader=null",
         "run_name=soak",
         "save_interval=50ba",
+        "device_train_microbatch_size=8",  # one microbatch per rank and step: the same arithmetic per step
         "callbacks.loss_log.sample_ids=true",
         f"callbacks.hf_export.folder={out}/hf",
         "callbacks.speed_monitor=null",
