@@ -246,7 +246,8 @@ def _downstream(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "mc_samples": args.mc_samples}
-        payload.update(seed=args.seed, results=[r.as_dict() for r in results])
+        payload.update(seed=args.seed, limit=args.limit, num_fewshot=args.num_fewshot)
+        payload["results"] = [r.as_dict() for r in results]
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     if args.plot:
         plot_downstream(results, args.plot, title=Path(args.checkpoint).name)
