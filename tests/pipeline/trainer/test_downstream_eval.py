@@ -74,6 +74,7 @@ def test_downstream_eval_logs_lm_eval_numbers_and_leaves_training_bitwise_unchan
         ("callbacks.downstream_eval.mc_samples=0", "callbacks.downstream_eval.mc_samples"),
         ("callbacks.downstream_eval.limit=0", "callbacks.downstream_eval.limit"),
         ("callbacks.downstream_eval.taks=[tiny_mc]", "callbacks.downstream_eval.taks"),
+        ("callbacks.downstream_eval.include_path=/no/such/folder", "callbacks.downstream_eval.include_path"),
     ],
 )
 def test_config_errors_name_the_key(tiny_data, tmp_path, task_dir, override, key):
