@@ -400,6 +400,16 @@ def downstream_overrides(task_dir: Path) -> list[str]:
     ]
 
 
+def downstream_reference(checkpoint: Path, task_dir: Path) -> list:
+    """What ``downstream_overrides`` logs, computed in this one process by ``pipeline.lm_eval`` on
+    ``checkpoint`` (e.g. the run's ``callbacks.hf_export`` folder: its final weights)."""
+    from pipeline.diffusion.metrics import EVAL_SEED
+    from pipeline.lm_eval.sweep import run_tasks
+
+    args = dict(mc_samples=2, seed=EVAL_SEED, batch_size=16, device="cpu")
+    return run_tasks(checkpoint, ["tiny_mc"], [1, 4], include_path=str(task_dir), limit=4, model_args=args)
+
+
 def check_downstream_scalars(scalars: dict[str, dict[int, float]], results, batch: int) -> None:
     """Assert the logged ``eval/downstream/...`` scalars at ``batch`` (``{key: {batch: value}}``, e.g.
     ``tests.pipeline.trainer.launch.tensorboard_scalars``) are ``results`` (``DownstreamResult`` list

@@ -10,10 +10,13 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from pipeline.diffusion.metrics import EVAL_SEED  # noqa: E402
-from pipeline.lm_eval.sweep import run_tasks  # noqa: E402
 from pipeline.trainer import ConfigError  # noqa: E402
-from tests.factories import check_downstream_scalars, downstream_overrides, write_lm_eval_tasks  # noqa: E402
+from tests.factories import (  # noqa: E402
+    check_downstream_scalars,
+    downstream_overrides,
+    downstream_reference,
+    write_lm_eval_tasks,
+)
 from tests.pipeline.trainer.test_eval_callbacks import COMMON, callback, config, losses, train  # noqa: E402
 
 
@@ -49,14 +52,7 @@ def test_downstream_eval_logs_lm_eval_numbers_and_leaves_training_bitwise_unchan
     check_downstream_scalars(scalars, results, batch=4)
 
     # The same tasks through pipeline.lm_eval on the exported (final) weights: the same numbers.
-    offline = run_tasks(
-        hf,
-        ["tiny_mc"],
-        [1, 4],
-        include_path=str(task_dir),
-        limit=4,
-        model_args=dict(mc_samples=2, seed=EVAL_SEED, batch_size=16, device="cpu"),
-    )
+    offline = downstream_reference(hf, task_dir)
     check_downstream_scalars(scalars, offline, batch=4)
 
     card = (hf / "README.md").read_text()
