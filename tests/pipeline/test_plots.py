@@ -28,3 +28,18 @@ def test_comparison_figure_is_written_with_both_panels(tmp_path):
     plot_comparison({"AR-init": ppl(2.0)}, None, alone, "run-x")
     w_both, w_alone = Image.open(both).size[0], Image.open(alone).size[0]
     assert w_both == 2 * w_alone  # two panels side by side, one without downstream results
+
+
+def test_plots_are_titled_with_the_run_name(tmp_path):
+    """pipeline.eval's plots: the run's name (its save_folder's run_config.json), not "hf"."""
+    import json
+
+    from pipeline.eval import run_name
+    from pipeline.save_folder import run_config_file
+
+    save = tmp_path / "save"
+    (save / "hf").mkdir(parents=True)
+    run_config_file(save).write_text(json.dumps({"run_name": "bd3-1b-owt"}))
+    assert run_name(save / "hf") == "bd3-1b-owt" and run_name(save) == "bd3-1b-owt"
+    (tmp_path / "export" / "hf").mkdir(parents=True)
+    assert run_name(tmp_path / "export" / "hf") == "export"
