@@ -12,7 +12,9 @@ Stages (each reuses its output when rerun):
      step draws one; BD3-LM's clipped intervals where the paper gives them), on a mixture: the
      prose it was pretrained on (``MIXTURE``: 70%, replay) and code (30%, the new domain);
   5. ``pipeline.eval`` across block sizes, each stream alone and their total: the AR-init baseline
-     and the trained BD3 model (the per-stream likelihood table);
+     and the trained BD3 model (the per-stream likelihood table), and beside it a downstream table
+     (``pipeline.eval --tasks``: a multiple-choice task made from the corpus, ``demo_downstream``) at
+     block sizes 1 and 4; one comparison figure (``comparison.png``) of both models;
   6. ``pipeline.sample`` at a trained block size with the KV cache (``SAMPLING``);
   7. ``pipeline.export``: the BD3 run as a Hugging Face folder with its modeling code, a model card
      showing stage 5's table and stage 6's settings as ``bd3_generate``'s defaults
@@ -32,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.demo_downstream import TASK, downstream_table, run_downstream
+from pipeline.plots import plot_comparison
+
 SIZES = {
     # docs, vocab, seq_len, val docs, AR batches, BD3 batches, eval rows, new tokens
     "full": dict(
@@ -45,6 +50,7 @@ SIZES = {
         bd3_steps=500,
         eval_rows=128,
         new_tokens=256,
+        task_docs=64,
     ),
     "quick": dict(
         docs=600,
@@ -57,6 +63,7 @@ SIZES = {
         new_tokens=24,
         code_docs=150,
         code_val_docs=15,
+        task_docs=8,
     ),  # fmt: skip
 }
 BLOCK_SIZE = 4  # sampled at; the model is trained for all of TRAINED_SIZES
@@ -354,12 +361,20 @@ def main(argv: list[str] | None = None) -> int:
                 str(size["eval_rows"]),
                 "--out",
                 str(res),
-                "--plot",
-                str(out / f"ppl_{name}.png"),
             ]
         )
         tables[name] = json.loads(res.read_text())
     print(per_stream_table(tables["ar_init_baseline"], tables["bd3_trained"]))
+    models = {"ar_init_baseline": ar_dir / "hf", "bd3_trained": bd3_dir / "hf"}
+    downstream = run_downstream(py, out, models, sh, limit=size["task_docs"])
+    print(f"\ndownstream: {TASK} (the true next words among 4 of the corpus), accuracy per block size")
+    print(downstream_table(downstream))
+    plot_comparison(
+        {k: t["results"] for k, t in tables.items()},
+        {k: t["results"] for k, t in downstream.items()},
+        out / "comparison.png",
+        title=f"{bd3_dir.name}: AR-init baseline vs trained",
+    )
 
     header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
     sample = out / "sample.json"
@@ -392,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             "--baseline-json",
             str(out / "eval_ar_init_baseline.json"),
             "--plot",
-            str(out / "ppl_bd3_trained.png"),
+            str(out / "comparison.png"),
+            "--downstream-json",
+            str(out / "downstream_bd3_trained.json"),
             "--sample-json",
             str(sample),
         ]
@@ -410,11 +427,13 @@ def main(argv: list[str] | None = None) -> int:
   BD3 checkpoint    {bd3_dir}  (ZeRO partitions: {ds_folder(bd3_dir)}, export: {bd3_dir / "hf"})
   TensorBoard       tensorboard --logdir {out / "runs"}
   eval tables       {out}/eval_ar_init_baseline.json, {out}/eval_bd3_trained.json
-  plots             {out}/ppl_ar_init_baseline.png, {out}/ppl_bd3_trained.png
+  downstream        {out}/downstream_ar_init_baseline.json, {out}/downstream_bd3_trained.json
+  plot              {out}/comparison.png  (baseline and trained: likelihood and accuracy per block size)
   transformers      {hf_model}  (trust_remote_code=True; model card README.md)
   sample            {sample}  ({len(s["tokens"])} tokens, {s["tokens_per_s"]:.1f} tokens/s, {s["nfe"]} NFEs)""")
     summary = {"minutes": minutes, "eval": {k: t["results"] for k, t in tables.items()}, "sample": s}
     summary["eval_streams"] = {k: t["streams"] for k, t in tables.items()}
+    summary["downstream"] = {k: t["results"] for k, t in downstream.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 

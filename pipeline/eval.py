@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_name(checkpoint: str | Path) -> str:
+    """A plot's title: the run's ``run_name`` (``run_config.json`` of the save_folder that holds the
+    checkpoint, or of the folder above an export such as ``SAVE_FOLDER/hf``), else the folder's name."""
+    from pipeline.save_folder import run_config_file
+
+    p = Path(checkpoint)
+    for candidate in (p, p.parent):
+        f = run_config_file(candidate)
+        if f.exists():
+            name = json.loads(f.read_text()).get("run_name")
+            if name:
+                return str(name)
+    return p.parent.name if p.name == "hf" else p.name
+
+
 def _init_distributed(device: str) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -246,10 +261,11 @@ def _downstream(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {"checkpoint": str(args.checkpoint), "tasks": args.tasks, "mc_samples": args.mc_samples}
-        payload.update(seed=args.seed, results=[r.as_dict() for r in results])
+        payload.update(seed=args.seed, limit=args.limit, num_fewshot=args.num_fewshot)
+        payload["results"] = [r.as_dict() for r in results]
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     if args.plot:
-        plot_downstream(results, args.plot, title=Path(args.checkpoint).name)
+        plot_downstream(results, args.plot, title=run_name(args.checkpoint))
     return 0
 
 
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         ar = next((r.ppl_bound for r in results if r.block_size == 1), None)
         streams = per_stream if several else None
-        plot_ppl_bounds(results, args.plot, title=Path(args.checkpoint).name, ar_ppl=ar, streams=streams)
+        plot_ppl_bounds(results, args.plot, title=run_name(args.checkpoint), ar_ppl=ar, streams=streams)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m pipeline.export --checkpoint SAVE_FOLDER_OR_FILE --out DIR [--ar]
         [--eval-json EVAL.json --baseline-json AR_EVAL.json --plot PPL.png --data DATA_DIR]
-        [--sample-json SAMPLE.json]
+        [--sample-json SAMPLE.json --downstream-json TASKS.json]
 
 PATH is a ``save_folder`` (its latest checkpoint) or one checkpoint. DeepSpeed ZeRO checkpoints
 (``SAVE_FOLDER/deepspeed/ba{N}``) are consolidated in this one process whatever the world size
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument(
         "--baseline-json", help="pipeline.eval --out of the AR-init checkpoint (baseline column)"
     )
+    card.add_argument(
+        "--downstream-json", help="pipeline.eval --tasks ... --out of this checkpoint: the downstream table"
+    )
     card.add_argument("--plot", help="pipeline.eval --plot PNG, copied into the folder and shown")
     card.add_argument(
         "--sample-json",
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             run_config=run_config if run_config.exists() else None,
             eval_json=args.eval_json,
             baseline_json=args.baseline_json,
+            downstream_json=args.downstream_json,
             plot=args.plot,
             sample_json=args.sample_json,
             base_model=args.base_model,

@@ -386,3 +386,36 @@ def write_lm_eval_tasks(
             f"  cache_dir: {root / 'cache'}\ntest_split: test\n{specs[name]}"
         )
     return root
+
+
+def downstream_overrides(task_dir: Path) -> list[str]:
+    """yamls/bd3_tiny.yaml overrides that turn ``callbacks.downstream_eval`` on cheaply: the ``tiny_mc``
+    task of ``write_lm_eval_tasks(task_dir)``, 4 documents, 2 noise draws, block sizes 1 and 4."""
+    return [
+        "callbacks.downstream_eval.tasks=[tiny_mc]",
+        f"callbacks.downstream_eval.include_path={task_dir}",
+        "callbacks.downstream_eval.block_sizes=[1,4]",
+        "callbacks.downstream_eval.limit=4",
+        "callbacks.downstream_eval.mc_samples=2",
+    ]
+
+
+def downstream_reference(checkpoint: Path, task_dir: Path) -> list:
+    """What ``downstream_overrides`` logs, computed in this one process by ``pipeline.lm_eval`` on
+    ``checkpoint`` (e.g. the run's ``callbacks.hf_export`` folder: its final weights)."""
+    from pipeline.diffusion.metrics import EVAL_SEED
+    from pipeline.lm_eval.sweep import run_tasks
+
+    args = dict(mc_samples=2, seed=EVAL_SEED, batch_size=16, device="cpu")
+    return run_tasks(checkpoint, ["tiny_mc"], [1, 4], include_path=str(task_dir), limit=4, model_args=args)
+
+
+def check_downstream_scalars(scalars: dict[str, dict[int, float]], results, batch: int) -> None:
+    """Assert the logged ``eval/downstream/...`` scalars at ``batch`` (``{key: {batch: value}}``, e.g.
+    ``tests.pipeline.trainer.launch.tensorboard_scalars``) are ``results`` (``DownstreamResult`` list
+    of a one-process run, e.g. ``DownstreamEval.last_results``): the same keys, values to 1e-5."""
+    want = {f"eval/downstream/{r.task}/{r.metric}/bs{r.block_size}": r.value for r in results}
+    got = {k: v[batch] for k, v in scalars.items() if k.startswith("eval/downstream/") and batch in v}
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for key, value in want.items():
+        assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, got[key], value)

@@ -29,6 +29,9 @@ class CardFacts:
         run_config: the run's resolved training config (``run_config.json``).
         eval: a ``pipeline.eval`` JSON of the exported model (``results``: one row per block size).
         baseline: the same for the AR-init baseline.
+        downstream: lm-eval results (``results``: one ``DownstreamResult.as_dict`` per task, metric and
+            block size; ``limit``, ``mc_samples``, ``num_fewshot``), from the downstream_eval callback
+            or a ``pipeline.eval --tasks`` JSON.
         plot: a PNG of the likelihood across block sizes, copied into the folder.
         generation: the sampling settings of an evaluation of this model (a ``pipeline.sample --out``
             JSON's ``settings``): they become ``bd3_generate``'s defaults.
@@ -40,6 +43,7 @@ class CardFacts:
     run_config: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
+    downstream: dict[str, Any] | None = None
     plot: Path | None = None
     generation: dict[str, Any] | None = None
     extra_tags: list[str] = field(default_factory=list)
@@ -47,10 +51,10 @@ class CardFacts:
     @classmethod
     def from_files(
         cls, *, data=None, run_config=None, eval_json=None, baseline_json=None, plot=None, sample_json=None,
-        **fields,
+        downstream_json=None, **fields,
     ) -> CardFacts:  # fmt: skip
         """Read the facts from paths (each optional): a data folder or its manifest.json, the run's
-        ``run_config.json``, ``pipeline.eval --out`` JSONs, a ``--plot`` PNG and a ``pipeline.sample
+        ``run_config.json``, ``pipeline.eval --out`` JSONs (``downstream_json``: of ``--tasks``), a ``--plot`` PNG and a ``pipeline.sample
         --out`` JSON (its ``settings``)."""
         from data_prep.manifest import MANIFEST  # here: the model's imports (a GPU box) carry no data_prep
 
@@ -80,6 +84,7 @@ class CardFacts:
             run_config=run,
             eval=read(eval_json),
             baseline=read(baseline_json),
+            downstream=read(downstream_json),
             plot=Path(plot) if plot else None,
             generation=None if sample is None else sample["settings"],
             **fields,
@@ -140,6 +145,7 @@ def render_card(
         "## Data\n\n" + _data_section(facts.manifest),
         "## Training\n\n" + _training_section(facts.run_config, sizes, bd3),
         "## Likelihood across block sizes\n\n" + _likelihood_section(facts, plot_file),
+        *([_downstream_section(facts.downstream)] if (facts.downstream or {}).get("results") else []),
         "## Usage\n\n" + _usage(generation),
     ]
     return "\n\n".join(parts) + "\n"
@@ -236,6 +242,34 @@ def _likelihood_section(facts: CardFacts, plot_file: str) -> str:
     if facts.plot is not None:
         out += f"\n\n![perplexity bound vs block size]({plot_file})"
     return out
+
+
+def _downstream_section(d: dict[str, Any]) -> str:
+    """Rows (task, metric), one column per block size: lm-eval's value (± its standard error)."""
+    rows = d["results"]
+    sizes = sorted({r["block_size"] for r in rows})
+    cells = {(r["task"], r["metric"], r["block_size"]): r for r in rows}
+    head = (
+        f"lm-evaluation-harness tasks through the `bd3` model (`pipeline.lm_eval`): limit {d.get('limit')}, "
+        f"{d.get('num_fewshot') or 0}-shot, {d.get('mc_samples')} noise draw(s) per request at block sizes "
+        "above 1 (there a log-likelihood is the NELBO bound; at 1 it is the exact AR log-probability)."
+    )
+    table = [
+        "| task | metric | " + " | ".join(f"bs {b}" for b in sizes) + " |",
+        "|---|---|" + "---:|" * len(sizes),
+    ]
+    for task, metric in sorted({(r["task"], r["metric"]) for r in rows}):
+        vals = []
+        for b in sizes:
+            r = cells.get((task, metric, b))
+            err = r and r.get("stderr")
+            vals.append(
+                "-"
+                if r is None
+                else f"{r['value']:.4f}" + ("" if err is None or err != err else f" ± {err:.4f}")
+            )
+        table.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
+    return "## Downstream tasks\n\n" + head + "\n\n" + "\n".join(table)
 
 
 def _usage(generation: dict[str, Any] | None) -> str:

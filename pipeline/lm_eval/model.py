@@ -69,7 +69,7 @@ class BD3EvalLM(TemplateLM):
     # Over 60 lines on purpose: every model_arg is checked here, with the message that names it.
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | torch.nn.Module,
         block_size: int | None = None,
         mc_samples: int = DEFAULT_MC_SAMPLES,
         seed: int = DEFAULT_SEED,
@@ -91,7 +91,10 @@ class BD3EvalLM(TemplateLM):
     ) -> None:
         """Args (all from ``--model_args k=v,...``):
         pretrained: a Hugging Face folder (an AR checkpoint, or this project's export), a training
-            save_folder or a Composer checkpoint (``trust_checkpoint=True`` to unpickle it).
+            save_folder or a Composer checkpoint (``trust_checkpoint=True`` to unpickle it); or a live
+            ``BD3LM`` (the training callback's), used as it is, with ``tokenizer`` the run's
+            tokenizer.json. Then every process evaluates every request (one process's view: no split),
+            so that sharded parameters are gathered by forwards that run in step on all ranks.
         block_size: L' (default: the checkpoint's smallest trained size; 1 = the AR model exactly).
         mc_samples: noise draws per log-likelihood request at L' > 1 (cost: mc_samples forwards of
             2 x (context + continuation) tokens per request).
@@ -117,14 +120,19 @@ class BD3EvalLM(TemplateLM):
             raise ValueError("bd3: batch_size=auto is not supported; give a number of rows per forward")
         from pipeline.save_folder import load_for_inference, local_checkpoint
 
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        checkpoint = local_checkpoint(pretrained)
-        self.model = load_for_inference(
-            checkpoint, device=self._device, trust_checkpoint=bool(trust_checkpoint)
-        )
-        inv_freq = self.model.inv_freq  # rotary frequencies stay float32 whatever the weights' dtype
-        self.model.to(DTYPES[dtype])
-        self.model.inv_freq = inv_freq
+        live = isinstance(pretrained, torch.nn.Module)
+        if live:  # the weights, dtype and device of a training run, untouched
+            self.model = pretrained
+            self._device = next(pretrained.parameters()).device
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            checkpoint = local_checkpoint(pretrained)
+            self.model = load_for_inference(
+                checkpoint, device=self._device, trust_checkpoint=bool(trust_checkpoint)
+            )
+            inv_freq = self.model.inv_freq  # rotary frequencies stay float32 whatever the weights' dtype
+            self.model.to(DTYPES[dtype])
+            self.model.inv_freq = inv_freq
         c = self.model.config
         self.block_size = int(block_size) if block_size is not None else (c.block_size or 1)
         if self.block_size < 1:
@@ -135,7 +143,7 @@ class BD3EvalLM(TemplateLM):
                 f"bd3: block_size {self.block_size} was not trained (the checkpoint was trained for {trained})",
                 stacklevel=2,
             )
-        folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        folder = Path(tokenizer or ".") if live else checkpoint if checkpoint.is_dir() else checkpoint.parent
         self.tokenizer = load_tokenizer(folder, c, tokenizer)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
@@ -154,8 +162,8 @@ class BD3EvalLM(TemplateLM):
             shift=c.shift,
             seed=self.seed,
         )
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self._rank = int(os.environ.get("RANK", "0"))
+        self._world_size = 1 if live else int(os.environ.get("WORLD_SIZE", "1"))
+        self._rank = 0 if live else int(os.environ.get("RANK", "0"))
         if self._world_size > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
 

@@ -38,30 +38,44 @@ def run_tasks(
     ``model_args`` are further ``bd3`` arguments (mc_samples, seed, batch_size, device, dtype, ...).
     The model is loaded once per block size (lm-eval owns its model object)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from pipeline.lm_eval.model import BD3EvalLM
 
-    # Indexing lm-eval's built-in tasks costs about 10 s: skipped when the local folder has them all.
-    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if manager is None or not set(tasks) <= set(manager.all_tasks):
-        manager = TaskManager(include_path=include_path)
+    manager = task_manager(tasks, include_path)
     out: list[DownstreamResult] = []
     for bs in block_sizes:
         lm = BD3EvalLM(pretrained=str(checkpoint), block_size=bs, **(model_args or {}))
         results = simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot
         )
-        if results is None:  # not rank 0 of several processes
-            continue
-        for task, metrics in results["results"].items():
-            for key, value in metrics.items():
-                name, _, _filter = key.partition(",")
-                if name.endswith("_stderr") or not isinstance(value, (int, float)):
-                    continue
-                err = metrics.get(f"{name}_stderr,{_filter}", float("nan"))
-                err = float(err) if isinstance(err, (int, float)) else float("nan")
-                out.append(DownstreamResult(task, name, bs, float(value), err))
+        if results is not None:  # None on ranks other than 0 of several processes
+            out += table_rows(results, bs)
+    return out
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """lm-eval's ``TaskManager`` for ``tasks``: only the local folder's when it has them all (indexing
+    lm-eval's built-in tasks costs about 10 s)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include_path)
+    return manager
+
+
+def table_rows(results: dict, block_size: int) -> list[DownstreamResult]:
+    """The (task, metric) cells of one ``simple_evaluate`` result at ``block_size``."""
+    out = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name, comma, _filter = key.partition(",")
+            # metrics are "name,filter"; "alias", "sample_len" and the like are not
+            if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{name}_stderr,{_filter}", float("nan"))
+            err = float(err) if isinstance(err, (int, float)) else float("nan")
+            out.append(DownstreamResult(task, name, block_size, float(value), err))
     return out
 
 

@@ -87,6 +87,7 @@ def build_callbacks(
 
     from pipeline.trainer.callbacks import (
         BlockSizeLikelihood,
+        DownstreamEval,
         GlooFSDPGradMean,
         GradientClipping,
         HFExport,
@@ -132,7 +133,16 @@ def build_callbacks(
         )
         likelihood = next((cb for cb in evaluation if isinstance(cb, BlockSizeLikelihood)), None)
         latest = likelihood.latest_table if likelihood is not None else None
-        out.append(HFExport(c.hf_export.folder, inputs.tokenizer_file, facts, latest_eval=latest))
+        downstream = next((cb for cb in evaluation if isinstance(cb, DownstreamEval)), None)
+        out.append(
+            HFExport(
+                c.hf_export.folder,
+                inputs.tokenizer_file,
+                facts,
+                latest_eval=latest,
+                latest_downstream=downstream.latest_table if downstream is not None else None,
+            )
+        )
     return out + evaluation
 
 

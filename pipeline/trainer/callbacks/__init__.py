@@ -3,9 +3,11 @@
 - ``training``: the mechanics of a run (noise ids, clipping, NaN/Inf guard, loss log, TensorBoard
   upload, HF export);
 - ``eval_base``: the schedule, eval rows and isolation that the evaluation callbacks share;
-- ``evaluation``: likelihood across block sizes, the noise-interval search, generation.
+- ``evaluation``: likelihood across block sizes, the noise-interval search, generation;
+- ``downstream``: lm-evaluation-harness tasks on the live model.
 """
 
+from pipeline.trainer.callbacks.downstream import DownstreamEval
 from pipeline.trainer.callbacks.evaluation import (
     BlockSizeLikelihood,
     Generation,
@@ -24,6 +26,7 @@ from pipeline.trainer.callbacks.training import (
 
 __all__ = [
     "BlockSizeLikelihood",
+    "DownstreamEval",
     "Generation",
     "GlooFSDPGradMean",
     "GradientClipping",

@@ -328,8 +328,8 @@ class Generation(ScheduledEval):
 
 
 def eval_callbacks(cfg, tokenizer_file: str | Path) -> list:
-    """The callbacks of the ``callbacks.block_size_likelihood``, ``noise_interval_search`` and
-    ``generation`` sections of a checked ``TrainConfig`` (all off unless configured).
+    """The callbacks of the ``callbacks.block_size_likelihood``, ``noise_interval_search``,
+    ``generation`` and ``downstream_eval`` sections of a checked ``TrainConfig`` (all off unless configured).
 
     They share one schedule: ``callbacks.block_size_likelihood.interval`` (default ``eval_interval``);
     noise_interval_search and generation may set their own ``interval`` and run on every
@@ -351,4 +351,8 @@ def eval_callbacks(cfg, tokenizer_file: str | Path) -> list:
         out.append(NoiseIntervalSearch(n, n.interval or base, eval_batch))
     if c.generation is not None:
         out.append(Generation(c.generation, c.generation.interval or base, tokenizer_file))
+    if c.downstream_eval is not None:
+        from pipeline.trainer.callbacks.downstream import DownstreamEval
+
+        out.append(DownstreamEval(c.downstream_eval, c.downstream_eval.interval or base, tokenizer_file))
     return out

@@ -237,6 +237,7 @@ class HFExport(Callback):
             ``TOKENIZER_FILE`` (with the tokenizer_config.json etc. found beside it).
         latest_eval: returns the latest likelihood table (rows, draws, seed, results) or None
             (``BlockSizeLikelihood.latest_table``).
+        latest_downstream: returns the latest downstream table or None (``DownstreamEval.latest_table``).
     """
 
     def __init__(
@@ -245,11 +246,13 @@ class HFExport(Callback):
         tokenizer_file: str | Path | None = None,
         facts=None,
         latest_eval: Callable[[], dict | None] | None = None,
+        latest_downstream: Callable[[], dict | None] | None = None,
     ):
         self.folder = Path(folder)
         self.tokenizer_file = None if tokenizer_file is None else Path(tokenizer_file)
         self.facts = facts
         self.latest_eval = latest_eval
+        self.latest_downstream = latest_downstream
 
     def _save(self, bd3, state: State) -> None:
         from pipeline.hf_artifact import CardFacts, write_artifact
@@ -259,6 +262,9 @@ class HFExport(Callback):
         if table is not None:
             split = ((facts.run_config or {}).get("eval_loader") or {}).get("split", "eval")
             facts.eval = {"split": split, **table}
+        downstream = self.latest_downstream() if self.latest_downstream is not None else None
+        if downstream is not None:
+            facts.downstream = downstream
         with tempfile.TemporaryDirectory() as tmp:
             write_artifact(bd3, self.folder, facts, tokenizer_dir=self._tokenizer_folder(Path(tmp)))
 

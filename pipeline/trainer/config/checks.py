@@ -194,12 +194,30 @@ def check_eval_callbacks(cfg: TrainConfig) -> None:
                 f"must list trained block sizes (diffusion.block_size: {trained}) once each, or be null "
                 f"for all of them; got {nis.block_sizes}",
             )
+    _check_downstream(c.downstream_eval)
     gen = c.generation
     if gen is not None and gen.reference is not None and not Path(gen.reference).expanduser().is_dir():
         raise ConfigError(
             "callbacks.generation.reference",
             f"{gen.reference!r} is not a folder: give a Hugging Face-format folder of an AR model "
             "with the run's tokenizer (config.json, model.safetensors)",
+        )
+
+
+def _check_downstream(section) -> None:
+    """lm-eval installed, the task folder present (the task names are checked when lm-eval indexes it)."""
+    import importlib.util
+
+    if section is None:
+        return
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            "callbacks.downstream_eval", "needs lm-evaluation-harness: pip install '.[lmeval]' (or remove it)"
+        )
+    if section.include_path is not None and not Path(section.include_path).expanduser().is_dir():
+        raise ConfigError(
+            "callbacks.downstream_eval.include_path",
+            f"{section.include_path!r} is not a folder: give the folder of the task YAMLs, or null",
         )
 
 

@@ -250,6 +250,37 @@ class GenerationSection(SamplerConfig):
 
 
 @dataclass
+class DownstreamEvalSection:
+    """lm-evaluation-harness tasks on the live model (the ``bd3`` model of ``pipeline.lm_eval``, in the
+    style of llm-foundry's ``icl_tasks``) at each of ``block_sizes``, every ``interval`` (default: the
+    evaluation schedule) and at the end of training. Logs ``eval/downstream/{task}/{metric}/bs{N}``.
+    ``include_path``: a folder of task YAMLs (local files: ``dataset_path: json``); ``limit``: documents
+    per task (a number, or a fraction below 1); ``mc_samples``: noise draws per request at L' > 1."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    block_sizes: list[int] = field(default_factory=lambda: [1])
+    limit: float | None = None
+    mc_samples: int = 8
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    seed: int = EVAL_SEED
+    interval: str | int | None = None
+
+    def __post_init__(self):
+        _check_durations(self, "interval")
+        _check_at_least_one(self, "mc_samples", "batch_size")
+        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ValueError(f"tasks must list at least one lm-eval task name, got {self.tasks}")
+        if not self.block_sizes or not all(isinstance(b, int) and b >= 1 for b in self.block_sizes):
+            raise ValueError(f"block_sizes must list positive integers, got {self.block_sizes}")
+        if len(set(self.block_sizes)) != len(self.block_sizes):
+            raise ValueError(f"block_sizes lists a block size twice: {self.block_sizes}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit must be > 0 (or null for every document), got {self.limit}")
+
+
+@dataclass
 class CallbacksSection:
     """Set a callback to null to turn it off."""
 
@@ -263,6 +294,7 @@ class CallbacksSection:
     block_size_likelihood: BlockSizeLikelihoodSection | None = None
     noise_interval_search: NoiseIntervalSearchSection | None = None
     generation: GenerationSection | None = None
+    downstream_eval: DownstreamEvalSection | None = None
 
 
 @dataclass

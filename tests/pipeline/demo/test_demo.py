@@ -37,8 +37,8 @@ def test_quick_demo_produces_every_artifact(tmp_path):
         "runs/bd3-tiny/hf/model.safetensors",
         "runs/bd3-tiny/deepspeed",
         "runs/bd3-tiny/tensorboard",
-        "ppl_ar_init_baseline.png",
-        "ppl_bd3_trained.png",
+        "comparison.png",  # one figure: baseline and trained, likelihood and downstream accuracy
+        "tasks/demo_next_text.yaml",
         "sample.json",
         "summary.json",
     ]:
@@ -49,6 +49,10 @@ def test_quick_demo_produces_every_artifact(tmp_path):
         sizes = [r["block_size"] for r in table["results"]]
         assert sizes == [1, 2, 4, 8, 16, seq_len]
         assert list(table["streams"]) == ["prose", "code"]  # each stream alone, and the total above
+    for name in ("downstream_ar_init_baseline.json", "downstream_bd3_trained.json"):
+        table = json.loads((out / name).read_text())
+        cells = {(r["task"], r["metric"], r["block_size"]) for r in table["results"]}
+        assert cells == {("demo_next_text", "acc", 1), ("demo_next_text", "acc", 4)}, cells
     # The transformers export's card shows the demo's table (the trained model's PPL bounds).
     card = (out / "bd3-tiny-hf" / "README.md").read_text()
     trained = json.loads((out / "eval_bd3_trained.json").read_text())["results"]
@@ -71,6 +75,8 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     assert ids[0, 1 : 1 + len(sample["tokens"])].tolist() == sample["tokens"] and nfe == sample["nfe"]
     assert "finished in" in proc.stdout
     assert "PPL bound per stream" in proc.stdout and "BD3 code" in proc.stdout
+    assert "bd3_trained demo_next_text acc" in proc.stdout  # the downstream table beside it
+    assert "## Downstream tasks" in card
     # A rerun reuses every finished stage.
     again = _demo(out)
     assert again.returncode == 0

@@ -1,0 +1,94 @@
+"""``callbacks.downstream_eval``: lm-evaluation-harness tasks on the live model during training.
+
+The tasks run through the ``bd3`` model of ``pipeline.lm_eval`` wrapped around the training model
+itself (no copy, no checkpoint), at each configured block size, on the evaluation schedule and at the
+end of training. Every process evaluates every request: the forwards run in step on all ranks, so
+parameters sharded by FSDP or ZeRO-3 are gathered as in a training forward, and the numbers are those
+of one process. The global RNGs (torch, Python's ``random``, NumPy's, which lm-eval seeds) are put back
+afterwards and the noise of the scores comes from the section's seed, so training is untouched.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+from composer.core import State
+from composer.loggers import Logger
+
+from pipeline.trainer.callbacks.eval_base import EvalSchedule, ScheduledEval, isolated_eval
+from pipeline.trainer.config.schema import DownstreamEvalSection
+
+
+class DownstreamEval(ScheduledEval):
+    """Logs ``eval/downstream/{task}/{metric}/bs{N}`` (lm-eval's value of each metric of each task at
+    block size N) every ``interval``; ``last_results`` holds the latest ``DownstreamResult`` list."""
+
+    def __init__(self, section: DownstreamEvalSection, interval: str | int, tokenizer_file: str | Path):
+        """``interval``: the resolved schedule (the section's, else the evaluation schedule);
+        ``tokenizer_file``: the run's tokenizer.json (lm-eval tokenizes the task text with it)."""
+        self.section = section
+        self.schedule = EvalSchedule(interval)
+        self.tokenizer_file = Path(tokenizer_file)
+        self.last_results: list = []
+        self._manager = None
+
+    def evaluate(self, state: State) -> list:
+        """``DownstreamResult`` per (task, metric, block size) of the current weights."""
+        from lm_eval import simple_evaluate
+
+        from pipeline.lm_eval.model import BD3EvalLM
+        from pipeline.lm_eval.sweep import table_rows, task_manager
+
+        s = self.section
+        if self._manager is None:  # indexing the task folder once per run
+            self._manager = task_manager(s.tasks, s.include_path)
+        py_rng, np_rng = random.getstate(), np.random.get_state()
+        out = []
+        try:
+            with isolated_eval(state) as bd3:
+                bd3.eval()
+                for bs in s.block_sizes:
+                    lm = BD3EvalLM(
+                        bd3,
+                        block_size=bs,
+                        mc_samples=s.mc_samples,
+                        seed=s.seed,
+                        batch_size=s.batch_size,
+                        tokenizer=str(self.tokenizer_file),
+                    )
+                    results = simple_evaluate(
+                        model=lm,
+                        tasks=list(s.tasks),
+                        task_manager=self._manager,
+                        limit=s.limit,
+                        num_fewshot=s.num_fewshot,
+                        verbosity="WARNING",
+                    )
+                    out += table_rows(results, bs)
+        finally:
+            random.setstate(py_rng)
+            np.random.set_state(np_rng)
+        return out
+
+    def _run(self, state: State, logger: Logger) -> None:
+        results = self.evaluate(state)
+        self.schedule.last_batch = int(state.timestamp.batch)
+        logger.log_metrics(
+            {f"eval/downstream/{r.task}/{r.metric}/bs{r.block_size}": r.value for r in results}
+        )
+        self.last_results = results
+
+    def latest_table(self) -> dict | None:
+        """The last evaluation for a model card (task x metric x block size); None before the first."""
+        if not self.last_results:
+            return None
+        s = self.section
+        return {
+            "limit": s.limit,
+            "mc_samples": s.mc_samples,
+            "num_fewshot": s.num_fewshot,
+            "seed": s.seed,
+            "results": [r.as_dict() for r in self.last_results],
+        }
