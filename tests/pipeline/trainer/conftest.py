@@ -5,7 +5,7 @@ Every run made here is made once per session and shared by the tests that only r
 - ``one_process`` / ``one_process_full``: 1-process references of ``launch.COMMON`` and
   ``launch.FULL`` (several block sizes and the evaluation callbacks folded in), trained in this
   process;
-- ``ddp_run``: ``composer -n 2`` DDP of ``FULL``;
+- ``ddp_run``: ``composer -n 2`` DDP of ``FULL`` with the downstream (lm-eval) callback;
 - ``reference(variant)``: the fault tests' uninterrupted runs (``launch.FAULT_COMMON``: a checkpoint
   every 3 batches, row ids logged, a Hugging Face export) for "1proc", "zero2" (both on a two-stream
   mixture, ``launch.mixture``) and "zero3", launched on first use; they are also the comparisons of
@@ -43,10 +43,10 @@ def ddp_run(tiny_data, tmp_path_factory) -> tuple[Path, str]:
     """``composer -n 2 launch yamls/bd3_tiny.yaml`` (the repository's ``launch`` file; every other launch
     is ``-m pipeline.train``) DDP run of ``FULL`` (20 batches), launched once per session: (its folder
     with loss.jsonl, ckpt/ and rank logs; rank 0's output). Read-only."""
-    from tests.pipeline.trainer.launch import FULL, launch
+    from tests.pipeline.trainer.launch import FULL, downstream, launch
 
     out = tmp_path_factory.mktemp("ddp-run")
-    p = launch(tiny_data, out, entry=("launch",), common=FULL)
+    p = launch(tiny_data, out, *downstream(tiny_data, out), entry=("launch",), common=FULL)
     return out, p.stdout + p.stderr
 
 

@@ -47,6 +47,27 @@ EVALUATION = [
 FULL = [*(c for c in COMMON if c != "eval_loader=null"), *MIXED, *EVALUATION]
 
 
+def downstream(tiny_data, out: Path) -> list[str]:
+    """Overrides that add ``callbacks.downstream_eval`` (lm-eval's ``tiny_mc`` task of
+    ``tests.factories.write_lm_eval_tasks``, written beside the tiny data on first use) and an
+    ``hf_export`` of the final weights to a launch of ``FULL`` saving under ``out``."""
+    from tests.factories import downstream_overrides, write_lm_eval_tasks
+
+    tasks = tiny_data[0].parent / "lm_eval_tasks"
+    if not (tasks / "tiny_mc.yaml").exists():
+        write_lm_eval_tasks(tasks)
+    return [*downstream_overrides(tasks), f"callbacks.hf_export.folder={out}/hf"]
+
+
+def assert_same_downstream(tiny_data, out: Path) -> None:
+    """``callbacks.downstream_eval`` under 2 processes: what it logged at batch 20 equals
+    ``pipeline.lm_eval`` run in this one process on the run's final weights (its hf export)."""
+    from tests.factories import check_downstream_scalars, downstream_reference
+
+    reference = downstream_reference(out / "hf", tiny_data[0].parent / "lm_eval_tasks")
+    check_downstream_scalars(tensorboard_scalars(out / "ckpt" / "tensorboard"), reference, batch=20)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

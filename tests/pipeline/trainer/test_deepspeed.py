@@ -21,7 +21,9 @@ from tests.pipeline.trainer.launch import (
     FULL,
     assert_block_sizes_drawn,
     assert_same_curve,
+    assert_same_downstream,
     assert_same_evaluation,
+    downstream,
     launch,
     records,
     same_reference,
@@ -89,14 +91,16 @@ def test_zero3_matches_one_process_and_its_partitions_export(tiny_data, tmp_path
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_zero3_with_cpu_optimizer_offload_and_several_block_sizes(tiny_data, tmp_path, one_process_full):
-    """ZeRO-3 with the optimizer offloaded to the CPU, on ``launch.FULL``: the curve, the block sizes
-    drawn and the evaluation at batch 20 (parameters gathered for every forward) are 1 process's."""
+    """ZeRO-3 with the optimizer offloaded to the CPU, on ``launch.FULL`` with the downstream (lm-eval)
+    callback: the curve, the block sizes drawn and the evaluations at batch 20 (parameters gathered
+    for every forward) are 1 process's."""
     offload = "parallelism.deepspeed.zero_optimization.offload_optimizer.device=cpu"
-    p = launch(tiny_data, tmp_path, *ds(3, offload), common=FULL)
+    p = launch(tiny_data, tmp_path, *ds(3, offload), *downstream(tiny_data, tmp_path), common=FULL)
     one, two = one_process_full[0], records(tmp_path / "loss.jsonl")
     assert_same_curve(one, two)
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], tmp_path, p.stdout + p.stderr)
+    assert_same_downstream(tiny_data, tmp_path)
 
 
 def test_batch_keys_are_derived_and_checked():

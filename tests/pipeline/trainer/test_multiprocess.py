@@ -19,6 +19,7 @@ from tests.pipeline.trainer.launch import (
     FULL,
     assert_block_sizes_drawn,
     assert_same_curve,
+    assert_same_downstream,
     assert_same_evaluation,
     launch,
     records,
@@ -28,13 +29,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 @pytest.mark.xdist_group("ddp_run")
-def test_ddp_two_processes_match_one_process(ddp_run, one_process_full):
+def test_ddp_two_processes_match_one_process(tiny_data, ddp_run, one_process_full):
     out, output = ddp_run
     assert (out / "ckpt" / "latest-rank0.pt").exists()  # DDP: rank 0 writes the monolithic checkpoint
     one, two = one_process_full[0], records(out / "loss.jsonl")
     assert_same_curve(one, two)
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], out, output)
+    assert_same_downstream(tiny_data, out)
 
 
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process_full, capsys):
