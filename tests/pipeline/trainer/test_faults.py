@@ -103,7 +103,8 @@ def test_sigkill_at_a_random_batch_with_data_and_checkpoints_on_s3_matches(
     p = run_to_end(cmd, env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:] + rank_logs(tmp_path)
     assert_same_run(ref, tmp_path)
-    assert s3.get("runs/kill/latest-rank0.pt.symlink").decode().endswith("ep1-ba20-rank0.pt")
+    # (the mixture's epoch is 320 rows: batch 20 is still in epoch 0)
+    assert s3.get("runs/kill/latest-rank0.pt.symlink").decode().endswith("ep0-ba20-rank0.pt")
 
 
 @pytest.mark.slow
