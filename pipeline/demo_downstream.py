@@ -14,13 +14,17 @@ from pathlib import Path
 
 TASK = "demo_next_text"
 CONTEXT_WORDS, CONTINUATION_WORDS, CHOICES = 12, 6, 4
+MAX_WORD_CHARS = 12
 
 
 def write_next_text_task(corpus: Path, folder: Path, n_docs: int = 16, seed: int = 0) -> Path:
     """``folder`` with ``{TASK}.yaml`` and its jsonl (``n_docs`` questions from the last documents of
     ``corpus``, JSON lines with ``text``), read offline by lm-eval (``--include-path folder``)."""
     docs = [json.loads(line)["text"].split() for line in Path(corpus).read_text().splitlines()]
-    docs = [d for d in docs if len(d) >= CONTEXT_WORDS + CONTINUATION_WORDS][-n_docs * CHOICES :]
+    n = CONTEXT_WORDS + CONTINUATION_WORDS
+    # plain words only (no long identifiers or paths): every question and choice fits the model's window
+    docs = [d for d in docs if len(d) >= n and all(len(w) <= MAX_WORD_CHARS for w in d[:n])]
+    docs = docs[-n_docs * CHOICES :]
     rng = random.Random(seed)
     rows = []
     for i, words in enumerate(docs[:n_docs]):
