@@ -10,6 +10,7 @@ afterwards and the noise of the scores comes from the section's seed, so trainin
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class DownstreamEval(ScheduledEval):
         if self._manager is None:  # indexing the task folder once per run
             self._manager = task_manager(s.tasks, s.include_path)
         py_rng, np_rng = random.getstate(), np.random.get_state()
+        local_rank = os.environ.get("LOCAL_RANK")
         out = []
         try:
             with isolated_eval(state) as bd3:
@@ -58,6 +60,10 @@ class DownstreamEval(ScheduledEval):
                         batch_size=s.batch_size,
                         tokenizer=str(self.tokenizer_file),
                     )
+                    # Every rank runs every request (lm-eval sees one process, ``lm``'s rank 0), so
+                    # the forwards stay in step; lm-eval also reads LOCAL_RANK and returns nothing
+                    # on a node's other ranks: it sees 0 there while it runs.
+                    os.environ["LOCAL_RANK"] = "0"
                     results = simple_evaluate(
                         model=lm,
                         tasks=list(s.tasks),
@@ -70,6 +76,10 @@ class DownstreamEval(ScheduledEval):
         finally:
             random.setstate(py_rng)
             np.random.set_state(np_rng)
+            if local_rank is None:
+                os.environ.pop("LOCAL_RANK", None)
+            else:
+                os.environ["LOCAL_RANK"] = local_rank
         return out
 
     def _run(self, state: State, logger: Logger) -> None:
