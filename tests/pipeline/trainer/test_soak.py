@@ -68,6 +68,13 @@ def test_soak_random_kills_end_like_an_uninterrupted_run(tiny_data, tmp_path, ki
     cmd, env = soak_command(tiny_data, out, steps)
     kills, launches, t0 = 0, 0, time.monotonic()
     with started(ref_cmd, ref_env, ref) as ref_proc:
+        # The killed run starts once the reference trains: two jobs that create their Streaming
+        # datasets at the same instant can collide on Streaming's shared-memory names.
+        deadline = time.monotonic() + 300
+        while last_batch(ref / "loss.jsonl") < 1:
+            assert ref_proc.poll() is None, (ref / "launcher.log").read_text()[-3000:] + rank_logs(ref)
+            assert time.monotonic() < deadline, "the reference logged no batch in 300 s"
+            time.sleep(0.05)
         while True:
             launches += 1
             assert launches <= num_kills + 3, "the run does not finish"
