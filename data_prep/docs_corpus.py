@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 DEFAULT_PACKAGES = ("torch", "transformers", "numpy", "composer", "streaming", "deepspeed", "pandas")
@@ -41,32 +42,39 @@ def docstrings(root: Path) -> Iterator[str]:
                     yield doc
 
 
-def write_docs_corpus(
-    out: str | os.PathLike, max_docs: int, packages: Sequence[str] = DEFAULT_PACKAGES
-) -> int:
-    """Write up to ``max_docs`` documents as JSON lines ``{"text": ...}``; returns how many."""
+def _write_texts(out: str | os.PathLike, texts: Iterable[str], max_docs: int) -> int:
+    """Write the first ``max_docs`` of ``texts`` as JSON lines ``{"text": ...}`` to ``out`` (through a
+    temporary file, so a half-written corpus never has the final name); returns how many."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     n = 0
-    seen: set[str] = set()
     with tmp.open("w") as f:
-        for name in packages:
-            root = package_dir(name)
-            if root is None:
-                continue
-            for doc in docstrings(root):
-                if doc in seen:  # inherited and copied docstrings repeat
-                    continue
-                seen.add(doc)
-                f.write(json.dumps({"text": doc}) + "\n")
-                n += 1
-                if n >= max_docs:
-                    break
-            if n >= max_docs:
-                break
+        for text in itertools.islice(texts, max_docs):
+            f.write(json.dumps({"text": text}) + "\n")
+            n += 1
     os.replace(tmp, out)
     return n
+
+
+def _package_roots(packages: Sequence[str]) -> Iterator[Path]:
+    return (root for root in map(package_dir, packages) if root is not None)
+
+
+def write_docs_corpus(
+    out: str | os.PathLike, max_docs: int, packages: Sequence[str] = DEFAULT_PACKAGES
+) -> int:
+    """Write up to ``max_docs`` documents as JSON lines ``{"text": ...}``; returns how many."""
+
+    def unique_docstrings() -> Iterator[str]:
+        seen: set[str] = set()
+        for root in _package_roots(packages):
+            for doc in docstrings(root):
+                if doc not in seen:  # inherited and copied docstrings repeat
+                    seen.add(doc)
+                    yield doc
+
+    return _write_texts(out, unique_docstrings(), max_docs)
 
 
 def write_code_corpus(
@@ -74,24 +82,15 @@ def write_code_corpus(
 ) -> int:
     """Write up to ``max_docs`` Python source files (at least MIN_CHARS, at most ``max_chars`` characters
     each, in sorted order) as JSON lines ``{"text": ...}``; returns how many."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    n = 0
-    with tmp.open("w") as f:
-        for name in packages:
-            root = package_dir(name)
-            for path in sorted(root.rglob("*.py")) if root is not None else []:
+
+    def sources() -> Iterator[str]:
+        for root in _package_roots(packages):
+            for path in sorted(root.rglob("*.py")):
                 try:
                     text = path.read_text(encoding="utf-8")
                 except (UnicodeDecodeError, OSError):
                     continue
                 if MIN_CHARS <= len(text) <= max_chars:
-                    f.write(json.dumps({"text": text}) + "\n")
-                    n += 1
-                if n >= max_docs:
-                    break
-            if n >= max_docs:
-                break
-    os.replace(tmp, out)
-    return n
+                    yield text
+
+    return _write_texts(out, sources(), max_docs)

@@ -200,38 +200,15 @@ def prepare_data(out: Path, size_name: str = "full", corpus_choice: str = "auto"
                 str(tok),
             ]
         )
-    sh(
-        [
-            py,
-            "-m",
-            "data_prep",
-            "convert",
-            "--input",
-            *source,
-            "--out",
-            str(data),
-            "--tokenizer",
-            str(tok),
-            "--seq-len",
-            str(size["seq_len"]),
-            "--val-docs",
-            str(size["val_docs"]),
-            "--max-docs",
-            str(size["docs"]),
-        ]
-    )
-    convert = [py, "-m", "data_prep", "convert", "--input", str(code), "--out", str(out / CODE_DATA)]
-    sh(
-        [
-            *convert,
-            "--tokenizer",
-            str(tok),
-            "--seq-len",
-            str(size["seq_len"]),
-            "--val-docs",
-            str(size["code_val_docs"]),
-        ]
-    )
+
+    def convert(inputs: list[str], dest: Path, val_docs: int, *extra: str) -> None:
+        sh(
+            [py, "-m", "data_prep", "convert", "--input", *inputs, "--out", str(dest), "--tokenizer", str(tok),
+             "--seq-len", str(size["seq_len"]), "--val-docs", str(val_docs), *extra]
+        )  # fmt: skip
+
+    convert(source, data, size["val_docs"], "--max-docs", str(size["docs"]))
+    convert([str(code)], out / CODE_DATA, size["code_val_docs"])
     return data, tok
 
 
