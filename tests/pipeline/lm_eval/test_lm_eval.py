@@ -165,6 +165,10 @@ def test_bad_model_args_are_clear(ar_folder):
         BD3EvalLM(pretrained=str(ar_folder), blocksize=4)
     with pytest.raises(ValueError, match="mc_samples must be >= 1"):
         BD3EvalLM(pretrained=str(ar_folder), mc_samples=0)
+    # A choice longer than the model's window is named, not a shape error deep in the scoring.
+    lm = BD3EvalLM(pretrained=str(ar_folder), max_length=8)
+    with pytest.raises(ValueError, match="continuation of 9 tokens does not fit the model's window of 8"):
+        lm._loglikelihood_tokens([(None, [5], list(range(5, 14)))], disable_tqdm=True)
 
 
 @pytest.mark.slow  # a fresh interpreter imports lm-eval and indexes its built-in tasks (15-30 s)
