@@ -205,13 +205,14 @@ class BD3EvalLM(TemplateLM):
     # -- log-likelihood ---------------------------------------------------------------------------
     def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
         """(the scored row, its context length), cut from the left as the hf backend cuts: at L' = 1 the
-        hf backend's input window (max_length tokens plus the last one, which is never an input)."""
+        hf backend's input window (max_length tokens plus the last one, which is never an input); above it
+        max_length tokens, so a rolling window's first continuation (max_length tokens) has no context."""
         keep = self.max_length + 1 if self.block_size == 1 else self.max_length
-        if len(continuation) >= keep:  # (the hf backend asserts the same)
+        if len(continuation) > self.max_length:  # (the hf backend asserts the same)
             raise ValueError(
                 f"a continuation of {len(continuation)} tokens does not fit the model's window of "
-                f"{self.max_length} tokens with one token of context: shorten the task's choices or "
-                "raise max_length (model_args) up to the model's context length"
+                f"{self.max_length} tokens: shorten the task's choices or raise max_length (model_args) "
+                "up to the model's context length"
             )
         row = (context + continuation)[-keep:]
         return row, len(row) - len(continuation)

@@ -169,6 +169,11 @@ def test_bad_model_args_are_clear(ar_folder):
     lm = BD3EvalLM(pretrained=str(ar_folder), max_length=8)
     with pytest.raises(ValueError, match="continuation of 9 tokens does not fit the model's window of 8"):
         lm._loglikelihood_tokens([(None, [5], list(range(5, 14)))], disable_tqdm=True)
+    # ... while one of exactly max_length tokens (a rolling window's first) is scored at every size.
+    for size in (1, 2):
+        lm = BD3EvalLM(pretrained=str(ar_folder), max_length=8, block_size=size)
+        [(value, _)] = lm._loglikelihood_tokens([(None, [5], list(range(5, 13)))], disable_tqdm=True, greedy=False)
+        assert math.isfinite(value) and value < 0
 
 
 @pytest.mark.slow  # a fresh interpreter imports lm-eval and indexes its built-in tasks (15-30 s)
