@@ -172,7 +172,9 @@ def test_bad_model_args_are_clear(ar_folder):
     # ... while one of exactly max_length tokens (a rolling window's first) is scored at every size.
     for size in (1, 2):
         lm = BD3EvalLM(pretrained=str(ar_folder), max_length=8, block_size=size)
-        [(value, _)] = lm._loglikelihood_tokens([(None, [5], list(range(5, 13)))], disable_tqdm=True, greedy=False)
+        [(value, _)] = lm._loglikelihood_tokens(
+            [(None, [5], list(range(5, 13)))], disable_tqdm=True, greedy=False
+        )
         assert math.isfinite(value) and value < 0
 
 
