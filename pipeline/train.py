@@ -7,7 +7,10 @@ a data shard that fails while training prints the shard, the fix and the checkpo
 (the traceback is logged before it) and exits with code 4; an object store that fails while a
 checkpoint is saved to it (after the retries) prints one line and exits with code 5; installed
 libraries whose private names this project relies on have changed (``pipeline.seams``: crash-safe
-checkpoints would switch off) prints one line naming them and exits with code 6 before training.
+checkpoints would switch off) prints one line naming them and exits with code 6 before training; a
+DeepSpeed checkpoint that cannot be converted for another number of processes prints one line and
+exits with code 7. Rerunning the command of a run that already reached ``max_duration`` (a
+scheduler's requeue) prints one line saying so and exits 0.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.rows import ShardReadError
     from pipeline.seams import SeamError
     from pipeline.trainer import ConfigError, load_config
+    from pipeline.trainer.elastic import UniversalConversionError
     from pipeline.trainer.safe_saves import NonFiniteError, RemoteSaveError, resume_hint
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except SeamError as e:
         print(f"training refused to start: {e}", file=sys.stderr, flush=True)
         return 6
+    except UniversalConversionError as e:
+        print(f"resuming stopped: {e}", file=sys.stderr, flush=True)
+        return 7
     return 0
 
 

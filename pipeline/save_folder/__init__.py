@@ -13,6 +13,7 @@ name is ``pipeline.model``'s, a Hugging Face folder has it too)::
     deepspeed/ba{N}/             the ZeRO partitions of batch N          ds_checkpoints, ds_tag
     .partial.<name>              a file still being written              partial_file
     deepspeed/ba{N}.partial/     partitions still being written          partial_tag
+    deepspeed/ba{N}.universal/   ba{N} converted for another world size  universal_tag
     tensorboard/{run_name}/      the default TensorBoard log dir         tensorboard_dir
     .write-probe-node{K}         node K's write check (removed at once)  write_probe
 
@@ -45,6 +46,8 @@ from pipeline.save_folder.layout import (
     ds_batch,
     ds_checkpoints,
     ds_folder,
+    ds_node_staging,
+    ds_owner_batch,
     ds_staging,
     ds_tag,
     is_one_checkpoint,
@@ -56,7 +59,9 @@ from pipeline.save_folder.layout import (
     run_config_file,
     sharded_batch_of,
     tensorboard_run_dir,
+    universal_tag,
     write_probe,
+    zero_partitions,
 )
 from pipeline.save_folder.loading import (
     consolidated_state_dict,
@@ -69,6 +74,7 @@ from pipeline.save_folder.remote import (
     fetch_save_folder,
     local_checkpoint,
     remote_checkpoints,
+    remote_ds_tag_files,
     remove_autoresume_copy,
     rotate_remote_checkpoints,
     upload_ds_tag,
@@ -106,6 +112,8 @@ __all__ = [
     "ds_batch",
     "ds_checkpoints",
     "ds_folder",
+    "ds_node_staging",
+    "ds_owner_batch",
     "ds_staging",
     "ds_tag",
     "fetch_save_folder",
@@ -120,6 +128,7 @@ __all__ = [
     "prepare_save_folder",
     "rank_files",
     "remote_checkpoints",
+    "remote_ds_tag_files",
     "remove_autoresume_copy",
     "repair_remote_save_folder",
     "repair_save_folder",
@@ -130,10 +139,12 @@ __all__ = [
     "sharded_model_state",
     "tensorboard_dir",
     "tensorboard_run_dir",
+    "universal_tag",
     "upload_ds_tag",
     "upload_files",
     "upload_paths",
     "write_probe",
     "write_run_files",
     "write_run_metadata",
+    "zero_partitions",
 ]

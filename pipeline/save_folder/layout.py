@@ -19,11 +19,14 @@ LATEST_ANY_RANK = "latest-rank*.pt"
 REMOTE_LATEST = f"{LATEST}.symlink"  # Composer's remote stand-in for the latest symlink
 PARTIAL = ".partial"
 DS_SUBDIR = "deepspeed"
+UNIVERSAL = ".universal"  # DeepSpeed's universal checkpoint of a tag (a resume on another world size)
 TENSORBOARD_SUBDIR = "tensorboard"
 WRITE_PROBE = ".write-probe"
 SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (a pickle)
 _CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 _SHARDED_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+# A ZeRO optimizer partition: (bf16_)zero_pp_rank_{R}_mp_rank_{M}_optim_states.pt, one per data-parallel rank.
+_ZERO_PARTITION_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 def is_remote(save_folder: str | Path) -> bool:
@@ -56,6 +59,23 @@ def ds_batch(tag: str) -> int | None:
     return int(tag[2:]) if tag.startswith("ba") and tag[2:].isdigit() else None
 
 
+def universal_tag(tag: str) -> str:
+    """The folder (beside ``tag``) of the universal checkpoint converted from ``tag``'s partitions."""
+    return f"{tag}{UNIVERSAL}"
+
+
+def ds_owner_batch(name: str) -> int | None:
+    """The batch whose checkpoint the folder ``name`` under ``deepspeed/`` belongs to: a tag ``ba{N}``
+    or its universal conversion ``ba{N}.universal`` (rotated with it); None for any other name."""
+    return ds_batch(name[: -len(UNIVERSAL)] if name.endswith(UNIVERSAL) else name)
+
+
+def zero_partitions(names) -> int:
+    """How many data-parallel ranks wrote the ZeRO checkpoint whose file names are ``names`` (0: none)."""
+    ranks = {int(m.group(1)) for m in map(_ZERO_PARTITION_RE.search, names) if m}
+    return len(ranks)
+
+
 def ds_folder(save_folder: str | Path) -> Path:
     """Where the DeepSpeed partitions of ``save_folder`` go."""
     return Path(save_folder) / DS_SUBDIR
@@ -80,6 +100,11 @@ def latest_ds_tag(save_folder: str | Path) -> str | None:
 def ds_staging(save_folder: str, rank: int) -> Path:
     """The local folder where ``rank`` writes (and reads back) its ZeRO partitions of a remote save_folder."""
     return local_cache_dir("pipeline-deepspeed", save_folder) / f"rank{rank}"
+
+
+def ds_node_staging(save_folder: str) -> Path:
+    """The local folder where a node converts a remote save_folder's partitions to a universal checkpoint."""
+    return local_cache_dir("pipeline-deepspeed", save_folder) / "node"
 
 
 def rank_files(rank: int):

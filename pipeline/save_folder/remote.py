@@ -158,6 +158,15 @@ def upload_ds_tag(uri: str, local_ds_dir: str | Path, tag: str) -> None:
     upload_files(uri, Path(local_ds_dir) / tag, under=f"{DS_SUBDIR}/{tag}")
 
 
+def remote_ds_tag_files(uri: str, tag: str) -> list[str]:
+    """The file names of ``uri``'s DeepSpeed tag ``deepspeed/{tag}/`` (empty: no such tag)."""
+    store, prefix = _object_store(uri)
+    try:
+        return [key.rsplit("/", 1)[1] for key in store.list_objects(f"{prefix}/{DS_SUBDIR}/{tag}/")]
+    finally:
+        store.close()
+
+
 def download_ds_tag(uri: str, tag: str, local_ds_dir: str | Path, wanted=lambda name: True) -> Path:
     """Download the objects of ``uri``'s ``deepspeed/{tag}/`` that ``wanted`` accepts into ``local_ds_dir/tag``."""
     store, prefix = _object_store(uri)

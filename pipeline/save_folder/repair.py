@@ -20,8 +20,8 @@ from pipeline.save_folder.layout import (
     LATEST,
     WRITE_PROBE,
     composer_checkpoints,
-    ds_checkpoints,
     ds_folder,
+    ds_owner_batch,
     ds_tag,
     is_remote,
     partial_file,
@@ -97,8 +97,9 @@ def repair_remote_save_folder(uri: str) -> list[int]:
 def rotate_deepspeed_partitions(folder: Path, keep_batch: int) -> None:
     """Rank 0 removes DeepSpeed tags whose Composer file is gone (Composer rotated it), keeping ``keep_batch``."""
     alive = set(composer_checkpoints(folder)) | {keep_batch}
-    for batch, p in ds_checkpoints(folder).items():
-        if p.is_dir() and batch not in alive:
+    for p in ds_folder(folder).glob("ba*"):
+        batch = ds_owner_batch(p.name)  # a tag, or the universal checkpoint converted from it
+        if batch is not None and p.is_dir() and batch not in alive:
             shutil.rmtree(p, ignore_errors=True)
 
 

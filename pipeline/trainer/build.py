@@ -29,6 +29,7 @@ from pipeline.save_folder import (
     write_run_metadata,
 )
 from pipeline.trainer.config import TrainConfig, diffusion_config
+from pipeline.trainer.elastic import completion_line, run_is_complete
 from pipeline.trainer.run_inputs import RunInputs
 from pipeline.trainer.startup import (
     inputs_local_rank_zero_first,
@@ -313,6 +314,13 @@ def run(cfg: TrainConfig):
         dist.barrier()  # every rank has loaded the autoresume copy
         if dist.get_local_rank() == 0:
             remove_autoresume_copy(cfg.save_folder)
+    if run_is_complete(trainer.state):  # requeued after it finished: nothing to train, not an error
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0:
+            print(completion_line(cfg, trainer.state), flush=True)
+        trainer.close()
+        return trainer
     try:
         if cfg.eval_first and cfg.eval_loader is not None and trainer.state.timestamp.batch.value == 0:
             trainer.eval()

@@ -39,9 +39,11 @@ from pipeline.save_folder import (
     is_remote,
     rank_files,
 )
+from pipeline.trainer.elastic import run_is_complete, saved_partitions, universal_source
 from pipeline.trainer.safe_saves import install_safe_saves
 from pipeline.trainer.seams import (
     check_deepspeed_seams,
+    loading_universal,
     mark_first_batch_complete,
     original_model,
     run_event,
@@ -92,12 +94,31 @@ class DeepSpeedTrainer(Trainer):
         # they are partitions it cannot map. The engine's checkpoint holds them instead.
         skip_model_and_optimizer_state(self.state)
         install_safe_saves(self, save_folder, ds_dir=self._ds_dir)
-        if int(self.state.timestamp.batch) > 0:  # Composer's autoresume restored its part: load ours
-            self.load_deepspeed_checkpoint(int(self.state.timestamp.batch))
+        resumed = int(self.state.timestamp.batch)
+        if resumed > 0 and not run_is_complete(self.state):  # Composer's autoresume restored its part
+            self.load_deepspeed_checkpoint(resumed)
 
     # -- checkpoints ------------------------------------------------------------------------
     def load_deepspeed_checkpoint(self, batch: int) -> None:
+        """Load the engine's state of ``batch``: this rank's partition, or, when the checkpoint was
+        written by another number of data-parallel ranks, its universal conversion (``elastic``)."""
         tag = ds_tag(batch)
+        world = self.ds_engine.dp_world_size
+        saved = saved_partitions(self._ds_dir, tag, self._remote)
+        if saved and saved != world:
+            if self.ds_engine.global_rank == 0:
+                log.info(
+                    "batch %d was saved by %d data-parallel ranks and resumes on %d: loading DeepSpeed's "
+                    "universal checkpoint of %s (converted once)",
+                    batch,
+                    saved,
+                    world,
+                    tag,
+                )
+            load_dir, load_tag = universal_source(self._ds_dir, tag, self._remote, batch)
+            with loading_universal(self.ds_engine):
+                self._load_engine(load_dir, load_tag)
+            return
         if self._remote:  # this rank's partition and the shared files, not the other ranks'
             download_ds_tag(self._remote, tag, self._ds_dir, rank_files(self.ds_engine.global_rank))
         if self._ds_dir is None or not any((self._ds_dir / tag).glob("*")):
@@ -105,12 +126,15 @@ class DeepSpeedTrainer(Trainer):
                 f"resuming at batch {batch} needs the DeepSpeed checkpoint {self._ds_dir}/{tag}, which is "
                 f"missing: the save folder is incomplete (copied without {DS_SUBDIR}/?)"
             )
+        self._load_engine(self._ds_dir, tag)
+
+    def _load_engine(self, load_dir, tag: str) -> None:
         path, _ = self.ds_engine.load_checkpoint(
-            str(self._ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {self._ds_dir}/{tag}")
-        log.info("resumed DeepSpeed state from %s/%s", self._ds_dir, tag)
+            raise RuntimeError(f"DeepSpeed could not load {load_dir}/{tag}")
+        log.info("resumed DeepSpeed state from %s/%s", load_dir, tag)
 
     # -- the training step ------------------------------------------------------------------
     # Overrides Composer's (a seam, checked in pipeline.trainer.seams).

@@ -15,9 +15,13 @@ imports it). What they are for:
 - ``Generation`` writes its samples as text to TensorBoard (``TensorboardLogger.writer``).
 - The NaN check reads each rank's ZeRO-3 partition (``param.ds_tensor``); ``HFExport`` tells ZeRO-3
   parameters by ``ds_id``.
+- A resume on another world size loads DeepSpeed's universal checkpoint by switching the engine's
+  ``_config.load_universal_checkpoint`` on for that one load (``pipeline.trainer.elastic``).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from composer.core import State
 from composer.utils import checkpoint as composer_checkpoint
@@ -121,6 +125,23 @@ DEEPSPEED_SEAMS = [
     ),
 ]
 
+DEEPSPEED_SEAMS += [
+    Seam(
+        "deepspeed",
+        "deepspeed.runtime.engine:DeepSpeedEngine",
+        "_config",
+        "the engine's config: a universal checkpoint is loaded on another world size (elastic resume)",
+        set_in="__init__",
+    ),
+    Seam(
+        "deepspeed",
+        "deepspeed.runtime.config:DeepSpeedConfig",
+        "load_universal_checkpoint",
+        "switched on for the one load of a universal checkpoint (elastic resume)",
+        set_in="_initialize_params",
+    ),
+]
+
 check_seams(COMPOSER_SEAMS, __name__)
 
 
@@ -208,6 +229,19 @@ def skip_model_and_optimizer_state(state: State) -> None:
     """Leave the model and optimizer out of ``state.state_dict()`` (DeepSpeed's engine saves them)."""
     state.get_model_state_dict = dict
     state.get_optim_state_dict = dict
+
+
+@contextmanager
+def loading_universal(engine):
+    """While inside, ``engine.load_checkpoint`` reads a universal checkpoint (DeepSpeed's
+    ``checkpoint.load_universal`` config key, which is read from the engine's config at each load)."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
 
 
 def zero3_partition(param):

@@ -6,8 +6,8 @@ Every run made here is made once per session and shared by the tests that only r
   ``launch.FULL`` (several block sizes and the evaluation callbacks folded in), trained in this
   process;
 - ``ddp_run``: ``composer -n 2`` DDP of ``FULL`` with the downstream (lm-eval) callback;
-- ``reference(variant)``: the fault tests' uninterrupted runs (``launch.FAULT_COMMON``: a checkpoint
-  every 3 batches, row ids logged, a Hugging Face export) for "1proc", "zero2" (both on a two-stream
+- ``reference(variant)``: the fault tests' uninterrupted runs (``launch.FAULT_COMMON``, row ids logged,
+  a Hugging Face export; every 5th batch's checkpoint kept for test_elastic.py) for "1proc", "zero2" (both on a two-stream
   mixture, ``launch.mixture``) and "zero3", launched on first use; they are also the comparisons of
   ZeRO-2 with one process on the mixture and of ZeRO-3 with ``one_process``.
 """
@@ -61,7 +61,10 @@ def reference(tiny_data, tmp_path_factory):
     def get(variant: str) -> Path:
         if variant not in made:
             out = tmp_path_factory.mktemp(f"ref-{variant}")
-            cmd, env = command(tiny_data, out, variant)
+            # Every 5th batch's checkpoint is kept: the world-size switches resume from batch 10.
+            cmd, env = command(
+                tiny_data, out, variant, "save_interval=5ba", "save_num_checkpoints_to_keep=-1"
+            )
             p = run_to_end(cmd, env, out)
             assert p.returncode == 0, p.stderr[-3000:] + rank_logs(out)
             made[variant] = out

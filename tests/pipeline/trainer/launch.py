@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,9 +220,11 @@ def same_reference(variant: str):
     return pytest.mark.xdist_group("reference-mixture" if VARIANTS[variant][2] else f"reference-{variant}")
 
 
-def command(tiny_data, out: Path, variant: str, *extra: str):
-    """(argv, env) of the fault tests' recipe for ``variant``; ``extra`` overrides go last."""
-    nproc, overrides, mixed = VARIANTS[variant]
+def command(tiny_data, out: Path, variant: str, *extra: str, nproc: int | None = None):
+    """(argv, env) of the fault tests' recipe for ``variant``; ``extra`` overrides go last; ``nproc``
+    (0: ``python -m``) replaces the variant's number of processes."""
+    processes, overrides, mixed = VARIANTS[variant]
+    nproc = processes if nproc is None else nproc
     overrides = [*overrides, *(mixture(tiny_data) if mixed else [])]
     return train_command(
         tiny_data,
@@ -352,3 +355,97 @@ def assert_same_evaluation(one: dict[int, float], out: Path, output: str) -> Non
     assert sorted(one) == [1, 4, 8, 32]
     for bs, nelbo in one.items():
         assert scalars[f"eval/nelbo/bs{bs}"][20] == pytest.approx(nelbo, rel=LOSS_RTOL), bs
+
+
+# -- elastic resumption (test_elastic.py) ----------------------------------------------------------
+def copy_run_until(ref: Path, out: Path, batch: int) -> None:
+    """``out`` as the run in ``ref`` was right after batch ``batch``: the save_folder with that batch's
+    checkpoint (Composer's file or sharded folder, DeepSpeed's tag) as its latest, and the loss log
+    up to it. ``ref`` must have kept that checkpoint (``save_num_checkpoints_to_keep=-1``)."""
+    from pipeline.save_folder import LATEST, batch_of, composer_checkpoints, ds_folder, ds_tag
+
+    src, dst = ref / "ckpt", out / "ckpt"
+    dst.mkdir(parents=True)
+    for p in src.iterdir():  # the run's config and tokenizer files
+        if p.is_file() and not p.is_symlink() and batch_of(p.name) is None:
+            shutil.copy2(p, dst / p.name)
+    ckpt = composer_checkpoints(src)[batch]
+    (shutil.copytree if ckpt.is_dir() else shutil.copy2)(ckpt, dst / ckpt.name)
+    if (ds_folder(src) / ds_tag(batch)).is_dir():
+        shutil.copytree(ds_folder(src) / ds_tag(batch), ds_folder(dst) / ds_tag(batch))
+    (dst / LATEST).symlink_to(ckpt.name)
+    kept = [r for r in records(ref / "loss.jsonl") if r["batch"] <= batch]
+    (out / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def assert_continues(ref: Path, got: Path, after: int, rtol: float = LOSS_RTOL) -> None:
+    """Every global batch after ``after`` holds the rows of the uninterrupted run ``ref`` (exact) and its
+    losses agree to ``rtol`` (another world size sums in another order)."""
+    want, have = final_records(ref), final_records(got)
+    assert sorted(have) == sorted(want) == list(range(1, 21))
+    worst = 0.0
+    for b in range(after + 1, 21):
+        assert have[b]["rows"] == want[b]["rows"], f"batch {b}: other rows than the uninterrupted run"
+        for key in ("loss/train/total", "loss/train/nelbo"):
+            assert have[b][key] == pytest.approx(want[b][key], rel=rtol), (b, key)
+            worst = max(worst, abs(have[b][key] - want[b][key]) / abs(want[b][key]))
+    print(f"\nbatches {after + 1}-20: rows identical, largest relative loss difference {worst:.1e}")
+
+
+def optimizer_state(ckpt: Path, batch: int, scratch: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{parameter: {"exp_avg", "exp_avg_sq", "step"}} of the save_folder ``ckpt``'s checkpoint of
+    ``batch``, whole tensors whatever the world size that wrote it: from DeepSpeed's partitions
+    (converted to a universal checkpoint in a copy under ``scratch``), Composer's file, or FSDP shards.
+    The step is a float (DeepSpeed keeps an int, torch a tensor)."""
+    from pipeline.save_folder import composer_checkpoints, ds_folder, ds_tag
+    from pipeline.trainer.elastic import convert_to_universal
+
+    keys = ("exp_avg", "exp_avg_sq")
+    tag = ds_folder(ckpt) / ds_tag(batch)
+    if tag.is_dir():
+        copy = scratch / f"{ckpt.parent.name}-{tag.name}"
+        shutil.copytree(tag, copy)
+        zero = convert_to_universal(copy) / "zero"
+        out = {}
+        for param in sorted(p for p in zero.iterdir() if p.is_dir()):
+            state = {k: torch.load(param / f"{k}.pt", weights_only=False)["param"] for k in keys}
+            step = torch.load(param / "step.pt", weights_only=False)
+            state["step"] = float(step["param"] if isinstance(step, dict) else step)
+            out[param.name] = state
+        return out
+    path = composer_checkpoints(ckpt)[batch]
+    if path.is_dir():  # FSDP sharded: read the optimizer's tensors into full ones, in this process
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        reader = dcp.FileSystemReader(str(path))
+        prefix = "state.optimizers.DecoupledAdamW.state."
+        wanted = {
+            key: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in reader.read_metadata().state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        }
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+        out = {}
+        for key, value in wanted.items():
+            name, _, what = key[len(prefix) :].rpartition(".")
+            out.setdefault(name, {})[what] = float(value) if what == "step" else value
+        return out
+    state = torch.load(path, map_location="cpu", weights_only=False)["state"]["optimizers"]["DecoupledAdamW"]
+    return {name: {**{k: s[k] for k in keys}, "step": float(s["step"])} for name, s in state["state"].items()}
+
+
+def assert_same_optimizer_state(want: dict, have: dict, rtol: float = LOSS_RTOL) -> None:
+    """Adam's moments of every parameter agree to ``rtol`` relative to each tensor's norm, and the
+    step counts are equal: the run continued Adam, it did not restart it."""
+    assert sorted(have) == sorted(want) and want
+    worst = 0.0
+    for name in want:
+        assert have[name]["step"] == want[name]["step"], name
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = have[name][key].double(), want[name][key].double()
+            assert a.shape == b.shape, (name, key)
+            err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+            worst = max(worst, err)
+            assert err <= rtol, (name, key, err)
+    print(f"optimizer state: {len(want)} parameters, largest relative difference {worst:.1e}")
