@@ -24,7 +24,13 @@ from tests.factories import REPO, YAMLS, tiny_overrides
 
 # float32 on CPU: the runs differ only in summation order (all-reduce, microbatch grouping).
 LOSS_RTOL = 1e-5  # measured: at most 1.2e-7 over 12 batches (1 vs 2 processes)
-COMMON = ["max_duration=20ba", "scheduler.t_max=20ba", "eval_loader=null", "run_name=dist-test"]
+COMMON = [
+    "max_duration=20ba",
+    "scheduler.t_max=20ba",
+    "eval_loader=null",
+    "run_name=dist-test",
+    "callbacks.loss_log.sample_ids=true",  # the rows of each global batch (compared across world sizes)
+]
 # FULL folds more into the same 20 batches, so that one launch proves several things: several block
 # sizes (each step draws L' from (seed, step), the same on every rank) and the evaluation callbacks
 # at batches 10 and 20 (likelihood per block size, the noise-interval search without adopting,
@@ -45,6 +51,8 @@ EVALUATION = [
     "callbacks.noise_interval_search.step=0.1",
     "callbacks.generation.max_new_tokens=8",
 ]
+# The INFO line of a DeepSpeed run resumed on another number of processes (pipeline.trainer.elastic).
+UNIVERSAL_LINE = "loading DeepSpeed's universal checkpoint"
 FULL = [*(c for c in COMMON if c != "eval_loader=null"), *MIXED, *EVALUATION]
 
 
@@ -408,9 +416,16 @@ def optimizer_state(ckpt: Path, batch: int, scratch: Path) -> dict[str, dict[str
         zero = convert_to_universal(copy) / "zero"
         out = {}
         for param in sorted(p for p in zero.iterdir() if p.is_dir()):
-            state = {k: torch.load(param / f"{k}.pt", weights_only=False)["param"] for k in keys}
-            step = torch.load(param / "step.pt", weights_only=False)
-            state["step"] = float(step["param"] if isinstance(step, dict) else step)
+            # ZeRO-1/2 write {"param": tensor, ...} and a step per parameter; ZeRO-3 writes the bare
+            # (flattened) tensors, and its step only in the optimizer's group state.
+            loaded = {k: torch.load(param / f"{k}.pt", weights_only=False) for k in keys}
+            state = {k: v["param"] if isinstance(v, dict) else v for k, v in loaded.items()}
+            if (param / "step.pt").exists():
+                step = torch.load(param / "step.pt", weights_only=False)
+                state["step"] = float(step["param"] if isinstance(step, dict) else step)
+            else:
+                groups = torch.load(zero / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
+                (state["step"],) = {float(s["step"]) for s in groups["state"].values()}
             out[param.name] = state
         return out
     path = composer_checkpoints(ckpt)[batch]

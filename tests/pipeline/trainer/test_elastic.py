@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from tests.pipeline.trainer.launch import (
+    UNIVERSAL_LINE,
     VARIANTS,
     assert_continues,
     assert_same_optimizer_state,
@@ -28,7 +29,6 @@ from tests.pipeline.trainer.launch import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-UNIVERSAL_LINE = "loading DeepSpeed's universal checkpoint"
 
 
 def other(nproc: int) -> int:

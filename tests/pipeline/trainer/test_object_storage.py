@@ -25,13 +25,16 @@ from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.factories import REPO, YAMLS, tiny_overrides
 from tests.pipeline.trainer.launch import (
     MIXED,
+    UNIVERSAL_LINE,
     assert_same_curve,
+    assert_same_optimizer_state,
     assert_same_run,
     command,
     kill_a_rank_after,
     last_batch,
     launch,
     mixture,
+    optimizer_state,
     rank_logs,
     records,
     run_to_end,
@@ -271,8 +274,10 @@ def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
     tiny_data, tmp_path, s3, one_process, parallelism
 ):
     """2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10 and autoresumed
-    from the bucket to 20: the curve equals the 1-process run; rotation left only batch 10's (then
-    20's) checkpoint: FSDP2's shard folder, or ZeRO's partitions (ZeRO-3: each rank's model states);
+    from the bucket to 20 (FSDP2 and ZeRO-1 switch world size on the way: 1 process from 10 to 15,
+    then 2 again; ZeRO-1 through universal checkpoints converted on the node): the rows equal and
+    the curve agrees with the 1-process run, and so does Adam's state at 20 after the switches
+    (FSDP2, ZeRO-1); rotation left only batch 10's (then 20's) checkpoint: FSDP2's shard folder, or ZeRO's partitions (ZeRO-3: each rank's model states);
     ``pipeline.export --checkpoint s3://...`` holds the 1-process weights. (The data is local here:
     reading the bucket is the DDP test's.)"""
     run_uri, run = f"{s3.uri}/runs/{parallelism}", f"runs/{parallelism}/"
@@ -298,8 +303,22 @@ def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
         assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba10"}
         per_rank = {f"deepspeed/ba10/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
         assert per_rank <= stored if parallelism == "zero3" else not per_rank & stored
-    launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
-    assert_same_curve(one_process[0], records(tmp_path / "loss.jsonl"))
+    if parallelism != "zero3":  # elastic: the same command on 1 process to batch 15, then 2 again
+        p = launch(tiny_data, tmp_path, *remote, "max_duration=15ba", nproc=0)
+        assert (UNIVERSAL_LINE in p.stdout + p.stderr) == (parallelism == "zero1"), p.stderr[-3000:]
+    p = launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
+    assert (UNIVERSAL_LINE in p.stdout + p.stderr + rank_logs(tmp_path)) == (parallelism == "zero1")
+    two = records(tmp_path / "loss.jsonl")
+    assert_same_curve(one_process[0], two)
+    assert [r["rows"] for r in two] == [r["rows"] for r in one_process[0]]
+    if parallelism != "zero3":  # Adam continued across both switches: its state equals the 1-process run's
+        local = tmp_path / "downloaded"
+        for key in s3.keys(run):
+            (local / key[len(run) :]).parent.mkdir(parents=True, exist_ok=True)
+            (local / key[len(run) :]).write_bytes(s3.get(key))
+        assert_same_optimizer_state(
+            optimizer_state(one_process[2], 20, tmp_path), optimizer_state(local, 20, tmp_path)
+        )
     after = checkpoints()
     assert after and all(k.startswith(("ep1-ba20", "deepspeed/ba20/")) for k in after), after
 
