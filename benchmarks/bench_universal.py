@@ -2,10 +2,10 @@
 DeepSpeed's universal checkpoint (``pipeline.trainer.elastic.convert_to_universal``, run once per
 switch by rank 0, or by each node's local rank 0 for a remote save_folder).
 
-    python -m benchmarks.bench_universal [--shape 110m] [--stages 2,3] [--world 2] [--out DIR]
+    python -m benchmarks.bench_universal [--shape 134m] [--stages 2,3] [--world 2] [--out DIR]
 
-Input: a LLaMA-family model of the given shape (random fp32 weights; ``110m``: hidden 768, 12
-layers, MLP 2048, vocabulary 32,000, 110M parameters; ``tiny`` for a smoke run) wrapped in a real
+Input: a LLaMA-family model of the given shape (random fp32 weights; ``134m``: hidden 768, 12
+layers, MLP 2048, vocabulary 32,000, untied embeddings; ``tiny`` for a smoke run) wrapped in a real
 DeepSpeed engine on ``--world`` CPU processes (gloo), torch AdamW, one optimizer step on 8 random
 tokens per rank, then ``save_checkpoint``: the same files a training run writes at a checkpoint
 (fp32 master weights and both Adam moments partitioned over the ranks; ZeRO-3 also partitions the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 SHAPES = {  # name: (hidden, layers, mlp, heads, vocabulary)
     "tiny": (64, 2, 128, 4, 512),
-    "110m": (768, 12, 2048, 12, 32000),
+    "134m": (768, 12, 2048, 12, 32000),  # untied embeddings: 2 x 24.6M of the 134M
 }
 PARAMS_1B = 1.1e9  # TinyLlama-1.1B, the flagship's shape (yamls/bd3_1b.yaml)
 
@@ -123,7 +123,7 @@ def measure(shape: str, stage: int, world: int, scratch: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="110m")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="134m")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages, comma separated (1, 2, 3)")
     ap.add_argument("--world", type=int, default=2, help="processes that write the partitions")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/universal"))
