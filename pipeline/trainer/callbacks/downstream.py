@@ -2,9 +2,12 @@
 
 The tasks run through the ``bd3`` model of ``pipeline.lm_eval`` wrapped around the training model
 itself (no copy, no checkpoint), at each configured block size, on the evaluation schedule and at the
-end of training. Every process evaluates every request: the forwards run in step on all ranks, so
-parameters sharded by FSDP or ZeRO-3 are gathered as in a training forward, and the numbers are those
-of one process. The global RNGs (torch, Python's ``random``, NumPy's, which lm-eval seeds) are put back
+end of training. With replicated weights (DDP, ZeRO-1/2) lm-eval splits the documents over the ranks
+and gathers them on rank 0, which hands the results to every rank. With parameters sharded by FSDP or
+ZeRO-3 every process evaluates every request instead: a forward gathers the parameters collectively,
+so the forwards must run in step on all ranks, and the number of forwards of greedy checks and
+generation depends on the requests. Either way the numbers are those of one process (the noise is
+keyed on each request's context). The global RNGs (torch, Python's ``random``, NumPy's, which lm-eval seeds) are put back
 afterwards and the noise of the scores comes from the section's seed, so training is untouched.
 """
 
@@ -18,7 +21,7 @@ import numpy as np
 from composer.core import State
 from composer.loggers import Logger
 
-from pipeline.trainer.callbacks.eval_base import EvalSchedule, ScheduledEval, isolated_eval
+from pipeline.trainer.callbacks.eval_base import EvalSchedule, ScheduledEval, isolated_eval, params_sharded
 from pipeline.trainer.config.schema import DownstreamEvalSection
 
 
@@ -37,6 +40,7 @@ class DownstreamEval(ScheduledEval):
 
     def evaluate(self, state: State) -> list:
         """``DownstreamResult`` per (task, metric, block size) of the current weights."""
+        from composer.utils import dist
         from lm_eval import simple_evaluate
 
         from pipeline.lm_eval.model import BD3EvalLM
@@ -47,6 +51,8 @@ class DownstreamEval(ScheduledEval):
             self._manager = task_manager(s.tasks, s.include_path)
         py_rng, np_rng = random.getstate(), np.random.get_state()
         local_rank = os.environ.get("LOCAL_RANK")
+        world = dist.get_world_size()
+        split = world > 1 and not params_sharded(state)
         out = []
         try:
             with isolated_eval(state) as bd3:
@@ -60,9 +66,11 @@ class DownstreamEval(ScheduledEval):
                         batch_size=s.batch_size,
                         tokenizer=str(self.tokenizer_file),
                     )
-                    # Every rank runs every request (lm-eval sees one process, ``lm``'s rank 0), so
-                    # the forwards stay in step; lm-eval also reads LOCAL_RANK and returns nothing
-                    # on a node's other ranks: it sees 0 there while it runs.
+                    if split:  # lm-eval gives each rank its share of the documents
+                        lm._rank, lm._world_size = dist.get_global_rank(), world
+                    # Sharded: every rank runs every request (lm-eval sees one process, ``lm``'s rank
+                    # 0), so the forwards stay in step. lm-eval also reads LOCAL_RANK and returns
+                    # nothing where it is not 0: it sees 0 while it runs (split: results on rank 0).
                     os.environ["LOCAL_RANK"] = "0"
                     results = simple_evaluate(
                         model=lm,
@@ -72,7 +80,12 @@ class DownstreamEval(ScheduledEval):
                         num_fewshot=s.num_fewshot,
                         verbosity="WARNING",
                     )
-                    out += table_rows(results, bs)
+                    if split:  # rank 0 holds the gathered results; every rank logs and keeps them
+                        rows = [table_rows(results, bs) if results is not None else None]
+                        dist.broadcast_object_list(rows, src=0)
+                        out += rows[0]
+                    else:
+                        out += table_rows(results, bs)
         finally:
             random.setstate(py_rng)
             np.random.set_state(np_rng)

@@ -67,6 +67,10 @@ def test_each_stream_gets_its_proportion_of_the_rows(tiny_data, streams, tmp_pat
     lookup = rows_by_content({name: streams[name] for name in proportions})
     counts, total = _shares(cfg, lookup, epochs=3)
     assert total >= 1000
+    print(
+        f"\n{total} rows read:",
+        ", ".join(f"{n} {counts[n] / total:.4f} (asked {p})" for n, p in proportions.items()),
+    )
     for name, p in proportions.items():
         assert abs(counts[name] / total - p) <= 0.02, (name, counts[name] / total, p)
 

@@ -12,6 +12,8 @@ test_deepspeed.py).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -37,6 +39,9 @@ def test_ddp_two_processes_match_one_process(tiny_data, ddp_run, one_process_ful
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], out, output)
     assert_same_downstream(tiny_data, out)
+    # Replicated weights: lm-eval split tiny_mc's 4 documents (16 requests) over the 2 ranks.
+    bars = re.findall(r"bd3 loglikelihood: 100%[^\n\r]*?\| *(\d+)/(\d+)", output)
+    assert bars and {b for b in bars} == {("8", "8")}, bars
 
 
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process_full, capsys):
