@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_object_storage
 	$(PY) -m benchmarks.bench_read --streams 3
 	$(PY) -m benchmarks.bench_lm_eval
+	$(PY) -m benchmarks.bench_universal
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
