@@ -2,10 +2,11 @@
 DeepSpeed's universal checkpoint (``pipeline.trainer.elastic.convert_to_universal``, run once per
 switch by rank 0, or by each node's local rank 0 for a remote save_folder).
 
-    python -m benchmarks.bench_universal [--shape 134m] [--stages 2,3] [--world 2] [--out DIR]
+    python -m benchmarks.bench_universal [--shape 127m] [--stages 2,3] [--world 2] [--out DIR]
 
-Input: a LLaMA-family model of the given shape (random fp32 weights; ``134m``: hidden 768, 12
-layers, MLP 2048, vocabulary 32,000, untied embeddings; ``tiny`` for a smoke run) wrapped in a real
+Input: the project's ``BD3LM`` of the given shape (``benchmarks.random_models.small_config``, random
+fp32 weights; ``127m``: hidden 768, 12 layers, MLP 2048, 8 query / 4 key-value heads, vocabulary
+32,000 plus the mask token and padding, untied embeddings; ``tiny`` for a smoke run) wrapped in a real
 DeepSpeed engine on ``--world`` CPU processes (gloo), torch AdamW, one optimizer step on 8 random
 tokens per rank, then ``save_checkpoint``: the same files a training run writes at a checkpoint
 (fp32 master weights and both Adam moments partitioned over the ranks; ZeRO-3 also partitions the
@@ -28,27 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {  # name: (hidden, layers, mlp, heads, vocabulary)
-    "tiny": (64, 2, 128, 4, 512),
-    "134m": (768, 12, 2048, 12, 32000),  # untied embeddings: 2 x 24.6M of the 134M
+SHAPES = {  # name: benchmarks.random_models.small_config's arguments
+    "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "context": 128},
+    "127m": {"hidden": 768, "layers": 12, "vocab": 32000, "context": 128},
 }
 PARAMS_1B = 1.1e9  # TinyLlama-1.1B, the flagship's shape (yamls/bd3_1b.yaml)
 
 
 def build_model(shape: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The project's ``BD3LM`` of ``shape`` with random weights (what the trainer wraps)."""
+    from benchmarks.random_models import small_config
+    from tests.factories import random_model
 
-    hidden, layers, mlp, heads, vocab = SHAPES[shape]
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=mlp,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg)
+    return random_model(small_config(**SHAPES[shape]))
 
 
 def write_checkpoint(rank: int, world: int, port: int, shape: str, stage: int, folder: str) -> None:
@@ -62,7 +55,6 @@ def write_checkpoint(rank: int, world: int, port: int, shape: str, stage: int, f
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.manual_seed(0)
     model = build_model(shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     config = {
@@ -74,8 +66,9 @@ def write_checkpoint(rank: int, world: int, port: int, shape: str, stage: int, f
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, config=config, dist_init_required=False
     )
-    ids = torch.randint(0, SHAPES[shape][4], (1, 8), generator=torch.Generator().manual_seed(rank))
-    loss = engine(input_ids=ids, labels=ids).loss
+    ids = torch.randint(0, SHAPES[shape]["vocab"], (1, 8), generator=torch.Generator().manual_seed(rank))
+    logits = engine(ids)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
     engine.backward(loss)
     engine.step()
     engine.save_checkpoint(folder, tag="ba1")
@@ -123,7 +116,7 @@ def measure(shape: str, stage: int, world: int, scratch: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="134m")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="127m")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages, comma separated (1, 2, 3)")
     ap.add_argument("--world", type=int, default=2, help="processes that write the partitions")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/universal"))

@@ -307,16 +307,14 @@ def run(cfg: TrainConfig):
                 "own runs wrote)",
                 cfg.save_folder,
             )
+    from composer.utils import dist
+
     trainer = build_trainer(cfg)
     if cfg.save_folder and is_remote(cfg.save_folder):
-        from composer.utils import dist
-
         dist.barrier()  # every rank has loaded the autoresume copy
         if dist.get_local_rank() == 0:
             remove_autoresume_copy(cfg.save_folder)
     if run_is_complete(trainer.state):  # requeued after it finished: nothing to train, not an error
-        from composer.utils import dist
-
         if dist.get_global_rank() == 0:
             print(completion_line(cfg, trainer.state), flush=True)
         trainer.close()

@@ -123,9 +123,6 @@ DEEPSPEED_SEAMS = [
         set_in="_convert_to_deepspeed_param",
         target="param",
     ),
-]
-
-DEEPSPEED_SEAMS += [
     Seam(
         "deepspeed",
         "deepspeed.runtime.engine:DeepSpeedEngine",
