@@ -48,6 +48,9 @@ def resume(tiny_data, out, variant, nproc, *extra, fault=None):
 def test_a_run_switches_world_size_and_back_and_continues_exactly(tiny_data, tmp_path, reference, variant):
     """DDP (``1proc`` starts on 1 process: 1 -> 2 -> 1), ZeRO-2 and ZeRO-3 (2 -> 1 -> 2).
 
+    ZeRO-3 first meets a partition DeepSpeed cannot convert (exit code 7, one line naming the tag and
+    the command to convert it by hand, nothing converted left behind), then the intact one.
+
     ZeRO-2 also proves the rest of the issue on the way: a kill during the conversion leaves the
     partitions usable and the next start converts again; rerunning the command of the segment that
     finished (a scheduler's requeue) exits 0 with one line; raising max_duration continues the run.
@@ -56,10 +59,21 @@ def test_a_run_switches_world_size_and_back_and_continues_exactly(tiny_data, tmp
     start = VARIANTS[variant][0]
     copy_run_until(ref, tmp_path, 10)
     deepspeed = variant.startswith("zero")
+    ds = tmp_path / "ckpt" / "deepspeed"
+    if variant == "zero3":  # a partition DeepSpeed cannot read: one line, exit 7, nothing left converted
+        part = ds / "ba10" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        good = part.read_bytes()
+        part.write_bytes(b"not a checkpoint")
+        p, _ = resume(tiny_data, tmp_path, variant, other(start), "max_duration=15ba")
+        assert p.returncode == 7, p.stderr[-3000:]
+        lines = [line for line in p.stderr.splitlines() if line.startswith("resuming stopped:")]
+        assert len(lines) == 1 and f"DeepSpeed cannot convert {ds / 'ba10'}" in lines[0], p.stderr[-3000:]
+        assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in lines[0]
+        assert sorted(q.name for q in ds.iterdir()) == ["ba10"]
+        part.write_bytes(good)
     if variant == "zero2":  # killed while converting: the partial conversion is left, the tag intact
         p, _ = resume(tiny_data, tmp_path, variant, other(start), fault="kill@universal:10")
         assert p.returncode != 0
-        ds = tmp_path / "ckpt" / "deepspeed"
         assert (ds / "ba10.universal.partial").is_dir() and not (ds / "ba10.universal").exists()
         assert sorted(q.name for q in (ds / "ba10").iterdir())[-2:] == [
             "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -69,7 +83,6 @@ def test_a_run_switches_world_size_and_back_and_continues_exactly(tiny_data, tmp
     assert p.returncode == 0, output[-4000:]
     assert (UNIVERSAL_LINE in output) == deepspeed
     if variant == "zero2":
-        ds = tmp_path / "ckpt" / "deepspeed"
         assert (ds / "ba10.universal").is_dir() and not (ds / "ba10.universal.partial").exists()
         # The requeue of the finished segment: one line, exit 0, no traceback, nothing trained.
         p, output = resume(tiny_data, tmp_path, variant, other(start), "max_duration=15ba")
