@@ -296,11 +296,15 @@ def test_two_processes_give_the_same_table(ar_folder, task_dir, tmp_path):
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     composer = Path(sys.executable).parent / "composer"
+    logs = ["--stdout", f"{tmp_path}/rank{{rank}}.out", "--stderr", f"{tmp_path}/rank{{rank}}.err"]
     proc = subprocess.run(
-        [str(composer), "-n", "2", "--master_port", str(port), "-m", "pipeline.eval", *common, "--out", str(two)],
+        [str(composer), "-n", "2", "--master_port", str(port), *logs, "-m", "pipeline.eval", *common, "--out", str(two)],
         env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = "".join(
+        f"--- {p.name} ---\n{p.read_text()[-3000:]}\n" for p in sorted(tmp_path.glob("rank*.err"))
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + ranks
     a, b = ({(r["task"], r["metric"], r["block_size"]): r["value"] for r in json.loads(p.read_text())["results"]}
             for p in (one, two))  # fmt: skip
     assert a.keys() == b.keys() and len(a) >= 8
