@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-kv-cache", action="store_true", help="recompute the prefix every call (same tokens, slower)"
     )
     p.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument(
+        "--align-prompt",
+        action="store_true",
+        help="start the first generated block right after the prompt (default: complete the prompt's "
+        "last block, the grid aligned at position 0 that training uses)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--out",
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         use_kv_cache=not args.no_kv_cache,
         shift=c.shift,
         seed=args.seed,
+        align_prompt=args.align_prompt,
     )
     result = generate(model, torch.tensor([prompt], device=args.device), cfg)
     ids = result.tokens[0, : result.lengths[0]].tolist()

@@ -243,18 +243,21 @@ def protected_positions(
     return protect
 
 
-def hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids):
-    """(h_noisy, h_clean), either may be None when the block size makes it unnecessary."""
+def hidden_states(model, x0, xt, block_size, shift, lookahead, doc_ids, positions=None):
+    """(h_noisy, h_clean), either may be None when the block size makes it unnecessary.
+    ``positions``: optional (B, L) rotary positions of x0 (default 0..L-1), the same for x_t."""
     L = x0.shape[1]
     if block_size == 1 and shift:
         # Every token is the first of its block: all predictions come from the causal clean pass.
-        return None, model(x0, attn=AR, doc_ids=doc_ids, return_hidden=True)
+        return None, model(x0, attn=AR, positions=positions, doc_ids=doc_ids, return_hidden=True)
     if block_size == L:
         # One block: the first token is never scored, so only the bidirectional noisy pass is needed.
-        return model(xt, attn=AttentionMask("mdlm", L, lookahead), doc_ids=doc_ids, return_hidden=True), None
+        mdlm = AttentionMask("mdlm", L, lookahead)
+        return model(xt, attn=mdlm, positions=positions, doc_ids=doc_ids, return_hidden=True), None
     h = model(
         torch.cat([xt, x0], dim=1),
         attn=AttentionMask("bd3_train", block_size, lookahead),
+        positions=None if positions is None else positions.repeat(1, 2),
         doc_ids=doc_ids,
         return_hidden=True,
     )

@@ -1,7 +1,8 @@
 """Block-by-block generation with a KV cache (BD3-LM decoding).
 
-Blocks sit on a grid aligned at position 0. For each block: fill the positions not given by the
-prompt with mask tokens, denoise them conditioned on the cached clean blocks, then run the
+Blocks sit on a grid aligned at position 0 (the training layout), or with ``align_prompt`` on a grid
+whose blocks start right after the prompt (the prompt's first ``P mod L'`` tokens then form a shorter
+first clean block). For each block: fill the positions not given by the prompt with mask tokens, denoise them conditioned on the cached clean blocks, then run the
 finished block once more to write its keys/values into the cache (a *cache write*, counted apart
 from the denoising NFEs). With the shift, the first token of a block is predicted by the logits of
 the last position of the previous cache write.
@@ -35,7 +36,9 @@ SAMPLERS = ("first_hitting", "ddpm_cache", "confidence")
 
 @dataclass
 class SamplerConfig:
-    """How to generate. ``steps_per_block`` (ddpm_cache) defaults to ``block_size``."""
+    """How to generate. ``steps_per_block`` (ddpm_cache) defaults to ``block_size``; ``align_prompt``
+    starts the first generated block right after the prompt instead of completing the prompt's last
+    partial block (the grid aligned at position 0)."""
 
     block_size: int = 4
     max_new_tokens: int = 256
@@ -49,6 +52,7 @@ class SamplerConfig:
     use_kv_cache: bool = True
     shift: bool = True
     seed: int = 0
+    align_prompt: bool = False
 
     def __post_init__(self):
         # Messages start with the field's name: the trainer reports them under the YAML key.
@@ -116,6 +120,9 @@ class _Context:
         self.cache = model.new_kv_cache(batch, device=device) if cfg.use_kv_cache else None
         self.tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)  # no-cache mode
         self.offset = 0  # absolute position of tokens[:, 0]
+        # No-cache mode on a grid not aligned at 0: that many pad positions before tokens[:, 0], in a
+        # document of their own (per-document masking), so the recomputed prefix keeps the cache's grid.
+        self.pad = 0
         self.last_logits: torch.Tensor | None = None  # logits at the last clean position
         self.nfe = 0
         self.writes = 0
@@ -134,10 +141,19 @@ class _Context:
             return self.model(block, attn=AttentionMask("bd3_decode", bs), kv_cache=self.cache)
         seq = torch.cat([self.tokens, block], dim=1)
         pos = torch.arange(self.offset, self.offset + seq.shape[1], device=seq.device)
-        logits = self.model(seq, attn=AttentionMask("block_causal", bs), positions=pos)
+        docs = None
+        if self.pad:
+            B, device = seq.shape[0], seq.device
+            seq = torch.cat(
+                [torch.full((B, self.pad), self.model.config.mask_token_id, device=device), seq], dim=1
+            )
+            pos = torch.cat([torch.zeros(self.pad, dtype=pos.dtype, device=device), pos])
+            docs = (torch.arange(seq.shape[1], device=device) >= self.pad).long()[None].expand(B, -1)
+        logits = self.model(seq, attn=AttentionMask("block_causal", bs), positions=pos, doc_ids=docs)
+        n_clean = self.pad + self.tokens.shape[1]
         if self.tokens.shape[1]:
-            self.last_logits = logits[:, self.tokens.shape[1] - 1]
-        return logits[:, self.tokens.shape[1] :]
+            self.last_logits = logits[:, n_clean - 1]
+        return logits[:, n_clean:]
 
     def write(self, block: torch.Tensor) -> None:
         """Append a finished block to the clean context."""
@@ -150,12 +166,15 @@ class _Context:
             )
             self.last_logits = logits[:, -1]
             return
+        if not self.tokens.shape[1] and block.shape[1] < bs:  # a shorter first block: shift the grid
+            self.pad = bs - block.shape[1]
         self.tokens = torch.cat([self.tokens, block], dim=1)
         # Sliding window: keep whole blocks so the block grid of the recomputed prefix stays aligned.
         keep = ((self.capacity - bs) // bs) * bs
-        if self.tokens.shape[1] > keep:
-            drop = self.tokens.shape[1] - keep
-            self.tokens, self.offset = self.tokens[:, drop:], self.offset + drop
+        if self.pad + self.tokens.shape[1] > keep:
+            drop = self.pad + self.tokens.shape[1] - keep  # whole blocks, more than the pad
+            self.tokens, self.offset = self.tokens[:, drop - self.pad :], self.offset + drop - self.pad
+            self.pad = 0
         # In no-cache mode the logits at the last clean position come with the next denoising call.
         self.last_logits = None
 
@@ -196,10 +215,13 @@ def generate(model, prompt_ids: torch.Tensor, cfg: SamplerConfig) -> GenerationR
     model.eval()
     start = time.perf_counter()
 
-    n_full = P // bs
+    head = P % bs if cfg.align_prompt else 0  # the shorter first block of a grid aligned at the prompt
+    if head:
+        ctx.write(prompt_ids[:, :head])
+    n_full = (P - head) // bs
     for b in range(n_full):
-        ctx.write(prompt_ids[:, b * bs : (b + 1) * bs])
-    pending = prompt_ids[:, n_full * bs :]  # given tokens of the first block to generate
+        ctx.write(prompt_ids[:, head + b * bs : head + (b + 1) * bs])
+    pending = prompt_ids[:, head + n_full * bs :]  # given tokens of the first block to generate
     out = torch.zeros(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     while out.shape[1] < cfg.max_new_tokens and not done.all():

@@ -31,6 +31,7 @@ from pipeline.lm_eval.scoring import ar_scores, continuation_bound, draw_noise, 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MC_SAMPLES = 32
 DEFAULT_SEED = 1234
+BLOCK_GRIDS = ("context", "sequence")
 
 
 def load_tokenizer(folder: Path, model_config, tokenizer: str | None = None):
@@ -87,6 +88,7 @@ class BD3EvalLM(TemplateLM):
         top_p: float = SamplerConfig.top_p,
         steps_per_block: int | None = None,
         greedy_check: bool = True,
+        block_grid: str = "context",
         **unknown,
     ) -> None:
         """Args (all from ``--model_args k=v,...``):
@@ -102,14 +104,20 @@ class BD3EvalLM(TemplateLM):
         sampler, threshold, top_p, steps_per_block: the in-block denoiser of generation
             (``pipeline.sample``'s); temperature and top_p of a task's gen_kwargs override.
         greedy_check: compute ``is_greedy`` at L' > 1 by greedy block decoding (one decode per context).
+        block_grid: ``context`` (default): a continuation's blocks start right after its context, in
+            scoring, the greedy check and generation (the sampler's ``align_prompt``); ``sequence``: the
+            grid aligned at position 0, where the continuation's first tokens complete the context's last
+            block (the training layout, ``pipeline.sample``'s default). Equal at L' = 1.
         """
         super().__init__()
         if unknown:
             raise ValueError(
                 f"bd3: unknown model_args {sorted(unknown)}; known: pretrained, block_size, mc_samples, seed, "
                 "batch_size, dtype, device, max_length, tokenizer, add_bos_token, prefix_token_id, "
-                "trust_checkpoint, sampler, threshold, top_p, steps_per_block, greedy_check"
+                "trust_checkpoint, sampler, threshold, top_p, steps_per_block, greedy_check, block_grid"
             )
+        if block_grid not in BLOCK_GRIDS:
+            raise ValueError(f"bd3: block_grid must be one of {BLOCK_GRIDS}, got {block_grid!r}")
         if int(mc_samples) < 1:
             raise ValueError(f"bd3: mc_samples must be >= 1, got {mc_samples}")
         if dtype not in DTYPES:
@@ -161,6 +169,7 @@ class BD3EvalLM(TemplateLM):
             eos_token_id=c.eos_token_id,
             shift=c.shift,
             seed=self.seed,
+            align_prompt=block_grid == "context",
         )
         self._world_size = 1 if live else int(os.environ.get("WORLD_SIZE", "1"))
         self._rank = 0 if live else int(os.environ.get("RANK", "0"))
@@ -246,14 +255,22 @@ class BD3EvalLM(TemplateLM):
             return continuation_bound(
                 self.model, rows, n_ctx, None, None, 1, self.model.config.shift
             ).tolist()
-        M, cap = self.mc_samples, self.max_length + self.block_size
+        # Capacity: the longest laid-out row (max_length tokens, a grid shift, the last block's rest).
+        M, cap = self.mc_samples, self.max_length + 2 * self.block_size
         draws = [draw_noise(row[:k], self.seed, M, cap) for row, k in zip(rows, n_ctx)]
         t = torch.cat([d[0] for d in draws])
         u = torch.cat([d[1] for d in draws])
         flat_rows = [row for row in rows for _ in range(M)]
         flat_ctx = [k for k in n_ctx for _ in range(M)]
         values = continuation_bound(
-            self.model, flat_rows, flat_ctx, t, u, self.block_size, self.model.config.shift
+            self.model,
+            flat_rows,
+            flat_ctx,
+            t,
+            u,
+            self.block_size,
+            self.model.config.shift,
+            align_context=self.sampler.align_prompt,
         )
         return values.view(len(rows), M).mean(1).tolist()
 
@@ -269,7 +286,9 @@ class BD3EvalLM(TemplateLM):
                 n = -(-need // self.block_size) * self.block_size
                 if len(self._greedy_memo) > 4096:  # bounded: requests come sorted by length, not by question
                     self._greedy_memo.clear()
-                self._greedy_memo[key] = greedy_decode(self.model, row[:k], n, self.sampler)
+                self._greedy_memo[key] = greedy_decode(
+                    self.model, row[:k], n, self.sampler, self.sampler.align_prompt
+                )
             out.append(self._greedy_memo[key][:need] == row[k:])
         return out
 

@@ -1,9 +1,12 @@
 """Log-likelihood of a continuation given a clean context, at any block size (plain PyTorch).
 
-A request is the token row ``context + continuation`` on the sampler's block grid (aligned at
-position 0, as ``pipeline.sample`` lays out a prompt and what it generates after it): the context is
-clean and never masked; continuation tokens are masked with their block's noise level t. The value is
-the negative NELBO of the continuation,
+A request is the token row ``context + continuation`` on a block grid: by default (``align_context``)
+the continuation's blocks start right after the context, as ``pipeline.sample --align-prompt`` (the
+sampler's ``align_prompt``) generates after a prompt: the context's first ``len(context) mod L'`` tokens
+form a shorter first block. Without it the grid is aligned at position 0, the training layout and
+``pipeline.sample``'s default, and the continuation's first tokens share a block with the context's
+last ones. The context is clean and never masked; continuation tokens are masked with their block's
+noise level t. The value is the negative NELBO of the continuation,
 
     -sum over masked continuation positions l of (1/t_{blk(l)}) * -log p(x_l | x_t of l's block, clean earlier blocks),
 
@@ -45,14 +48,22 @@ def draw_noise(context: Sequence[int], seed: int, mc_samples: int, capacity: int
     return t, u
 
 
-def pad_rows(rows: Sequence[Sequence[int]], block_size: int, fill: int, device) -> torch.Tensor:
-    """(n, Lp) ids, Lp the longest row rounded up to a multiple of ``block_size``; the rest ``fill``."""
-    longest = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], block_size: int, fill: int, device, left=None) -> torch.Tensor:
+    """(n, Lp) ids, Lp the longest row (after ``left[i]`` leading ``fill`` tokens) rounded up to a
+    multiple of ``block_size``; the rest ``fill``."""
+    left = left or [0] * len(rows)
+    longest = max(len(r) + s for r, s in zip(rows, left))
     Lp = -(-longest // block_size) * block_size
     out = torch.full((len(rows), Lp), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, left)):
+        out[i, s : s + len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out.to(device)
+
+
+def grid_shift(n_context: int, block_size: int, align_context: bool) -> int:
+    """Leading pad positions that put a row's continuation at the start of a block (0 on the grid
+    aligned at position 0)."""
+    return (-n_context) % block_size if align_context else 0
 
 
 @torch.no_grad()
@@ -65,33 +76,44 @@ def continuation_bound(
     block_size: int,
     shift: bool,
     chunk: int = 4096,
+    align_context: bool = True,
 ) -> torch.Tensor:
     """Negative NELBO of each row's continuation for one noise draw per row: (n,) float64.
 
     Args:
         rows: n token rows, context then continuation (context length >= 1).
         n_context: context length of each row.
-        t, u: (n, >= Lp) noise levels per block and uniforms per position (``draw_noise``'s rows).
+        t, u: (n, >= Lp) noise levels per block and uniforms per position (``draw_noise``'s rows), indexed
+            by block and position of the laid-out row (pad included).
         block_size: L'; 1 gives the exact AR log-probability of the continuation (t and u unused).
+        align_context: the continuation's blocks start right after the context: each row is preceded by
+            ``grid_shift`` pad positions in a document of their own (per-document masking: no real token
+            sees them) and the real tokens keep rotary positions 0, 1, ...
     Positions past a row's end are mask tokens in both halves: the shape a block has when the sampler
     cuts its last block, and invisible to earlier blocks, so padding never changes a row's value.
     """
     mask_id = model.config.mask_token_id
     device = model.lm_head.weight.device
-    x0 = pad_rows(rows, block_size, mask_id, device)
+    left = [grid_shift(k, block_size, align_context) for k in n_context]
+    x0 = pad_rows(rows, block_size, mask_id, device, left)
     n, Lp = x0.shape
     pos = torch.arange(Lp, device=device)
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    ctx = torch.tensor(list(n_context), device=device)
-    scored = (pos[None] >= ctx[:, None]) & (pos[None] < lengths[:, None])
+    start = torch.tensor(left, device=device)[:, None]
+    lengths = torch.tensor([len(r) for r in rows], device=device)[:, None] + start
+    ctx = torch.tensor(list(n_context), device=device)[:, None] + start
+    scored = (pos[None] >= ctx) & (pos[None] < lengths)
     if block_size == 1:
         masked, weight = scored, torch.ones(n, Lp, device=device)
     else:
         t_tok = t[:, : Lp // block_size].to(device).repeat_interleave(block_size, dim=1)
         masked = scored & (u[:, :Lp].to(device) < t_tok)
         weight = 1.0 / t_tok
-    xt = torch.where(masked | (pos[None] >= lengths[:, None]), torch.full_like(x0, mask_id), x0)
-    h_noisy, h_clean = hidden_states(model, x0, xt, block_size, shift, None, None)
+    xt = torch.where(masked | (pos[None] >= lengths), torch.full_like(x0, mask_id), x0)
+    doc_ids = positions = None
+    if any(left):
+        doc_ids = (pos[None] >= start).long()
+        positions = (pos[None] - start).clamp(min=0)
+    h_noisy, h_clean = hidden_states(model, x0, xt, block_size, shift, None, doc_ids, positions)
     r, c = masked.nonzero(as_tuple=True)
     ce = score_positions(model, h_noisy, h_clean, x0, r, c, block_size, shift, chunk)
     out = torch.zeros(n, dtype=torch.float64, device=device)
@@ -119,9 +141,12 @@ def ar_scores(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) ->
     return out
 
 
-def greedy_decode(model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig) -> list[int]:
+def greedy_decode(
+    model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig, align_context: bool = True
+) -> list[int]:
     """Greedy block decoding (temperature 0) of ``n_tokens`` after ``context`` with ``sampler``'s
-    in-block denoiser and block size: what ``is_greedy`` compares the continuation with.
+    in-block denoiser and block size, on ``continuation_bound``'s grid: what ``is_greedy`` compares
+    the continuation with.
 
     Without the KV cache (the same tokens inside the context length, by the sampler's contract): a
     continuation of a few tokens then costs a few forwards over the whole row, where the cache would
@@ -133,6 +158,7 @@ def greedy_decode(model, context: Sequence[int], n_tokens: int, sampler: Sampler
             "temperature": 0.0,
             "stop_at_eos": False,
             "use_kv_cache": False,
+            "align_prompt": align_context,
         }
     )
     prompt = torch.tensor([list(context)], device=model.lm_head.weight.device)

@@ -30,14 +30,49 @@ def _gen(model, prompt, **kw):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("prompt_len", [1, 5, 8])
-def test_kv_cache_gives_the_same_tokens_as_recomputing_the_prefix(model, sampler, prompt_len):
+@pytest.mark.parametrize("align", [False, True], ids=["grid0", "align_prompt"])
+def test_kv_cache_gives_the_same_tokens_as_recomputing_the_prefix(model, sampler, prompt_len, align):
+    """With ``align_prompt`` the two modes shift the grid independently: the cache writes a shorter first
+    block, the recomputed prefix puts pad positions in a document of their own before the prompt."""
     prompt = torch.randint(0, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    kw = dict(block_size=4, max_new_tokens=40, sampler=sampler, seed=7, align_prompt=align)
     # 40 + prompt stays inside the 64-token context, where the cache is exact.
-    a = _gen(model, prompt, block_size=4, max_new_tokens=40, sampler=sampler, seed=7)
-    b = _gen(model, prompt, block_size=4, max_new_tokens=40, sampler=sampler, seed=7, use_kv_cache=False)
+    a = _gen(model, prompt, **kw)
+    b = _gen(model, prompt, **kw, use_kv_cache=False)
     assert a.tokens.shape == (2, 40)
     assert torch.equal(a.tokens, b.tokens)
     assert a.cache_writes > 0 and b.cache_writes == a.cache_writes
+    if align and prompt_len % 4:  # another grid, other text (at temperature 1 with the same seed)
+        assert not torch.equal(a.tokens, _gen(model, prompt, **{**kw, "align_prompt": False}).tokens)
+
+
+def test_aligned_prompt_generates_as_a_prompt_of_whole_blocks(model):
+    """``align_prompt`` after a 5-token prompt equals the grid at 0 after the same prompt preceded by 3
+    tokens no query may see: checked through the model's per-document masking and positions, one block
+    at a time, with greedy confidence decoding (the reference loop below)."""
+    from pipeline.model.masks import AttentionMask
+
+    prompt = torch.tensor([[7, 3, 11, 40, 9]])
+    got = _gen(model, prompt, block_size=4, max_new_tokens=8, temperature=0, align_prompt=True).tokens
+    mask_id = model.config.mask_token_id
+    seq = torch.cat([torch.full((1, 3), mask_id), prompt], dim=1)  # blocks [pad pad pad 7] [3 11 40 9]
+    for _ in range(2):  # two blocks of 4, greedy, one token per step (threshold 0.9 rarely passes)
+        block = torch.full((1, 4), mask_id)
+        while (block == mask_id).any():
+            x = torch.cat([seq, block], dim=1)
+            docs = (torch.arange(x.shape[1]) >= 3).long()[None]
+            pos = (torch.arange(x.shape[1]) - 3).clamp(min=0)
+            with torch.no_grad():
+                logits = model(x, attn=AttentionMask("block_causal", 4), positions=pos, doc_ids=docs).float()
+            logits[..., model.invalid_output_ids] = float("-inf")
+            probs = torch.softmax(logits[0, seq.shape[1] - 1 : -1], -1)  # the shift: position l-1 predicts l
+            conf, cand = probs.max(-1)
+            masked = block[0] == mask_id
+            unmask = masked & (conf > 0.9)
+            unmask[torch.where(masked, conf, torch.full_like(conf, -1.0)).argmax()] = True
+            block[0] = torch.where(unmask, cand, block[0])
+        seq = torch.cat([seq, block], dim=1)
+    assert got[0].tolist() == seq[0, 8:].tolist()
 
 
 def test_generation_goes_past_the_context_with_a_sliding_window(model):

@@ -87,28 +87,43 @@ def _ppl_texts(task_dir):
     return [json.loads(line)["text"] for line in open(task_dir / "ppl.jsonl")]
 
 
-def _exact_block_nelbo(model, row, n_ctx, block_size, nodes=64):
-    """Exact -NELBO of the continuation (float64): per block, every mask subset of its continuation
-    positions, the model run on (clean earlier tokens, that noisy block) with the block-causal mask, and
-    t integrated over U[1e-3, 1] by Gauss-Legendre quadrature."""
+def _exact_block_nelbo(model, row, n_ctx, block_size, align, nodes=64):
+    """Exact -NELBO of the continuation (float64), block by block through the KV cache (another code
+    path than the vectorized bound): for each block holding continuation positions, the clean blocks
+    before it written to a cache on the grid (``align``: a shorter first block so that the continuation
+    starts a block; else aligned at 0), then every mask subset of its continuation positions run as a
+    ``bd3_decode`` query; t integrated over U[1e-3, 1] by Gauss-Legendre quadrature."""
     mask_id = model.config.mask_token_id
     x, grid, weights = torch.tensor(row), *(torch.tensor(a) for a in _legendre(nodes))
     t = MIN_T + (1 - MIN_T) * (grid + 1) / 2
     w = weights / 2  # the density of U[1e-3, 1] times the interval's length cancel: mean over t
+    head = n_ctx % block_size if align else 0
+    starts = ([0] if head else []) + list(range(head, len(row), block_size))
+    ends = starts[1:] + [len(row)]
     total = 0.0
-    for start in range(0, len(row), block_size):
-        scored = [p for p in range(start, min(start + block_size, len(row))) if p >= n_ctx]
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        scored = [p for p in range(start, end) if p >= n_ctx]
+        if not scored:
+            continue
+        cache, last = model.new_kv_cache(1), None
+        with torch.no_grad():
+            for a, b in zip(starts[:i], ends[:i]):
+                attn = AttentionMask("bd3_decode", block_size)
+                last = model(x[None, a:b], attn=attn, kv_cache=cache, write_cache=True)[0, -1]
         for k in range(1, len(scored) + 1):
             for subset in itertools.combinations(scored, k):
-                block = x[start : start + block_size].clone()
-                block = torch.cat([block, torch.full((block_size - len(block),), mask_id)])
+                block = torch.cat([x[start:end], torch.full((block_size - (end - start),), mask_id)])
                 block[[p - start for p in subset]] = mask_id
-                seq = torch.cat([x[:start], block])[None]
                 with torch.no_grad():
-                    logits = model(seq, attn=AttentionMask("block_causal", block_size)).double()
+                    logits = model(block[None], attn=AttentionMask("bd3_decode", block_size), kv_cache=cache)[
+                        0
+                    ]
+                # the shift: the block's first token is predicted by the last clean position, the others
+                # by the noisy position before them
+                logits = torch.cat([last[None], logits[:-1]]).double()
                 logits[..., model.invalid_output_ids] = float("-inf")
-                logp = torch.log_softmax(logits[0], -1)
-                ce = -sum(float(logp[p - 1, x[p]]) for p in subset)  # shift: position p-1 predicts p
+                logp = torch.log_softmax(logits, -1)
+                ce = -sum(float(logp[p - start, x[p]]) for p in subset)
                 n = len(scored)
                 law = (t ** (k - 1) * (1 - t) ** (n - k) * w).sum().item()  # E[(1/t) t^k (1-t)^(n-k)]
                 total -= ce * law
@@ -121,15 +136,20 @@ def _legendre(n):
     return np.polynomial.legendre.leggauss(n)
 
 
-def test_block_size_two_monte_carlo_mean_is_the_exact_nelbo(ar_folder, one_thread):
+@pytest.mark.parametrize("align", [True, False], ids=["blocks_after_context", "grid_at_0"])
+def test_block_size_two_monte_carlo_mean_is_the_exact_nelbo(ar_folder, one_thread, align):
     bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=4000, batch_size=1, device="cpu")
-    row, n_ctx = [5, 9, 14, 3, 22, 7], 3  # context of 3, continuation of 3 over blocks [2,3], [4,5]
+    # context of 3, continuation of 3: blocks [3,4], [5] after the context, or [2,3], [4,5] at 0
+    row, n_ctx = [5, 9, 14, 3, 22, 7], 3
     t, u = draw_noise(row[:n_ctx], 7, 4000, 16)
-    values = continuation_bound(bd3.model, [row] * 4000, [n_ctx] * 4000, t, u, 2, True).double()
+    rows, ctx = [row] * 4000, [n_ctx] * 4000
+    values = continuation_bound(bd3.model, rows, ctx, t, u, 2, True, align_context=align).double()
     mean, se = values.mean().item(), values.std().item() / math.sqrt(len(values))
-    exact = _exact_block_nelbo(bd3.model, row, n_ctx, 2)
+    exact = _exact_block_nelbo(bd3.model, row, n_ctx, 2, align)
     assert abs(mean - exact) < 3 * se, (mean, exact, se)
     assert se < 0.05 * abs(exact)  # the comparison is sharp enough to catch a wrong weight or layout
+    other = _exact_block_nelbo(bd3.model, row, n_ctx, 2, not align)
+    assert abs(other - exact) > 1e-3  # the two grids are two bounds: the parametrization tests both
 
 
 def test_choices_share_noise_and_seed_fixes_results(ar_folder, tasks, one_thread):
@@ -146,7 +166,7 @@ def test_choices_share_noise_and_seed_fixes_results(ar_folder, tasks, one_thread
         for i, c in enumerate([" w4 w5", " w6", " w7 w8 w9"])
     ]
     got = bd3.loglikelihood(reqs)
-    t, u = draw_noise(ctx, bd3.seed, 8, bd3.max_length + 2)
+    t, u = draw_noise(ctx, bd3.seed, 8, bd3.max_length + 2 * bd3.block_size)
     for (value, _), (_, cont) in zip(got, (r.args for r in reqs)):
         row = ctx + bd3.tok_encode("w1 w2 w3" + cont)[len(ctx) :]
         expected = continuation_bound(bd3.model, [row] * 8, [len(ctx)] * 8, t, u, 2, True).mean().item()
@@ -165,6 +185,8 @@ def test_bad_model_args_are_clear(ar_folder):
         BD3EvalLM(pretrained=str(ar_folder), blocksize=4)
     with pytest.raises(ValueError, match="mc_samples must be >= 1"):
         BD3EvalLM(pretrained=str(ar_folder), mc_samples=0)
+    with pytest.raises(ValueError, match="block_grid must be one of .'context', 'sequence'., got 'start'"):
+        BD3EvalLM(pretrained=str(ar_folder), block_grid="start")
     # A choice longer than the model's window is named, not a shape error deep in the scoring.
     lm = BD3EvalLM(pretrained=str(ar_folder), max_length=8)
     with pytest.raises(ValueError, match="continuation of 9 tokens does not fit the model's window of 8"):
