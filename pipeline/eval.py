@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--genppl-protocol",
         choices=("project", "bd3lm"),
         default="project",
-        help="bd3lm: BD3-LM's generative perplexity (pipeline.genppl): fixed-length 1,024-token samples x 300, "
+        help="bd3lm: BD3-LM's generative perplexity (pipeline.genppl): fixed-length 1,024-token samples (start + 1,023) x 300, "
         "entropy filter, any transformers causal LM as --reference (e.g. gpt2-large), mean of per-sample "
         "perplexities and the pooled one",
     )
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gen-tokens",
         type=int,
-        help=f"tokens per sample for --genppl (default {SamplerConfig.max_new_tokens}; bd3lm 1024)",
+        help=f"tokens per sample for --genppl (default {SamplerConfig.max_new_tokens}; bd3lm 1023 after the start token)",
     )
     p.add_argument(
         "--gen-sampler",

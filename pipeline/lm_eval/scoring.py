@@ -92,13 +92,23 @@ def continuation_bound(
     Positions past a row's end are mask tokens in both halves: the shape a block has when the sampler
     cuts its last block, and invisible to earlier blocks, so padding never changes a row's value.
     """
+    left = [grid_shift(k, block_size, align_context) for k in n_context]
+    if len(set(left)) > 1:  # one forward per grid shift: their masks are shared by every row
+        out = torch.zeros(len(rows), dtype=torch.float64)
+        for shift_ in sorted(set(left)):
+            idx = [i for i, s in enumerate(left) if s == shift_]
+            sub = torch.tensor(idx, device=t.device)
+            out[idx] = continuation_bound(
+                model, [rows[i] for i in idx], [n_context[i] for i in idx], t[sub], u[sub],
+                block_size, shift, chunk, align_context,
+            )  # fmt: skip
+        return out
     mask_id = model.config.mask_token_id
     device = model.lm_head.weight.device
-    left = [grid_shift(k, block_size, align_context) for k in n_context]
     x0 = pad_rows(rows, block_size, mask_id, device, left)
     n, Lp = x0.shape
     pos = torch.arange(Lp, device=device)
-    start = torch.tensor(left, device=device)[:, None]
+    start = left[0]
     lengths = torch.tensor([len(r) for r in rows], device=device)[:, None] + start
     ctx = torch.tensor(list(n_context), device=device)[:, None] + start
     scored = (pos[None] >= ctx) & (pos[None] < lengths)
@@ -110,9 +120,9 @@ def continuation_bound(
         weight = 1.0 / t_tok
     xt = torch.where(masked | (pos[None] >= lengths), torch.full_like(x0, mask_id), x0)
     doc_ids = positions = None
-    if any(left):
-        doc_ids = (pos[None] >= start).long()
-        positions = (pos[None] - start).clamp(min=0)
+    if start:  # (1, Lp): one mask for every row (broadcast), not one per row
+        doc_ids = (pos >= start).long()[None]
+        positions = (pos - start).clamp(min=0)[None]
     h_noisy, h_clean = hidden_states(model, x0, xt, block_size, shift, None, doc_ids, positions)
     r, c = masked.nonzero(as_tuple=True)
     ce = score_positions(model, h_noisy, h_clean, x0, r, c, block_size, shift, chunk)

@@ -1,13 +1,15 @@
 """``callbacks.downstream_eval``: lm-evaluation-harness tasks on the live model during training.
 
 The tasks run through the ``bd3`` model of ``pipeline.lm_eval`` wrapped around the training model
-itself (no copy, no checkpoint), at each configured block size, on the evaluation schedule and at the
-end of training. With replicated weights (DDP, ZeRO-1/2) lm-eval splits the documents over the ranks
-and gathers them on rank 0, which hands the results to every rank. With parameters sharded by FSDP or
-ZeRO-3 every process evaluates every request instead: a forward gathers the parameters collectively,
-so the forwards must run in step on all ranks, and the number of forwards of greedy checks and
-generation depends on the requests. Either way the numbers are those of one process (the noise is
-keyed on each request's context). The global RNGs (torch, Python's ``random``, NumPy's, which lm-eval seeds) are put back
+itself (no checkpoint), at each configured block size, on the evaluation schedule and at the end of
+training. Under several processes lm-eval splits the documents over the ranks and gathers them on
+rank 0, which hands the results to every rank. With replicated weights (DDP, ZeRO-1/2) each rank
+evaluates the training model itself. With parameters sharded by FSDP or ZeRO-3 a forward would gather
+them collectively, so ranks doing different work would fall out of step (the number of forwards of
+greedy checks and generation depends on the requests): the weights are gathered once per evaluation
+into a plain copy on every rank (``eval_base.full_model_copy``: one full copy of the weights per rank
+while the tasks run), which each rank evaluates its share on. Either way the numbers are those of one
+process (the noise is keyed on each request's context). The global RNGs (torch, Python's ``random``, NumPy's, which lm-eval seeds) are put back
 afterwards and the noise of the scores comes from the section's seed, so training is untouched.
 """
 
@@ -21,7 +23,13 @@ import numpy as np
 from composer.core import State
 from composer.loggers import Logger
 
-from pipeline.trainer.callbacks.eval_base import EvalSchedule, ScheduledEval, isolated_eval, params_sharded
+from pipeline.trainer.callbacks.eval_base import (
+    EvalSchedule,
+    ScheduledEval,
+    full_model_copy,
+    isolated_eval,
+    params_sharded,
+)
 from pipeline.trainer.config.schema import DownstreamEvalSection
 
 
@@ -52,14 +60,15 @@ class DownstreamEval(ScheduledEval):
         py_rng, np_rng = random.getstate(), np.random.get_state()
         local_rank = os.environ.get("LOCAL_RANK")
         world = dist.get_world_size()
-        split = world > 1 and not params_sharded(state)
+        split = world > 1
         out = []
         try:
             with isolated_eval(state) as bd3:
                 bd3.eval()
+                model = full_model_copy(state) if split and params_sharded(state) else bd3
                 for bs in s.block_sizes:
                     lm = BD3EvalLM(
-                        bd3,
+                        model,
                         block_size=bs,
                         mc_samples=s.mc_samples,
                         seed=s.seed,
@@ -68,9 +77,9 @@ class DownstreamEval(ScheduledEval):
                     )
                     if split:  # lm-eval gives each rank its share of the documents
                         lm._rank, lm._world_size = dist.get_global_rank(), world
-                    # Sharded: every rank runs every request (lm-eval sees one process, ``lm``'s rank
-                    # 0), so the forwards stay in step. lm-eval also reads LOCAL_RANK and returns
-                    # nothing where it is not 0: it sees 0 while it runs (split: results on rank 0).
+                    # lm-eval 0.4.x also reads LOCAL_RANK (not the model's rank) to decide where the
+                    # gathered results are returned, and returns none where it is not 0: while it runs
+                    # it sees 0 on every rank, and only global rank 0's results are kept (broadcast).
                     os.environ["LOCAL_RANK"] = "0"
                     results = simple_evaluate(
                         model=lm,

@@ -67,6 +67,37 @@ def params_sharded(state: State) -> bool:
     return state.fsdp_enabled or any(hasattr(p, "ds_id") for p in live_model(state).model.parameters())
 
 
+def full_model_copy(state: State) -> torch.nn.Module:
+    """A plain ``BD3LM`` (no hooks, no sharding) with the full current weights of the live model whose
+    parameters FSDP or ZeRO-3 shard, on every rank: collective, every rank calls it. In the dtype of
+    the gathered weights (rotary frequencies float32), on the device of this rank's computation.
+
+    It costs one full copy of the weights per rank while it lives; in exchange its forwards need no
+    collective, so ranks can run different work (an evaluation split over them)."""
+    from pipeline.model import BD3LM
+
+    bd3 = live_model(state).model
+    if state.fsdp_enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(bd3, options=StateDictOptions(full_state_dict=True))
+    else:  # DeepSpeed ZeRO-3: the partitions gathered for the copy, then released
+        import deepspeed
+
+        params = dict(bd3.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            full = {name: p.detach().clone() for name, p in params.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    copy = BD3LM(bd3.config, attn_backend=bd3.attn_backend)
+    copy.load_state_dict(full, strict=False)  # (a tied lm_head may be listed once)
+    copy.to(device=device, dtype=next(iter(full.values())).dtype)
+    copy.inv_freq = bd3.inv_freq.detach().to(device=copy.lm_head.weight.device, dtype=torch.float32)
+    missing = {n for n, _ in copy.named_parameters()} - set(full)  # (tied: one name per tensor)
+    if missing:
+        raise RuntimeError(f"the gathered weights lack {sorted(missing)[:5]}")
+    return copy.eval()
+
+
 @contextlib.contextmanager
 def isolated_eval(state: State):
     """No gradients, the run's precision, and the global RNG states put back afterwards.

@@ -152,6 +152,20 @@ def test_block_size_two_monte_carlo_mean_is_the_exact_nelbo(ar_folder, one_threa
     assert abs(other - exact) > 1e-3  # the two grids are two bounds: the parametrization tests both
 
 
+@pytest.mark.parametrize("block_size", [2, 4])
+def test_rows_of_any_grid_shift_in_one_call_equal_each_alone(ar_folder, block_size, one_thread):
+    """Rows whose contexts need different grid shifts (one forward per shift) and of different lengths
+    (padded): each value equals the row scored alone."""
+    bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=block_size, device="cpu")
+    rows = [[5, 9, 14, 3, 22, 7, 8], [4, 6, 30], [11, 12, 13, 14, 15, 16, 17, 18, 19], [2, 8, 9, 10, 40]]
+    n_ctx = [3, 1, 6, 2]
+    t, u = draw_noise([1], 3, len(rows), 32)
+    together = continuation_bound(bd3.model, rows, n_ctx, t, u, block_size, True)
+    for i, (row, k) in enumerate(zip(rows, n_ctx)):
+        alone = continuation_bound(bd3.model, [row], [k], t[i : i + 1], u[i : i + 1], block_size, True)
+        assert together[i].item() == pytest.approx(alone.item(), abs=1e-5), i
+
+
 def test_choices_share_noise_and_seed_fixes_results(ar_folder, tasks, one_thread):
     bd3 = BD3EvalLM(pretrained=str(ar_folder), block_size=2, mc_samples=8, batch_size=4, device="cpu")
     ctx = bd3.tok_encode("w1 w2 w3")

@@ -77,6 +77,15 @@ def assert_same_downstream(tiny_data, out: Path) -> None:
     check_downstream_scalars(tensorboard_scalars(out / "ckpt" / "tensorboard"), reference, batch=20)
 
 
+def assert_downstream_split(output: str) -> None:
+    """``callbacks.downstream_eval`` under 2 processes split tiny_mc's 4 documents (16 requests): rank 0's
+    progress bars (``output``) counted 8 requests at every evaluation and block size."""
+    import re
+
+    bars = re.findall(r"bd3 loglikelihood: 100%[^\n\r]*?\| *(\d+)/(\d+)", output)
+    assert bars and set(bars) == {("8", "8")}, bars
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from tests.factories import YAMLS, tiny_overrides
 from tests.pipeline.trainer.launch import (
     FULL,
     assert_block_sizes_drawn,
+    assert_downstream_split,
     assert_same_curve,
     assert_same_downstream,
     assert_same_evaluation,
@@ -93,7 +94,7 @@ def test_zero3_matches_one_process_and_its_partitions_export(tiny_data, tmp_path
 def test_zero3_with_cpu_optimizer_offload_and_several_block_sizes(tiny_data, tmp_path, one_process_full):
     """ZeRO-3 with the optimizer offloaded to the CPU, on ``launch.FULL`` with the downstream (lm-eval)
     callback: the curve, the block sizes drawn and the evaluations at batch 20 (parameters gathered
-    for every forward) are 1 process's."""
+    for every forward; the downstream tasks split over the ranks on a gathered copy) are 1 process's."""
     offload = "parallelism.deepspeed.zero_optimization.offload_optimizer.device=cpu"
     p = launch(tiny_data, tmp_path, *ds(3, offload), *downstream(tiny_data, tmp_path), common=FULL)
     one, two = one_process_full[0], records(tmp_path / "loss.jsonl")
@@ -101,6 +102,7 @@ def test_zero3_with_cpu_optimizer_offload_and_several_block_sizes(tiny_data, tmp
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], tmp_path, p.stdout + p.stderr)
     assert_same_downstream(tiny_data, tmp_path)
+    assert_downstream_split(p.stdout + p.stderr)  # on a gathered copy of the partitioned weights
 
 
 def test_batch_keys_are_derived_and_checked():

@@ -12,17 +12,17 @@ test_deepspeed.py).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from tests.pipeline.trainer.launch import (
     FULL,
     assert_block_sizes_drawn,
+    assert_downstream_split,
     assert_same_curve,
     assert_same_downstream,
     assert_same_evaluation,
+    downstream,
     launch,
     records,
 )
@@ -39,14 +39,13 @@ def test_ddp_two_processes_match_one_process(tiny_data, ddp_run, one_process_ful
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], out, output)
     assert_same_downstream(tiny_data, out)
-    # Replicated weights: lm-eval split tiny_mc's 4 documents (16 requests) over the 2 ranks.
-    bars = re.findall(r"bd3 loglikelihood: 100%[^\n\r]*?\| *(\d+)/(\d+)", output)
-    assert bars and {b for b in bars} == {("8", "8")}, bars
+    assert_downstream_split(output)  # replicated weights: each rank scores its share on the live model
 
 
 def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, one_process_full, capsys):
     """FSDP2 FULL_SHARD, stopped at batch 10 and autoresumed from its sharded checkpoint to 20: the
-    curve, the block sizes drawn and the evaluation at batch 20 are those of 1 process; the exported
+    curve, the block sizes drawn and the evaluations at batch 20 (likelihood; downstream tasks split over
+    the ranks) are those of 1 process; the exported
     Hugging Face folder (gathered full state dict) holds the 1-process weights and records the trained
     sizes. (SHARD_GRAD_OP: the object-storage test.)"""
     import json
@@ -56,7 +55,7 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     fsdp = [
         "parallelism.fsdp.sharding_strategy=FULL_SHARD",
         "save_interval=10ba",
-        f"callbacks.hf_export.folder={tmp_path}/hf",
+        *downstream(tiny_data, tmp_path),  # with the hf_export of tmp_path/hf
     ]
     launch(tiny_data, tmp_path, *fsdp, "max_duration=10ba", common=FULL)
     assert (tmp_path / "ckpt" / "ep0-ba10").is_dir()  # sharded checkpoint: one folder, a shard per rank
@@ -65,6 +64,8 @@ def test_fsdp2_two_processes_resume_and_match_one_process(tiny_data, tmp_path, o
     assert_same_curve(one, two)
     assert_block_sizes_drawn(one, two)
     assert_same_evaluation(one_process_full[3], tmp_path, p.stdout + p.stderr)
+    assert_same_downstream(tiny_data, tmp_path)
+    assert_downstream_split(p.stdout + p.stderr)  # on a copy of the full weights, gathered once
     bd3 = json.loads((tmp_path / "hf" / "config.json").read_text())["bd3"]
     assert bd3["block_size"] == 2 and bd3["trained_block_sizes"] == [2, 4, 8]
     exported = from_pretrained(tmp_path / "hf").state_dict()
