@@ -127,6 +127,15 @@ def run_name(checkpoint: str | Path) -> str:
     return p.parent.name if p.name == "hf" else p.name
 
 
+def close_distributed() -> None:
+    """On every rank after the last collective: wait for the others, then destroy the process group. A
+    rank that exits while its last gloo send is still in flight (lm-eval gathers its results on rank 0)
+    can be aborted at interpreter exit (seen once: rank 1 ended with SIGABRT under load)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _init_distributed(device: str) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -255,7 +264,8 @@ def _downstream(args) -> int:
         num_fewshot=args.num_fewshot,
         model_args=model_args,
     )
-    if not results:
+    close_distributed()
+    if not results:  # ranks other than 0 of several processes
         return 0
     print(format_table(results))
     if args.out:

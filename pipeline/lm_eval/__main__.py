@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from pipeline.eval import close_distributed
+
+    close_distributed()  # several processes: none exits before the others have what it sent
     return 0
 
 
