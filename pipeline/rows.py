@@ -8,6 +8,7 @@ through ``pipeline.streaming_seams``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,36 @@ class ShardReadError(RuntimeError):
         return last.split("ShardReadError: ", 1)[-1]
 
 
+PREFIX_LOCK = "bd3-pipeline-streaming-prefix.lock"  # in the temporary directory, machine-wide
+
+
+@contextlib.contextmanager
+def shm_prefix_lock() -> Iterator[None]:
+    """Held by each node's local leader (``LOCAL_RANK`` 0, or a single process) while it creates a
+    ``StreamingDataset``. Streaming finds a free shared-memory prefix, then creates it: two jobs that
+    start at the same moment on one machine can both find the same prefix, and one of them fails with
+    ``FileExistsError`` (seen with two tests starting at once). This file lock makes the two steps one
+    for every process of this pipeline; the node's other ranks wait for their leader inside Streaming
+    and take no lock (taking it would deadlock them against their own leader)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / PREFIX_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # e.g. another user's file: go without (Streaming's own behaviour)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 # Over 60 lines on purpose: a class factory (Streaming imported lazily): its length is the class's methods.
 def packed_rows_dataset_class():
     """``PackedRowsDataset``: a ``StreamingDataset`` of packed rows as tensors (streaming imported lazily)."""
@@ -77,7 +108,8 @@ def packed_rows_dataset_class():
         def __init__(self, *, seq_len: int, validate_hash: str | None = None, **kwargs):
             # `orig` partitioning: the layout ``global_batch_positions`` relies on (the default
             # `relaxed` reorders samples when resuming on a different number of nodes).
-            super().__init__(partition_algo="orig", validate_hash=validate_hash, **kwargs)
+            with shm_prefix_lock():
+                super().__init__(partition_algo="orig", validate_hash=validate_hash, **kwargs)
             self.seq_len = seq_len
             self.hash_algo = validate_hash
             self._hashed: set[int] = set()  # shards whose decompressed file this process checked
@@ -171,7 +203,9 @@ class RowReader:
         else:
             from streaming import StreamingDataset
 
-            self.seq_len = int(len(StreamingDataset(local=str(folder), batch_size=1)[0]["tokens"]))
+            with shm_prefix_lock():
+                peek = StreamingDataset(local=str(folder), batch_size=1)
+            self.seq_len = int(len(peek[0]["tokens"]))
         self.dataset = packed_rows_dataset_class()(
             seq_len=self.seq_len, local=str(folder), split=None, shuffle=False, batch_size=1
         )

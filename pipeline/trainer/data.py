@@ -211,10 +211,11 @@ def build_dataloader(section, *, seq_len: int, batch_size: int):
             seq_len=seq_len,
             validate_hash=section.validate_hash,
         )
-    except FileExistsError as e:
+    except FileExistsError as e:  # (jobs of this pipeline starting at once take pipeline.rows' lock)
         raise RuntimeError(
-            f"{e}: stale shared memory from a crashed streaming job that this run could not remove; "
-            "remove the /dev/shm/NNNNNN_* files that no running job uses"
+            f"{e}: stale shared memory from a crashed streaming job, or a Streaming job of another "
+            "program that started at the same moment; start again, or remove the /dev/shm/NNNNNN_* "
+            "files that no running job uses"
         ) from e
     workers = section.num_workers
     loader = DataLoader(
