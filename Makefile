@@ -33,9 +33,9 @@ $(COMPAT_STAMP): pyproject.toml
 
 # The full suite, as CI runs it (slow and multi-process tests included), then the core, the export
 # and gpu_check again on the GPU machines' torch and transformers 5.x (.venv-compat). The first run
-# compares gpu_check's JSON across the two torch versions. WORKERS=2 runs the main suite on 2
-# pytest-xdist workers (tests/conftest.py); the default, 0, runs it in one process.
-WORKERS ?= 0
+# compares gpu_check's JSON across the two torch versions. The main suite runs on WORKERS pytest-xdist
+# workers (tests/conftest.py; 2 by default, for the 2-core machines); WORKERS=0 runs it in one process.
+WORKERS ?= 2
 test: $(STAMP) $(COMPAT_STAMP)
 	BD3_COMPAT_PYTHON=$(CURDIR)/$(COMPAT_PY) $(PY) -m pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-compat

@@ -3,12 +3,11 @@
 ``tiny_hf_checkpoint(path, arch, **config)`` is ``tests.factories.write_tiny_hf_checkpoint``.
 ``tiny_llama_dir`` and ``tiny_qwen2_dir`` are session-scoped folders: copy them before writing.
 
-``make test WORKERS=2`` runs the suite on 2 pytest-xdist workers (``--dist loadgroup``): a launch
-leaves a core idle while its launcher imports and while it starts and stops, and the other worker
-uses it. Tests
-that read one expensive session run are in one ``xdist_group`` (``tests/pipeline/trainer``), so
-that each such run is made once; every worker runs the slow tests first, so that no long test is
-left alone at the end.
+``make test`` runs the suite on 2 pytest-xdist workers (``--dist loadgroup``; ``WORKERS=0``: one
+process): a launch leaves a core idle while its launcher imports and while it starts and stops, and
+the other worker uses it. Tests that read one expensive session run are in one ``xdist_group``
+(``tests/pipeline/trainer``), so that each such run is made once; every worker runs the slow tests
+first, so that no long test is left alone at the end.
 """
 
 from __future__ import annotations
