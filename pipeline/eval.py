@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += n
     several = len(per_stream) > 1
     results = combine_results(list(per_stream.values())) if several else per_stream["data"]
+    close_distributed()  # the sums are all-reduced: what follows runs on rank 0 alone
     if rank != 0:
         return 0
     print(format_table(results, per_stream if several else None))
