@@ -2,8 +2,8 @@
 
 Blocks sit on a grid aligned at position 0 (the training layout), or with ``align_prompt`` on a grid
 whose blocks start right after the prompt (the prompt's first ``P mod L'`` tokens then form a shorter
-first clean block). For each block: fill the positions not given by the prompt with mask tokens, denoise them conditioned on the cached clean blocks, then run the
-finished block once more to write its keys/values into the cache (a *cache write*, counted apart
+first clean block). For each block: fill the positions not given by the prompt with mask tokens,
+denoise them conditioned on the cached clean blocks, then run the finished block once more to write its keys/values into the cache (a *cache write*, counted apart
 from the denoising NFEs). With the shift, the first token of a block is predicted by the logits of
 the last position of the previous cache write.
 

@@ -286,9 +286,7 @@ class BD3EvalLM(TemplateLM):
                 n = -(-need // self.block_size) * self.block_size
                 if len(self._greedy_memo) > 4096:  # bounded: requests come sorted by length, not by question
                     self._greedy_memo.clear()
-                self._greedy_memo[key] = greedy_decode(
-                    self.model, row[:k], n, self.sampler, self.sampler.align_prompt
-                )
+                self._greedy_memo[key] = greedy_decode(self.model, row[:k], n, self.sampler)
             out.append(self._greedy_memo[key][:need] == row[k:])
         return out
 

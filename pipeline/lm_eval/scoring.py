@@ -151,12 +151,10 @@ def ar_scores(model, rows: Sequence[Sequence[int]], n_context: Sequence[int]) ->
     return out
 
 
-def greedy_decode(
-    model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig, align_context: bool = True
-) -> list[int]:
+def greedy_decode(model, context: Sequence[int], n_tokens: int, sampler: SamplerConfig) -> list[int]:
     """Greedy block decoding (temperature 0) of ``n_tokens`` after ``context`` with ``sampler``'s
-    in-block denoiser and block size, on ``continuation_bound``'s grid: what ``is_greedy`` compares
-    the continuation with.
+    in-block denoiser, block size and grid (``align_prompt``: blocks start after the context, as
+    ``continuation_bound``'s ``align_context``): what ``is_greedy`` compares the continuation with.
 
     Without the KV cache (the same tokens inside the context length, by the sampler's contract): a
     continuation of a few tokens then costs a few forwards over the whole row, where the cache would
@@ -168,7 +166,6 @@ def greedy_decode(
             "temperature": 0.0,
             "stop_at_eos": False,
             "use_kv_cache": False,
-            "align_prompt": align_context,
         }
     )
     prompt = torch.tensor([list(context)], device=model.lm_head.weight.device)
