@@ -104,6 +104,9 @@ def _sdpa(q, k, v, mask: AttentionMask, allowed):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, enable_gqa=gqa)
 
 
+FLEX_MIN_HEAD_DIM = 16  # the compiled FlexAttention kernel's smallest head dimension (torch 2.7-2.11)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -140,7 +143,18 @@ def _block_mask(mask: AttentionMask, n_q: int, n_k: int, seq_len: int, device, d
 def _flex(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    # On CUDA the fused kernel needs torch.compile: a compiled caller (per-layer compile) lowers the
+    # call itself, any other goes through the cached compiled wrapper. That Triton kernel wants
+    # head_dim >= FLEX_MIN_HEAD_DIM: smaller heads (tiny test models) run the eager reference, kept
+    # out of any enclosing compile. The CPU runs flex_attention as it is.
+    if q.device.type != "cuda":
+        fn = flex_attention
+    elif q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        fn = torch.compiler.disable(flex_attention)
+    elif torch.compiler.is_compiling():
+        fn = flex_attention
+    else:
+        fn = _compiled_flex()
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
