@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-# Importing torch's inductor (DeepSpeed's engine and FlexAttention do, in every rank) starts a pool of
-# compile-worker processes, one per core, unless TORCH_WARM_POOL=0; nothing here compiles with Triton,
-# and the idle pool cost about 4 CPU-seconds per process (measured: 8.7 vs 4.5 CPU-s for the import),
-# a tenth of the suite's CPU time on the 2-core machine. Set before any torch import, inherited by
-# every launch. A compile that needs the pool still starts it on first use.
+# Importing torch's inductor starts a pool of compile-worker processes, one per core, unless
+# TORCH_WARM_POOL=0. Every DeepSpeed rank imports it (deepspeed/runtime/zero/muon applies torch.compile
+# at import, from DeepSpeed's engine), and no test compiles with Triton: the idle pool cost about 4
+# CPU-seconds per process (measured: 8.7 vs 4.5 CPU-s), several minutes of the suite's CPU time on the
+# 2-core machine. Set before any torch import and inherited by every launch; a compile that needs the
+# pool still starts it on first use.
 os.environ.setdefault("TORCH_WARM_POOL", "0")
 
 from tests.factories import tiny_data_folder, write_tiny_hf_checkpoint, write_tokenizer  # noqa: E402
