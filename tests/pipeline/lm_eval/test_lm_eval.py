@@ -24,6 +24,28 @@ from tests.factories import write_lm_eval_tasks, write_tiny_hf_checkpoint, write
 TASKS = ["tiny_mc", "tiny_ppl", "tiny_gen"]
 
 
+# What an in-process training run of another test on this pytest worker may leave in os.environ
+# (Composer's single-process dist settings): accelerate, under lm-eval's HFLM, takes LOCAL_RANK or
+# WORLD_SIZE as a distributed launch and asks for MASTER_ADDR.
+DIST_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_distributed_environment():
+    with pytest.MonkeyPatch.context() as mp:
+        for name in DIST_VARIABLES:
+            mp.delenv(name, raising=False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def ar_folder(tmp_path_factory):
     """A tiny LLaMA folder that both backends load, with a transformers tokenizer beside it."""
