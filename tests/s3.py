@@ -127,3 +127,6 @@ class S3Bucket:
 
     def get(self, key: str) -> bytes:
         return self.server.client().get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def put(self, key: str, body: bytes) -> None:
+        self.server.client().put_object(Bucket=self.name, Key=key, Body=body)

@@ -20,6 +20,7 @@ from pipeline.eval import main as eval_main
 from pipeline.export import main as export_main
 from pipeline.model import from_pretrained
 from pipeline.sample import main as sample_main
+from pipeline.save_folder import LATEST, REMOTE_LATEST
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.factories import REPO, YAMLS, tiny_overrides
@@ -30,6 +31,7 @@ from tests.pipeline.trainer.launch import (
     assert_same_optimizer_state,
     assert_same_run,
     command,
+    copy_run_until,
     kill_a_rank_after,
     last_batch,
     launch,
@@ -260,26 +262,24 @@ def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
         back.stop()
 
 
-REMOTE_PARALLELISM = {
+REMOTE_PARALLELISM = {  # (ZeRO-3: test_zero3_resumes_from_the_bucket_and_saves_each_ranks_model_states)
     "fsdp2": ["parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP"],
     "zero1": ["parallelism.deepspeed.zero_optimization.stage=1"],
-    "zero3": ["parallelism.deepspeed.zero_optimization.stage=3"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallelism", sorted(REMOTE_PARALLELISM))
-def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
+def test_fsdp2_and_zero1_checkpoint_to_s3_switch_world_size_resume_and_export(
     tiny_data, tmp_path, s3, one_process, parallelism
 ):
-    """2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10 and autoresumed
-    from the bucket to 20 (FSDP2 and ZeRO-1 switch world size on the way: 1 process from 10 to 15,
-    then 2 again; ZeRO-1 through universal checkpoints converted on the node): the rows equal and
-    the curve agrees with the 1-process run, and so does Adam's state at 20 after the switches
-    (FSDP2, ZeRO-1); rotation left only batch 10's (then 20's) checkpoint: FSDP2's shard folder, or ZeRO's partitions (ZeRO-3: each rank's model states);
-    ``pipeline.export --checkpoint s3://...`` holds the 1-process weights. (The data is local here:
-    reading the bucket is the DDP test's.)"""
+    """2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10, continued from
+    the bucket on 1 process to 15 (ZeRO-1 through universal checkpoints converted on the node), then
+    on 2 again to 20: the rows equal and the curve agrees with the 1-process run, and so does Adam's
+    state at 20 after the switches; rotation left only batch 10's (then 20's) checkpoint: FSDP2's
+    shard folder, or ZeRO's partitions; ``pipeline.export --checkpoint s3://...`` holds the 1-process
+    weights. (The data is local here: reading the bucket is the DDP test's.)"""
     run_uri, run = f"{s3.uri}/runs/{parallelism}", f"runs/{parallelism}/"
     remote = (
         *REMOTE_PARALLELISM[parallelism],
@@ -302,23 +302,23 @@ def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
         assert {k for k in stored if not k.startswith("deepspeed/")} == {"ep0-ba10-rank0.pt"}
         assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba10"}
         per_rank = {f"deepspeed/ba10/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
-        assert per_rank <= stored if parallelism == "zero3" else not per_rank & stored
-    if parallelism != "zero3":  # elastic: the same command on 1 process to batch 15, then 2 again
-        p = launch(tiny_data, tmp_path, *remote, "max_duration=15ba", nproc=0)
-        assert (UNIVERSAL_LINE in p.stdout + p.stderr) == (parallelism == "zero1"), p.stderr[-3000:]
+        assert not per_rank & stored  # (ZeRO-1/2 keep the model states in rank 0's file)
+    # elastic: the same command on 1 process to batch 15, then 2 again
+    p = launch(tiny_data, tmp_path, *remote, "max_duration=15ba", nproc=0)
+    assert (UNIVERSAL_LINE in p.stdout + p.stderr) == (parallelism == "zero1"), p.stderr[-3000:]
     p = launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
     assert (UNIVERSAL_LINE in p.stdout + p.stderr + rank_logs(tmp_path)) == (parallelism == "zero1")
     two = records(tmp_path / "loss.jsonl")
     assert_same_curve(one_process[0], two)
     assert [r["rows"] for r in two] == [r["rows"] for r in one_process[0]]
-    if parallelism != "zero3":  # Adam continued across both switches: its state equals the 1-process run's
-        local = tmp_path / "downloaded"
-        for key in s3.keys(run):
-            (local / key[len(run) :]).parent.mkdir(parents=True, exist_ok=True)
-            (local / key[len(run) :]).write_bytes(s3.get(key))
-        assert_same_optimizer_state(
-            optimizer_state(one_process[2], 20, tmp_path), optimizer_state(local, 20, tmp_path)
-        )
+    # Adam continued across both switches: its state equals the 1-process run's
+    local = tmp_path / "downloaded"
+    for key in s3.keys(run):
+        (local / key[len(run) :]).parent.mkdir(parents=True, exist_ok=True)
+        (local / key[len(run) :]).write_bytes(s3.get(key))
+    assert_same_optimizer_state(
+        optimizer_state(one_process[2], 20, tmp_path), optimizer_state(local, 20, tmp_path)
+    )
     after = checkpoints()
     assert after and all(k.startswith(("ep1-ba20", "deepspeed/ba20/")) for k in after), after
 
@@ -329,10 +329,61 @@ def test_fsdp2_and_zero_stages_checkpoint_to_s3_resume_and_export(
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "export" / "config.json").read_text())["bd3"]["block_size"] > 0
     card = (tmp_path / "export" / "README.md").read_text()  # its training section reads run_config.json
-    parallel = {"fsdp2": "FSDP", "zero1": "DeepSpeed ZeRO-1", "zero3": "DeepSpeed ZeRO-3"}[parallelism]
+    parallel = {"fsdp2": "FSDP", "zero1": "DeepSpeed ZeRO-1"}[parallelism]
     assert f"- parallelism: {parallel}\n" in card
     if parallelism == "fsdp2":  # eval reads the shards of the bucket's latest checkpoint too
         common = ["--data", str(tiny_data[0]), "--block-sizes", "4", "--max-rows", "8"]
         assert eval_main([*ckpt, *common, "--out", str(tmp_path / "eval.json")]) == 0
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
+
+
+@same_reference("zero3")
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_resumes_from_the_bucket_and_saves_each_ranks_model_states(tiny_data, tmp_path, s3, reference):
+    """ZeRO-3, 2 processes, save_folder in the bucket: the bucket holds the uninterrupted ZeRO-3 run
+    (``reference("zero3")``) as it was after batch 10, laid out as a save to it leaves it (its files,
+    its DeepSpeed tag, the latest symlink object last); the same recipe autoresumes from there to 20,
+    saving every 5 batches. Every batch's rows and losses and the final weights equal the
+    uninterrupted run's exactly; the bucket keeps only batch 20's checkpoint (rotation removed 10 and
+    15), with each rank's model states (ZeRO-3's own files); ``pipeline.export --checkpoint s3://...``
+    equals the export of the local run's checkpoint, bit for bit."""
+    ref = reference("zero3")
+    seeded = tmp_path / "seeded"
+    copy_run_until(ref, seeded, 10)
+    run_uri, run = f"{s3.uri}/runs/zero3", "runs/zero3/"
+    latest = seeded / "ckpt" / LATEST
+    target = latest.readlink().name
+    latest.unlink()
+    upload_tree(seeded / "ckpt", run_uri, last=())
+    s3.put(f"{run}{REMOTE_LATEST}", f"{run}{target}".encode())
+
+    out = tmp_path / "remote"
+    out.mkdir()
+    (out / "loss.jsonl").write_bytes((seeded / "loss.jsonl").read_bytes())
+    cmd, env = command(
+        tiny_data,
+        out,
+        "zero3",
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
+        "loggers.tensorboard=null",
+    )
+    p = run_to_end(cmd, env, out)
+    assert p.returncode == 0, p.stderr[-3000:] + rank_logs(out)
+    # It resumed from the bucket's batch 10: it logged batches 11-20 once, after the seeded 1-10.
+    assert [r["batch"] for r in records(out / "loss.jsonl")] == list(range(1, 21))
+    assert_same_run(ref, out)
+    stored = {k[len(run) :] for k in s3.keys(run) if k.startswith(f"{run}ep") or "/deepspeed/" in k}
+    assert {k for k in stored if not k.startswith("deepspeed/")} == {"ep1-ba20-rank0.pt"}, stored
+    assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba20"}
+    assert {f"deepspeed/ba20/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)} <= stored
+    assert s3.get(f"{run}{REMOTE_LATEST}").decode() == f"{run}ep1-ba20-rank0.pt"
+    for name, ckpt in (("from_s3", run_uri), ("from_local", str(ref / "ckpt"))):
+        assert export_main(["--checkpoint", ckpt, "--trust-checkpoint", "--out", str(tmp_path / name)]) == 0
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "- parallelism: DeepSpeed ZeRO-3\n" in (tmp_path / "from_s3" / "README.md").read_text()
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
