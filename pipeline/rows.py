@@ -62,29 +62,42 @@ PREFIX_LOCK = "bd3-pipeline-streaming-prefix.lock"  # in the temporary directory
 
 @contextlib.contextmanager
 def shm_prefix_lock() -> Iterator[None]:
-    """Held by each node's local leader (``LOCAL_RANK`` 0, or a single process) while it creates a
-    ``StreamingDataset``. Streaming finds a free shared-memory prefix, then creates it: two jobs that
-    start at the same moment on one machine can both find the same prefix, and one of them fails with
-    ``FileExistsError`` (seen with two tests starting at once). This file lock makes the two steps one
-    for every process of this pipeline; the node's other ranks wait for their leader inside Streaming
-    and take no lock (taking it would deadlock them against their own leader)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        yield
-        return
-    import fcntl
-    import tempfile
+    """Around the creation of a ``StreamingDataset`` by every rank of a job: each node's local leader
+    (``LOCAL_RANK`` 0, or a single process) holds a machine-wide file lock, and the other ranks start
+    only once it holds it.
 
-    path = Path(tempfile.gettempdir()) / PREFIX_LOCK
+    Streaming finds a free shared-memory prefix, then its local leader creates it; each of the other
+    ranks looks for the free prefix on its own, before that. Two jobs starting at the same moment on
+    one machine could both find the same prefix (one then fails with ``FileExistsError``), or a rank
+    could look before another job took a prefix and its leader after, so that the rank attaches to
+    the other job's memory ("shared memory registered does not match local leader"; both seen with
+    two tests starting at once). With the lock held from before any rank of the node looks until
+    its leader has created the prefix, no other job of this pipeline takes one in between. The
+    other ranks take no lock themselves (they would wait for their own leader, which waits for them).
+    """
+    import torch.distributed as dist
+
+    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    fd = None
+    if leader:
+        import fcntl
+        import tempfile
+
+        try:
+            fd = os.open(Path(tempfile.gettempdir()) / PREFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. another user's file: go without (Streaming's own behaviour)
+            if fd is not None:
+                os.close(fd)
+            fd = None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # e.g. another user's file: go without (Streaming's own behaviour)
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if together:
+            dist.barrier()  # every leader of the job holds its node's lock: the other ranks may look
         yield
     finally:
-        os.close(fd)  # (releases the lock)
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
 
 
 # Over 60 lines on purpose: a class factory (Streaming imported lazily): its length is the class's methods.

@@ -232,8 +232,14 @@ def _install_remote_rotation(saver, save_folder: str, rank_zero: bool) -> None:
     remote checkpoints beyond ``save_num_checkpoints_to_keep`` once the latest symlink names a newer
     complete one (after each save, and at the end of fit once every upload has finished). Any
     failure of the object store while saving becomes one ``RemoteSaveError``."""
-    from pipeline.trainer.seams import saver_save_step, set_saver_save_step, set_symlink_upload_wait
+    from pipeline.trainer.seams import (
+        saver_save_step,
+        set_saver_save_step,
+        set_symlink_upload_wait,
+        upload_on_threads,
+    )
 
+    upload_on_threads(saver)
     # Composer polls for a finished upload every 30 s before writing the latest symlink; a short
     # run would spend most of its time waiting.
     set_symlink_upload_wait(saver, 1.0)
