@@ -1,6 +1,6 @@
 """The whole pipeline end to end at small scale: ``make demo`` (``python -m pipeline.demo``).
 
-Stages (each reuses its output when rerun):
+Stages (each reuses its output when rerun; the export is written again):
   1. corpora: OpenWebText's first documents when the Hugging Face hub is reachable, otherwise the
      docstrings of the installed Python packages (real English prose, present on every machine
      that installed this project, never committed here): the "prose" stream; and the Python source
@@ -118,6 +118,16 @@ def write_hub_corpus(out: Path, n_docs: int) -> None:
         for text, _ in iter_documents(sources, counts, 0, min(n_docs, sum(counts))):
             f.write(json.dumps({"text": text}) + "\n")
     os.replace(tmp, out)
+
+
+def finished_json(path: Path, model: Path) -> bool:
+    """A stage's JSON output is there, whole (its command writes it once, at its end) and newer than
+    the Hugging Face folder ``model`` it was computed from (a retrained model is evaluated again)."""
+    try:
+        json.loads(path.read_text())
+        return path.stat().st_mtime >= (model / "config.json").stat().st_mtime
+    except (OSError, ValueError):
+        return False
 
 
 def header(n: int, title: str) -> None:
@@ -322,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     tables = {}
     for name, ckpt in (("ar_init_baseline", ar_dir / "hf"), ("bd3_trained", bd3_dir / "hf")):
         res = out / f"eval_{name}.json"
+        if finished_json(res, ckpt):
+            print(f"reusing {res}")
+            tables[name] = json.loads(res.read_text())
+            continue
         sh(
             [
                 py,
@@ -355,18 +369,11 @@ def main(argv: list[str] | None = None) -> int:
 
     header(6, f"sampling at block size {BLOCK_SIZE} with the KV cache (pipeline.sample)")
     sample = out / "sample.json"
-    sh(
-        [
-            py,
-            "-m",
-            "pipeline.sample",
-            "--checkpoint",
-            str(bd3_dir / "hf"),
-            *sampling_args(size["new_tokens"]),
-            "--out",
-            str(sample),
-        ]
-    )
+    if finished_json(sample, bd3_dir / "hf"):
+        print(f"reusing {sample}")
+    else:
+        cmd = [py, "-m", "pipeline.sample", "--checkpoint", str(bd3_dir / "hf")]
+        sh([*cmd, *sampling_args(size["new_tokens"]), "--out", str(sample)])
 
     header(7, "the BD3 model as a Hugging Face folder with a model card (pipeline.export)")
     hf_model = out / "bd3-tiny-hf"

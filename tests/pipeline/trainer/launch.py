@@ -68,13 +68,15 @@ def downstream(tiny_data, out: Path) -> list[str]:
     return [*downstream_overrides(tasks), f"callbacks.hf_export.folder={out}/hf"]
 
 
-def assert_same_downstream(tiny_data, out: Path) -> None:
-    """``callbacks.downstream_eval`` under 2 processes: what it logged at batch 20 equals
-    ``pipeline.lm_eval`` run in this one process on the run's final weights (its hf export)."""
+def assert_same_downstream(tiny_data, out: Path, tensorboard: Path | None = None) -> None:
+    """``callbacks.downstream_eval`` under 2 processes: what it logged at batch 20 (TensorBoard files
+    under ``tensorboard``, by default out/ckpt/tensorboard) equals ``pipeline.lm_eval`` run in this
+    one process on the run's final weights (its hf export)."""
     from tests.factories import check_downstream_scalars, downstream_reference
 
     reference = downstream_reference(out / "hf", tiny_data[0].parent / "lm_eval_tasks")
-    check_downstream_scalars(tensorboard_scalars(out / "ckpt" / "tensorboard"), reference, batch=20)
+    scalars = tensorboard_scalars(tensorboard or out / "ckpt" / "tensorboard")
+    check_downstream_scalars(scalars, reference, batch=20)
 
 
 def assert_downstream_split(output: str) -> None:
@@ -333,15 +335,17 @@ def assert_same_curve(one: list[dict], two: list[dict]) -> None:
     assert one[-1]["loss/train/total"] < one[0]["loss/train/total"] - 0.2
 
 
-def assert_block_sizes_drawn(one: list[dict], two: list[dict], nranks: int = 2) -> None:
-    """MIXED: both runs drew, at every step, the L' that (seed, step) gives, the same on every rank,
-    and logged that step's NELBO under its size."""
+def assert_block_sizes_drawn(one: list[dict], two: list[dict], nranks: int | dict[int, int] = 2) -> None:
+    """MIXED: both runs drew, at every step, the L' that (seed, step) gives, the same on every rank
+    (``nranks`` of them, or ``nranks[batch]`` for a run that changed its number of processes), and
+    logged that step's NELBO under its size."""
     from pipeline.diffusion.objective import DiffusionConfig
 
     cfg = DiffusionConfig(block_size=[2, 4, 8], seed=0)
     for r1, r2 in zip(one, two):
         bs = cfg.block_size_at(r2["batch"] - 1)  # the step counter before the batch
-        assert r1["block_size_by_rank"] == [bs] and r2["block_size_by_rank"] == [bs] * nranks
+        ranks = nranks[r2["batch"]] if isinstance(nranks, dict) else nranks
+        assert r1["block_size_by_rank"] == [bs] and r2["block_size_by_rank"] == [bs] * ranks
         per_size = {k: v for k, v in r2.items() if k.startswith("loss/train/nelbo/bs")}
         assert per_size == {f"loss/train/nelbo/bs{bs}": r2["loss/train/nelbo"]}
     assert {r["block_size_by_rank"][0] for r in two} == {2, 4, 8}
@@ -362,13 +366,16 @@ def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def assert_same_evaluation(one: dict[int, float], out: Path, output: str) -> None:
+def assert_same_evaluation(
+    one: dict[int, float], out: Path, output: str, tensorboard: Path | None = None
+) -> None:
     """EVALUATION in 2 processes: each rank reads its half of the global eval batches and the sums are
     all-reduced, so the last evaluation (batch 20, from the run's TensorBoard files) equals one process
     with the whole global batch; FSDP2 and ZeRO-3 gather the sharded parameters for each forward, and
-    generation runs on every rank in step. ``output``: the launch's rank-0 output."""
+    generation runs on every rank in step. ``output``: the launch's rank-0 output; ``tensorboard``: the
+    run's TensorBoard folder (by default out/ckpt/tensorboard)."""
     assert "[generation] sample 0:" in output
-    scalars = tensorboard_scalars(out / "ckpt" / "tensorboard")
+    scalars = tensorboard_scalars(tensorboard or out / "ckpt" / "tensorboard")
     assert sorted(one) == [1, 4, 8, 32]
     for bs, nelbo in one.items():
         assert scalars[f"eval/nelbo/bs{bs}"][20] == pytest.approx(nelbo, rel=LOSS_RTOL), bs

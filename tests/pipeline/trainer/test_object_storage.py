@@ -25,13 +25,19 @@ from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
 from tests.factories import REPO, YAMLS, tiny_overrides
 from tests.pipeline.trainer.launch import (
+    FULL,
     MIXED,
     UNIVERSAL_LINE,
+    assert_block_sizes_drawn,
+    assert_downstream_split,
     assert_same_curve,
+    assert_same_downstream,
+    assert_same_evaluation,
     assert_same_optimizer_state,
     assert_same_run,
     command,
     copy_run_until,
+    downstream,
     kill_a_rank_after,
     last_batch,
     launch,
@@ -262,80 +268,149 @@ def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
         back.stop()
 
 
-REMOTE_PARALLELISM = {  # (ZeRO-3: test_zero3_resumes_from_the_bucket_and_saves_each_ranks_model_states)
-    "fsdp2": ["parallelism.fsdp.sharding_strategy=SHARD_GRAD_OP"],
-    "zero1": ["parallelism.deepspeed.zero_optimization.stage=1"],
-}
+def stored_checkpoints(s3, run: str) -> set[str]:
+    """The checkpoint objects under ``run`` (``runs/NAME/``), relative to it, without the run's files."""
+    return {k[len(run) :] for k in s3.keys(run) if k.startswith(f"{run}ep") or "/deepspeed/" in k}
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("parallelism", sorted(REMOTE_PARALLELISM))
-def test_fsdp2_and_zero1_checkpoint_to_s3_switch_world_size_resume_and_export(
-    tiny_data, tmp_path, s3, one_process, parallelism
-):
-    """2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10, continued from
-    the bucket on 1 process to 15 (ZeRO-1 through universal checkpoints converted on the node), then
-    on 2 again to 20: the rows equal and the curve agrees with the 1-process run, and so does Adam's
-    state at 20 after the switches; rotation left only batch 10's (then 20's) checkpoint: FSDP2's
-    shard folder, or ZeRO's partitions; ``pipeline.export --checkpoint s3://...`` holds the 1-process
-    weights. (The data is local here: reading the bucket is the DDP test's.)"""
-    run_uri, run = f"{s3.uri}/runs/{parallelism}", f"runs/{parallelism}/"
-    remote = (
-        *REMOTE_PARALLELISM[parallelism],
-        f"variables.save_folder={run_uri}",
-        "save_interval=5ba",
-        "loggers.tensorboard=null",
-    )
-
-    def checkpoints() -> set[str]:
-        """The stored checkpoint objects, relative to the run, without the run's config files."""
-        return {k[len(run) :] for k in s3.keys(run) if k.startswith(f"{run}ep") or "/deepspeed/" in k}
-
-    launch(tiny_data, tmp_path, *remote, "max_duration=10ba")
-    if parallelism == "fsdp2":
-        assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10"
-        assert checkpoints() == {"ep0-ba10/.metadata", "ep0-ba10/__0_0.distcp", "ep0-ba10/__1_0.distcp"}
-    else:
-        assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10-rank0.pt"
-        stored = checkpoints()
-        assert {k for k in stored if not k.startswith("deepspeed/")} == {"ep0-ba10-rank0.pt"}
-        assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba10"}
-        per_rank = {f"deepspeed/ba10/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
-        assert not per_rank & stored  # (ZeRO-1/2 keep the model states in rank 0's file)
-    # elastic: the same command on 1 process to batch 15, then 2 again
-    p = launch(tiny_data, tmp_path, *remote, "max_duration=15ba", nproc=0)
-    assert (UNIVERSAL_LINE in p.stdout + p.stderr) == (parallelism == "zero1"), p.stderr[-3000:]
-    p = launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
-    assert (UNIVERSAL_LINE in p.stdout + p.stderr + rank_logs(tmp_path)) == (parallelism == "zero1")
-    two = records(tmp_path / "loss.jsonl")
-    assert_same_curve(one_process[0], two)
-    assert [r["rows"] for r in two] == [r["rows"] for r in one_process[0]]
-    # Adam continued across both switches: its state equals the 1-process run's
+def assert_same_adam(s3, run: str, one_process_ckpt, tmp_path) -> None:
+    """Adam's state in the bucket's batch-20 checkpoint equals the 1-process run's: it continued
+    across the world-size switches, it did not restart."""
     local = tmp_path / "downloaded"
     for key in s3.keys(run):
         (local / key[len(run) :]).parent.mkdir(parents=True, exist_ok=True)
         (local / key[len(run) :]).write_bytes(s3.get(key))
     assert_same_optimizer_state(
-        optimizer_state(one_process[2], 20, tmp_path), optimizer_state(local, 20, tmp_path)
+        optimizer_state(one_process_ckpt, 20, tmp_path), optimizer_state(local, 20, tmp_path)
     )
-    after = checkpoints()
+
+
+def assert_no_secret(s3, run: str, tmp_path) -> None:
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero1_checkpoints_to_s3_switch_world_size_resume_and_export(tiny_data, tmp_path, s3, one_process):
+    """ZeRO-1, 2 processes, save_folder in the bucket, a save every 5 batches, stopped at 10, continued
+    from the bucket on 1 process to 15 (through universal checkpoints converted on the node), then on 2
+    again to 20: the rows equal and the curve agrees with the 1-process run, and so does Adam's state
+    at 20 after the switches; rotation left only batch 10's (then 20's) checkpoint with its partitions;
+    ``pipeline.export --checkpoint s3://...`` holds the 1-process weights. (The data is local here:
+    reading the bucket is the DDP test's.)"""
+    run_uri, run = f"{s3.uri}/runs/zero1", "runs/zero1/"
+    remote = (
+        "parallelism.deepspeed.zero_optimization.stage=1",
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
+        "loggers.tensorboard=null",
+    )
+    launch(tiny_data, tmp_path, *remote, "max_duration=10ba")
+    assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10-rank0.pt"
+    stored = stored_checkpoints(s3, run)
+    assert {k for k in stored if not k.startswith("deepspeed/")} == {"ep0-ba10-rank0.pt"}
+    assert {k.split("/")[1] for k in stored if k.startswith("deepspeed/")} == {"ba10"}
+    per_rank = {f"deepspeed/ba10/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
+    assert not per_rank & stored  # (ZeRO-1/2 keep the model states in rank 0's file)
+    # elastic: the same command on 1 process to batch 15, then 2 again
+    p = launch(tiny_data, tmp_path, *remote, "max_duration=15ba", nproc=0)
+    assert UNIVERSAL_LINE in p.stdout + p.stderr, p.stderr[-3000:]
+    p = launch(tiny_data, tmp_path, *remote)  # the same command to 20 batches: autoresume from the bucket
+    assert UNIVERSAL_LINE in p.stdout + p.stderr + rank_logs(tmp_path)
+    two = records(tmp_path / "loss.jsonl")
+    assert_same_curve(one_process[0], two)
+    assert [r["rows"] for r in two] == [r["rows"] for r in one_process[0]]
+    assert_same_adam(s3, run, one_process[2], tmp_path)
+    after = stored_checkpoints(s3, run)
     assert after and all(k.startswith(("ep1-ba20", "deepspeed/ba20/")) for k in after), after
 
-    ckpt = ["--checkpoint", run_uri, "--trust-checkpoint"]
-    assert export_main([*ckpt, "--out", str(tmp_path / "export")]) == 0
+    assert (
+        export_main(["--checkpoint", run_uri, "--trust-checkpoint", "--out", str(tmp_path / "export")]) == 0
+    )
     exported = from_pretrained(tmp_path / "export").state_dict()
     for k, v in one_process[1].items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["bd3"]["block_size"] > 0
     card = (tmp_path / "export" / "README.md").read_text()  # its training section reads run_config.json
-    parallel = {"fsdp2": "FSDP", "zero1": "DeepSpeed ZeRO-1"}[parallelism]
-    assert f"- parallelism: {parallel}\n" in card
-    if parallelism == "fsdp2":  # eval reads the shards of the bucket's latest checkpoint too
-        common = ["--data", str(tiny_data[0]), "--block-sizes", "4", "--max-rows", "8"]
-        assert eval_main([*ckpt, *common, "--out", str(tmp_path / "eval.json")]) == 0
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
+    assert "- parallelism: DeepSpeed ZeRO-1\n" in card
+    assert_no_secret(s3, run, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_on_s3_switches_world_size_and_sharding_and_matches_one_process(
+    tiny_data, tmp_path, s3, one_process_full, capsys
+):
+    """FSDP2 with ``launch.FULL`` (several block sizes, the evaluation callbacks) and the downstream
+    (lm-eval) callback, save_folder in the bucket, a save every 5 batches (two kept): FULL_SHARD on 2
+    processes to batch 10, continued from the bucket on 1 process to 15, then SHARD_GRAD_OP on 2 to
+    20. The rows equal the 1-process run's and the curve, the block sizes drawn, Adam's state at 20
+    and the evaluations at batch 20 (likelihood; downstream tasks split over the ranks) agree with
+    it; each checkpoint is a shard folder (a shard per rank); the callback's Hugging Face export
+    (gathered full state dict) holds the 1-process weights and the trained sizes;
+    ``pipeline.export --checkpoint s3://...`` gathers the shards of the latest checkpoint in one
+    process into the callback's weights bit for bit, and ``--batch`` picks another one."""
+    import json
+
+    run_uri, run = f"{s3.uri}/runs/fsdp2", "runs/fsdp2/"
+    tb = tmp_path / "tb"
+    remote = (
+        f"variables.save_folder={run_uri}",
+        "save_interval=5ba",
+        "save_num_checkpoints_to_keep=2",
+        f"loggers.tensorboard.log_dir={tb}",
+        *downstream(tiny_data, tmp_path),  # with the hf_export of tmp_path/hf
+    )
+    sharding = "parallelism.fsdp.sharding_strategy="
+    launch(tiny_data, tmp_path, f"{sharding}FULL_SHARD", *remote, "max_duration=10ba", common=FULL)
+    assert s3.get(f"{run}latest-rank0.pt.symlink").decode() == f"{run}ep0-ba10"
+    shards = {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert stored_checkpoints(s3, run) == {f"ep0-ba{b}/{f}" for b in (5, 10) for f in shards}
+    p = launch(
+        tiny_data, tmp_path, f"{sharding}FULL_SHARD", *remote, "max_duration=15ba", nproc=0, common=FULL
+    )
+    assert UNIVERSAL_LINE not in p.stdout + p.stderr  # (DeepSpeed's; FSDP2 shards load on any world size)
+    p = launch(tiny_data, tmp_path, f"{sharding}SHARD_GRAD_OP", *remote, common=FULL)
+    output = p.stdout + p.stderr
+    one, two = one_process_full[0], records(tmp_path / "loss.jsonl")
+    assert_same_curve(one, two)
+    assert [r["rows"] for r in two] == [r["rows"] for r in one]
+    assert_block_sizes_drawn(one, two, {b: 1 if 10 < b <= 15 else 2 for b in range(1, 21)})
+    assert_same_evaluation(one_process_full[3], tmp_path, output, tensorboard=tb)
+    assert_same_downstream(tiny_data, tmp_path, tensorboard=tb)
+    assert_downstream_split(output)  # on a copy of the full weights, gathered once
+    assert_same_adam(s3, run, one_process_full[2], tmp_path)
+    one_shard = {".metadata", "__0_0.distcp"}  # batch 15's, written by 1 process
+    assert stored_checkpoints(s3, run) == {f"ep0-ba15/{f}" for f in one_shard} | {
+        f"ep1-ba20/{f}" for f in shards
+    }
+
+    bd3 = json.loads((tmp_path / "hf" / "config.json").read_text())["bd3"]
+    assert bd3["block_size"] == 2 and bd3["trained_block_sizes"] == [2, 4, 8]
+    exported = from_pretrained(tmp_path / "hf").state_dict()
+    for k, v in one_process_full[1].items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5)
+    args = ["--checkpoint", run_uri, "--trust-checkpoint", "--out"]
+    assert export_main([*args, str(tmp_path / "export")]) == 0
+    from_shards = from_pretrained(tmp_path / "export").state_dict()
+    assert from_shards.keys() == exported.keys()
+    assert all(torch.equal(from_shards[k], exported[k]) for k in exported)
+    card = (tmp_path / "export" / "README.md").read_text()  # its training section reads run_config.json
+    assert "- parallelism: FSDP\n" in card
+    assert export_main([*args, str(tmp_path / "export15"), "--batch", "15"]) == 0  # the 1-process run's
+    at15 = from_pretrained(tmp_path / "export15").state_dict()
+    assert not all(torch.equal(at15[k], exported[k]) for k in exported)
+    assert export_main([*args, str(tmp_path / "export7"), "--batch", "7"]) == 2
+    assert "no checkpoint of batch 7" in capsys.readouterr().err
+    # eval reads the shards of the bucket's latest checkpoint too
+    common = ["--data", str(tiny_data[0]), "--block-sizes", "4", "--max-rows", "8"]
+    assert (
+        eval_main(
+            ["--checkpoint", run_uri, "--trust-checkpoint", *common, "--out", str(tmp_path / "eval.json")]
+        )
+        == 0
+    )
+    assert_no_secret(s3, run, tmp_path)
 
 
 @same_reference("zero3")
@@ -385,5 +460,4 @@ def test_zero3_resumes_from_the_bucket_and_saves_each_ranks_model_states(tiny_da
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "- parallelism: DeepSpeed ZeRO-3\n" in (tmp_path / "from_s3" / "README.md").read_text()
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
+    assert_no_secret(s3, run, tmp_path)
