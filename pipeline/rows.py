@@ -61,10 +61,30 @@ PREFIX_LOCK = "bd3-pipeline-streaming-prefix.lock"  # in the temporary directory
 
 
 @contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    """The machine-wide file lock (``PREFIX_LOCK`` in the temporary directory) under which jobs of this
+    pipeline register Streaming's shared memory and clean up what killed jobs left: held by this
+    process while inside. Without access to the file (another user's) it goes without."""
+    import fcntl
+    import tempfile
+
+    try:
+        fd = os.open(Path(tempfile.gettempdir()) / PREFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+@contextlib.contextmanager
 def shm_prefix_lock() -> Iterator[None]:
     """Around the creation of a ``StreamingDataset`` by every rank of a job: each node's local leader
-    (``LOCAL_RANK`` 0, or a single process) holds a machine-wide file lock, and the other ranks start
-    only once it holds it.
+    (``LOCAL_RANK`` 0, or a single process) holds ``machine_lock``, and the other ranks start only
+    once it holds it.
 
     Streaming finds a free shared-memory prefix, then its local leader creates it; each of the other
     ranks looks for the free prefix on its own, before that. Two jobs starting at the same moment on
@@ -79,25 +99,10 @@ def shm_prefix_lock() -> Iterator[None]:
 
     leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
     together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    fd = None
-    if leader:
-        import fcntl
-        import tempfile
-
-        try:
-            fd = os.open(Path(tempfile.gettempdir()) / PREFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # e.g. another user's file: go without (Streaming's own behaviour)
-            if fd is not None:
-                os.close(fd)
-            fd = None
-    try:
+    with machine_lock() if leader else contextlib.nullcontext():
         if together:
             dist.barrier()  # every leader of the job holds its node's lock: the other ranks may look
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # (releases the lock)
 
 
 # Over 60 lines on purpose: a class factory (Streaming imported lazily): its length is the class's methods.

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipeline.rows import packed_rows_dataset_class
+from pipeline.rows import machine_lock, packed_rows_dataset_class
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ def _mapped_shm_names() -> set[str]:
     return names
 
 
-def clean_stale_streaming_memory() -> list[str]:
+def clean_stale_streaming_memory(*, lock: bool = True) -> list[str]:
     """Remove Streaming's shared memory left by killed jobs; returns the names removed.
+
+    Runs under ``pipeline.rows.machine_lock`` (``lock=False``: the caller holds it), so no job of this
+    pipeline registers its memory meanwhile and two clean-ups never share the work.
 
     A job killed as a whole (preemption, the OOM killer, a lost node: Python's resource tracker dies
     with it) leaves ``/dev/shm/NNNNNN_*`` segments and ``$TMPDIR/NNNNNN_*_filelock`` files behind.
@@ -73,6 +76,9 @@ def clean_stale_streaming_memory() -> list[str]:
     """
     if not _SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
         return []
+    if lock:
+        with machine_lock():
+            return clean_stale_streaming_memory(lock=False)
     from pipeline.streaming_seams import LOCK_FILE_NAME, SHARED_MEMORY_NAME
 
     groups: dict[str, list[Path]] = {}

@@ -9,15 +9,12 @@ end with the same weights.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -311,87 +308,66 @@ def mapped_shm(proc: subprocess.Popen) -> set[str]:
     return {n for n in names if n[:6].isdigit()}
 
 
-@contextmanager
-def mapped_here(names: set[str]) -> Iterator[None]:
-    """Map the /dev/shm segments ``names`` into this process while inside: to every clean-up on the
-    node (the trainer's, started by tests on the other xdist worker) their prefix is a live job's."""
-    maps = []
-    try:
-        for name in sorted(names):
-            fd = os.open(Path("/dev/shm") / name, os.O_RDONLY)
-            try:
-                if os.fstat(fd).st_size:
-                    maps.append(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
-            finally:
-                os.close(fd)
-        assert maps, f"none of {sorted(names)} has a byte to map"
-        yield
-    finally:
-        for m in maps:
-            m.close()
-
-
 @pytest.mark.multiprocess
 def test_stale_streaming_memory_of_a_killed_run_is_removed_and_live_runs_are_not(tiny_data, tmp_path):
+    from pipeline.rows import machine_lock
     from pipeline.trainer.data import clean_stale_streaming_memory
 
     data, _ = tiny_data
     killed = hold_dataset(tmp_path / "cache-a", data)
     killed_shm = mapped_shm(killed)
-    prefix = next(iter(killed_shm))[:6]
-    locks = {Path(tempfile.gettempdir()) / f"{prefix}_{k}_filelock" for k in ("barrier", "cache")}
-    live = None
+    live = hold_dataset(tmp_path / "cache-b", data)
     try:
-        # Until the clean-up below, this process maps the killed run's memory, so that a training run
-        # another test starts meanwhile (its start-up cleans the node) leaves it to this test.
-        with mapped_here(killed_shm):
+        live_shm = mapped_shm(live)
+        # Under the machine-wide lock no job of this pipeline registers or cleans Streaming's memory
+        # (a training run that another test starts meanwhile waits): the clean-up below is the only one.
+        with machine_lock():
             # The whole process group dies (preemption, OOM of the job): Python's resource tracker,
             # which would unlink the segments of a lone killed process, dies with it.
             kill_group(killed)
-            live = hold_dataset(tmp_path / "cache-b", data)
-            live_shm = mapped_shm(live)
             newest = max((Path("/dev/shm") / n).stat().st_mtime for n in killed_shm)
             time.sleep(max(0.0, newest + 3.5 - time.time()))  # a restarted job comes seconds after the kill
             assert killed_shm and live_shm and killed_shm <= streaming_shm()  # the kill leaked its segments
-            assert any(f.exists() for f in locks)  # and its file locks (which make Streaming skip the prefix)
-        removed = set(clean_stale_streaming_memory())
-        # Final state, not ``removed``: a clean-up on the other worker may take some in the instant
-        # between the unmapping and this one (it is the same code; the dead tracker removes nothing).
-        assert not killed_shm & streaming_shm(), sorted(killed_shm - removed)
-        assert not any(f.exists() for f in locks)
+            removed = set(clean_stale_streaming_memory(lock=False))
+        prefix = next(iter(killed_shm))[:6]
+        assert killed_shm <= removed  # its segments and its file locks (which make Streaming skip the prefix)
+        assert {f"{prefix}_barrier_filelock", f"{prefix}_cache_filelock"} & removed
         assert not (live_shm & removed) and live_shm <= streaming_shm()  # the running job keeps its memory
         hold_dataset(tmp_path / "cache-a", data).kill()  # and the restarted job starts
     finally:
-        if live is not None:
-            live.kill()
-            live.wait()
+        live.kill()
+        live.wait()
 
 
 def test_a_starting_jobs_lock_and_memory_are_left_alone():
     """A job takes Streaming's lock file, then creates its memory, then maps it: another job's clean-up
     in those moments must not take them away. Unmapped memory goes once it is a few seconds old (a
     killed job's), orphan locks once they are a minute old."""
-    import tempfile
-
+    from pipeline.rows import machine_lock
     from pipeline.trainer.data import clean_stale_streaming_memory
 
-    taken = {p.name[:6] for p in Path("/dev/shm").iterdir()} | {
-        p.name[:6] for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock")
-    }
-    prefix = next(f"{n:06d}" for n in range(900000, 999998, 2) if not {f"{n:06d}", f"{n + 1:06d}"} & taken)
-    young, old = (Path(tempfile.gettempdir()) / f"{prefix}_{k}_filelock" for k in ("cache", "barrier"))
-    young.touch()
-    old.touch()
-    os.utime(old, (time.time() - 120, time.time() - 120))
-    segment = Path("/dev/shm") / f"{int(prefix) + 1:06d}_locals"  # created, not mapped yet
-    segment.touch()
-    try:
-        removed = clean_stale_streaming_memory()
-        assert old.name in removed and not old.exists()
-        assert young.name not in removed and young.exists()
-        assert segment.name not in removed and segment.exists()
-        os.utime(segment, (time.time() - 10, time.time() - 10))  # nobody mapped it in 10 s: a killed job's
-        assert segment.name in clean_stale_streaming_memory() and not segment.exists()
-    finally:
-        for f in (young, old, segment):
-            f.unlink(missing_ok=True)
+    with machine_lock():  # no other clean-up of this pipeline meanwhile (a run another test starts)
+        taken = {p.name[:6] for p in Path("/dev/shm").iterdir()} | {
+            p.name[:6] for p in Path(tempfile.gettempdir()).glob("[0-9]*_*_filelock")
+        }
+        prefix = next(
+            f"{n:06d}" for n in range(900000, 999998, 2) if not {f"{n:06d}", f"{n + 1:06d}"} & taken
+        )
+        young, old = (Path(tempfile.gettempdir()) / f"{prefix}_{k}_filelock" for k in ("cache", "barrier"))
+        young.touch()
+        old.touch()
+        os.utime(old, (time.time() - 120, time.time() - 120))
+        segment = Path("/dev/shm") / f"{int(prefix) + 1:06d}_locals"  # created, not mapped yet
+        segment.touch()
+        try:
+            removed = clean_stale_streaming_memory(lock=False)
+            assert old.name in removed and not old.exists()
+            assert young.name not in removed and young.exists()
+            assert segment.name not in removed and segment.exists()
+            os.utime(
+                segment, (time.time() - 10, time.time() - 10)
+            )  # nobody mapped it in 10 s: a killed job's
+            assert segment.name in clean_stale_streaming_memory(lock=False) and not segment.exists()
+        finally:
+            for f in (young, old, segment):
+                f.unlink(missing_ok=True)
