@@ -27,6 +27,10 @@ import pytest
 # 2-core machine. Set before any torch import and inherited by every launch; a compile that needs the
 # pool still starts it on first use.
 os.environ.setdefault("TORCH_WARM_POOL", "0")
+# One OpenMP thread per process unless a test asks for more: the suite's 2 workers and their launches
+# already keep both cores busy, and extra threads wait spinning for a core (the demo's subprocesses,
+# in-process runs of the workers). Each launch of the training tests sets it too (launch.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.factories import tiny_data_folder, write_tiny_hf_checkpoint, write_tokenizer  # noqa: E402
 
