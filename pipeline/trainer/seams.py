@@ -11,6 +11,8 @@ imports it). What they are for:
   by a per-node name.
 - ``DeepSpeedTrainer`` replaces ``Trainer._train_batch`` and drops the model and optimizer from
   Composer's ``State.state_dict`` (the engine checkpoints them).
+- A remote save_folder's uploads run on threads of the rank: ``upload_on_threads`` swaps the
+  executors of Composer's ``RemoteUploader`` (which would spawn processes) before the first save.
 - Composer saves the dataset's position through ``State._dataset_of`` (deterministic resumption).
 - ``Generation`` writes its samples as text to TensorBoard (``TensorboardLogger.writer``).
 - The NaN check reads each rank's ZeRO-3 partition (``param.ds_tensor``); ``HFExport`` tells ZeRO-3

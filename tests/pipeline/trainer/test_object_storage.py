@@ -53,6 +53,13 @@ from tests.pipeline.trainer.launch import (
 from tests.s3 import SECRET
 
 
+def assert_no_secret(s3, prefix: str, tmp_path) -> None:
+    """The secret access key is in no file under tmp_path (logs, checkpoints, caches, exports) and in
+    no object under ``prefix`` of the bucket ("": all of it)."""
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked + [k for k in s3.keys(prefix) if SECRET.encode() in s3.get(k)] == []
+
+
 def test_missing_bucket_or_credentials_is_a_config_error_before_any_model(
     tiny_data, tmp_path, s3, monkeypatch
 ):
@@ -162,9 +169,7 @@ def test_two_processes_with_data_and_checkpoints_on_s3_match_the_local_run(tiny_
     assert len(json.loads((tmp_path / "sample.json").read_text())["tokens"]) > 0
 
     # The secret access key is in no log, checkpoint, cache, export or object the runs wrote.
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    leaked += [k for k in s3.keys() if SECRET.encode() in s3.get(k)]
-    assert leaked == []
+    assert_no_secret(s3, "", tmp_path)
 
 
 @same_reference("zero2")
@@ -218,8 +223,7 @@ def test_zero2_on_s3_survives_a_rank_killed_mid_upload_and_at_a_random_batch(
         assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / name)]) == 0
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("from_s3", "from_local"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaked + [k for k in after if SECRET.encode() in s3.get(k)] == []
+    assert_no_secret(s3, "runs/zero2/", tmp_path)
 
 
 @pytest.mark.slow
@@ -283,11 +287,6 @@ def assert_same_adam(s3, run: str, one_process_ckpt, tmp_path) -> None:
     assert_same_optimizer_state(
         optimizer_state(one_process_ckpt, 20, tmp_path), optimizer_state(local, 20, tmp_path)
     )
-
-
-def assert_no_secret(s3, run: str, tmp_path) -> None:
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaked + [k for k in s3.keys(run) if SECRET.encode() in s3.get(k)] == []
 
 
 @pytest.mark.slow
