@@ -149,6 +149,14 @@ def packed_rows_dataset_class():
                 )
                 raise self._prepare_error from e
 
+        def on_exception(self, future) -> None:
+            try:
+                super().on_exception(future)  # (sets the event that stops the other threads)
+            except ShardReadError:
+                # The reading thread raises it (``_prepare_error``); re-raised here, concurrent.futures
+                # would log it again at any moment, e.g. after training's last line.
+                pass
+
         def __iter__(self):
             yield from super().__iter__()
             # Streaming ends the epoch early, without an error, when its prefetch thread failed.

@@ -49,6 +49,13 @@ SEAMS = [
     Seam(
         "streaming",
         _DATASET,
+        "on_exception",
+        "overridden: a background thread's ShardReadError is not re-raised (and logged) in its callback",
+        params=("self", "future"),
+    ),
+    Seam(
+        "streaming",
+        _DATASET,
         "get_item",
         "overridden: rows as tensors, a damaged shard raises ShardReadError",
         params=("self", "sample_id", "retry"),

@@ -240,6 +240,7 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"training stopped: shard {zipped}") and "data_prep verify" in last
     assert "The last good checkpoint is" in last and "Traceback" in p.stderr  # the traceback goes first
+    assert "exception calling callback" not in p.stderr  # (Streaming's threads report nothing twice)
     stopped = records(tmp_path / "run" / "loss.jsonl")
     assert 12 <= len(stopped) < 24
 
@@ -251,3 +252,35 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     for r in records(tmp_path / "run" / "loss.jsonl"):
         resumed[r["batch"]] = r["loss/train/total"]  # a replayed batch overwrites its first record
     assert sorted(resumed.items()) == reference
+
+
+def test_a_shard_failing_in_a_background_thread_is_raised_by_the_reader_and_logged_by_nobody(
+    prepared, tmp_path
+):
+    """Streaming prepares shards on background threads too; one that fails there must reach the reader
+    as the same ShardReadError, and nothing may print it later (``concurrent.futures`` logged it from
+    a done-callback at any moment, once after training's last line)."""
+    import logging
+    import time
+
+    data = copy_of(prepared, tmp_path)
+    last = shards(data)[-1]
+    zipped = data / "train" / last["zip_data"]["basename"]
+    zipped.write_bytes(np.random.default_rng(0).bytes(zipped.stat().st_size))  # not a zstd frame
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    futures_log = logging.getLogger("concurrent.futures")
+    futures_log.addHandler(handler)
+    try:
+        dataset = packed_rows_dataset_class()(
+            seq_len=SEQ_LEN, local=str(data / "train"), split=None, shuffle=False, batch_size=8
+        )
+        with pytest.raises(ShardReadError) as e:
+            for _ in dataset:
+                time.sleep(0.002)  # the reader lags behind the background threads
+        assert str(e.value).startswith(f"shard {zipped}: ") and "data_prep verify" in str(e.value)
+        time.sleep(1.0)  # the background threads have long ended
+    finally:
+        futures_log.removeHandler(handler)
+    assert [r.getMessage() for r in logged] == []
