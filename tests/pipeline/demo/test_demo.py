@@ -81,3 +81,26 @@ def test_quick_demo_produces_every_artifact(tmp_path):
     again = _demo(out)
     assert again.returncode == 0
     assert "reusing" in again.stdout and "already complete" in (again.stdout + again.stderr).lower()
+
+
+def test_a_stage_output_is_reused_only_whole_and_newer_than_its_model(tmp_path):
+    """The demo's rerun rule: a half-written JSON, or one older than the model it was computed from
+    (the model was trained again since), is computed again."""
+    import os
+
+    from pipeline.demo import finished_json
+
+    model, out = tmp_path / "hf", tmp_path / "eval.json"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert not finished_json(out, model)  # not there
+    out.write_text('{"bs4": {"ppl"')  # cut off mid-write
+    assert not finished_json(out, model)
+    out.write_text('{"bs4": {"ppl": 12.5}}')
+    os.utime(model / "config.json", (1_000, 1_000))
+    os.utime(out, (2_000, 2_000))
+    assert finished_json(out, model)
+    os.utime(model / "config.json", (3_000, 3_000))  # retrained after the evaluation
+    assert not finished_json(out, model)
+    (model / "config.json").unlink()
+    assert not finished_json(out, model)
