@@ -122,23 +122,44 @@ def s3(moto_server, monkeypatch):
     return S3Bucket(moto_server, moto_server.new_bucket())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_streaming_shared_memory():
-    """Close the shared memory of the StreamingDatasets a test module made in this process.
+def release_streaming_shared_memory() -> None:
+    """Close the shared memory of every ``StreamingDataset`` this process made, and forget it.
 
     Streaming registers every ``SharedMemory`` it creates with ``atexit``, so an in-process dataset keeps
     its /dev/shm file descriptors until the interpreter exits: about 230 per dataset, measured. Over
-    the suite that reaches the machine's limit of 20,000 open files. A finished module's datasets are
-    never used again, so they are released here.
+    the suite that reaches the machine's limit of 20,000 open files. Each segment released here is
+    unlinked once and then dropped from its object: a second ``cleanup()`` (the next module's release,
+    or ``atexit``) would unlink the name again, and by then the prefix may belong to another job (its
+    lock files go once a minute old), whose memory would vanish under it. A resumed run whose resume
+    segment vanishes before its first batch re-reads its first rows: the CI failure of stop 33 had
+    exactly the losses of such a run (tests/test_conftest.py).
     """
-    yield
     memory = sys.modules.get("streaming.base.shared.memory")
     if memory is None:
         return
     # type(), not isinstance(): isinstance on a dead weak proxy raises ReferenceError
-    shared = [obj for obj in gc.get_objects() if type(obj) is memory.SharedMemory]
-    for obj in shared:
-        try:
-            obj.cleanup()
-        except (BufferError, OSError):  # still mapped by a live array or another process: leave it
-            pass
+    for obj in [obj for obj in gc.get_objects() if type(obj) is memory.SharedMemory]:
+        for shm in list(obj.created_shms):
+            try:
+                shm.close()
+            except BufferError:  # still mapped by a live array: leave it for a later release
+                continue
+            try:
+                shm.unlink()
+            except OSError:  # gone already (a killed job's clean-up took it): nothing to unlink
+                pass
+            obj.created_shms.remove(shm)
+        for shm in list(obj.opened_shms):
+            try:
+                shm.close()
+            except BufferError:
+                continue
+            obj.opened_shms.remove(shm)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_streaming_shared_memory():
+    """A finished module's datasets are never used again: release their shared memory
+    (``release_streaming_shared_memory``)."""
+    yield
+    release_streaming_shared_memory()
