@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from data_prep.manifest import INDEX, MANIFEST
+
+log = logging.getLogger(__name__)
 
 
 def split_dir(data: str | Path, split: str) -> tuple[Path, dict | None]:
@@ -112,7 +115,12 @@ def packed_rows_dataset_class():
     from streaming.base.hashing import get_hash
 
     from data_prep.mds import doc_starts_from_column
-    from pipeline.streaming_seams import fail_preparing_shard, shard_files, shard_of_sample
+    from pipeline.streaming_seams import (
+        fail_preparing_shard,
+        resume_state_present,
+        shard_files,
+        shard_of_sample,
+    )
 
     class PackedRowsDataset(StreamingDataset):
         """A ``StreamingDataset`` of packed rows yielding tensors (see the module docstring).
@@ -132,6 +140,11 @@ def packed_rows_dataset_class():
             self.hash_algo = validate_hash
             self._hashed: set[int] = set()  # shards whose decompressed file this process checked
             self._prepare_error: ShardReadError | None = None
+            self._loaded_state: dict[str, Any] | None = None
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self._loaded_state = dict(obj)  # written again if its shared memory vanishes (__iter__)
 
         def shard_path(self, shard_id: int) -> str:
             """The shard's stored file (its compressed file when it has one)."""
@@ -158,6 +171,16 @@ def packed_rows_dataset_class():
                 pass
 
         def __iter__(self):
+            # Streaming keeps a loaded resume state in shared memory under a name and reads it by name
+            # when the epoch starts; without it the epoch silently starts again from its first row.
+            # Another program cleaning /dev/shm (Streaming's own clean_stale_shared_memory removes
+            # every job's) takes it from a running job: write it again from the checkpoint's copy.
+            if self._loaded_state is not None and not resume_state_present(self):
+                log.warning(
+                    "Streaming's resume state of this dataset was removed from shared memory while the "
+                    "job ran (another program cleaning /dev/shm?); written again from the checkpoint"
+                )
+                super().load_state_dict(self._loaded_state)
             yield from super().__iter__()
             # Streaming ends the epoch early, without an error, when its prefetch thread failed.
             if self._prepare_error is not None:

@@ -1,7 +1,9 @@
 """The seams of MosaicML Streaming (0.13.0) this project uses, checked at import (``pipeline.seams``).
 
 ``pipeline.rows.PackedRowsDataset`` overrides ``StreamingDataset.prepare_shard`` and ``get_item`` to
-name a damaged shard, and reads Streaming's shard bookkeeping through the functions below;
+name a damaged shard, ``on_exception`` so that a background thread's shard error is reported once (by
+the reader), and ``load_state_dict`` so that a resume state removed from shared memory is written
+again; it reads Streaming's shard bookkeeping through the functions below;
 ``pipeline.trainer.data`` removes the shared memory of killed jobs by the names Streaming gives it.
 Import this module lazily (it imports ``streaming``: seconds), as its users do.
 """
@@ -20,6 +22,12 @@ _DATASET = "streaming.base.dataset:StreamingDataset"
 
 def _names_shared_memory_as_before(get_path) -> bool:
     return get_path(7, "locals") == "000007_locals"
+
+
+def _keeps_resume_state_in_resume_shm(load_state_dict) -> bool:
+    import inspect
+
+    return re.search(r"\bself\._resume_shm\s*=(?!=)", inspect.getsource(load_state_dict)) is not None
 
 
 SEAMS = [
@@ -52,6 +60,15 @@ SEAMS = [
         "on_exception",
         "overridden: a background thread's ShardReadError is not re-raised (and logged) in its callback",
         params=("self", "future"),
+    ),
+    Seam(
+        "streaming",
+        _DATASET,
+        "load_state_dict",
+        "overridden: the loaded resume state is kept, to write again if its shared memory "
+        "(self._resume_shm, assigned there) is removed",
+        params=("self", "obj"),
+        probe=_keeps_resume_state_in_resume_shm,
     ),
     Seam(
         "streaming",
@@ -114,3 +131,16 @@ def stream_rows(dataset) -> list[range]:
     """The sample ids of each stream of a ``StreamingDataset``, in stream order (one range per stream)."""
     offsets, counts = dataset.sample_offset_per_stream, dataset.samples_per_stream
     return [range(int(o), int(o) + int(n)) for o, n in zip(offsets, counts)]
+
+
+def resume_state_present(dataset) -> bool:
+    """Whether the shared memory that holds a dataset's loaded resume state (``load_state_dict``) still
+    exists under its name, where Streaming looks for it when an epoch starts."""
+    from streaming.base.shared.memory import SharedMemory
+
+    try:
+        shm = SharedMemory(name=dataset._resume_shm.shm.name, create=False, auto_cleanup=False)
+    except FileNotFoundError:
+        return False
+    shm.cleanup()  # (attached, not created: closes it, unlinks nothing)
+    return True

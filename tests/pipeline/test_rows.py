@@ -73,3 +73,25 @@ def test_a_jobs_ranks_look_for_shared_memory_only_under_their_leaders_lock(tmp_p
         out = log.read_text()
         assert p.returncode == 0 and out.splitlines()[-1] == "built 8", out
         assert "looking" in out
+
+
+def test_a_resume_state_removed_from_shared_memory_is_written_again(tmp_path, caplog):
+    """A dataset resumed at row 32 whose resume state another program removes from /dev/shm (e.g.
+    Streaming's clean_stale_shared_memory in another job) still starts at row 32, not at row 0."""
+    from streaming.base.shared.memory import SharedMemory
+
+    from pipeline.rows import packed_rows_dataset_class
+
+    data = write_data_folder(tmp_path / "data", {"train": packed_rows(64, 0)}, None)
+    cls = packed_rows_dataset_class()
+    kwargs = dict(seq_len=32, local=str(data), split="train", shuffle=False, batch_size=8)
+    first = cls(**kwargs)
+    read = [int(row["dataset_index"]) for row, _ in zip(first, range(32))]  # a run's first 4 batches
+    state = first.state_dict(num_samples=32, from_beginning=True)
+    assert read == list(range(32)) and state["epoch"] == 0
+    resumed = cls(**kwargs)
+    resumed.load_state_dict(state)
+    SharedMemory(name=resumed._resume_shm.shm.name, create=False, auto_cleanup=False).shm.unlink()
+
+    assert [int(row["dataset_index"]) for row, _ in zip(resumed, range(4))] == [32, 33, 34, 35]
+    assert "resume state of this dataset was removed" in caplog.text
