@@ -12,6 +12,7 @@ first, so that no long test is left alone at the end.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -139,22 +140,16 @@ def release_streaming_shared_memory() -> None:
         return
     # type(), not isinstance(): isinstance on a dead weak proxy raises ReferenceError
     for obj in [obj for obj in gc.get_objects() if type(obj) is memory.SharedMemory]:
-        for shm in list(obj.created_shms):
-            try:
-                shm.close()
-            except BufferError:  # still mapped by a live array: leave it for a later release
-                continue
-            try:
-                shm.unlink()
-            except OSError:  # gone already (a killed job's clean-up took it): nothing to unlink
-                pass
-            obj.created_shms.remove(shm)
-        for shm in list(obj.opened_shms):
-            try:
-                shm.close()
-            except BufferError:
-                continue
-            obj.opened_shms.remove(shm)
+        for shms, created in ((obj.created_shms, True), (obj.opened_shms, False)):
+            for shm in list(shms):
+                try:
+                    shm.close()
+                except BufferError:  # still mapped by a live array: leave it for a later release
+                    continue
+                if created:
+                    with contextlib.suppress(OSError):  # gone already (a killed job's clean-up took it)
+                        shm.unlink()
+                shms.remove(shm)
 
 
 @pytest.fixture(autouse=True, scope="module")
