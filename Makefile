@@ -33,8 +33,8 @@ $(COMPAT_STAMP): pyproject.toml
 
 # The full suite, as CI runs it (slow and multi-process tests included), then the core, the export
 # and gpu_check again on the GPU machines' torch and transformers 5.x (.venv-compat). The first run
-# compares gpu_check's JSON across the two torch versions. The main suite runs on WORKERS pytest-xdist
-# workers (tests/conftest.py; 2 by default, for the 2-core machines); WORKERS=0 runs it in one process.
+# compares gpu_check's JSON across the two torch versions. Both halves run on WORKERS pytest-xdist
+# workers (tests/conftest.py; 2 by default, for the 2-core machines); WORKERS=0 runs them in one process.
 WORKERS ?= 2
 test: $(STAMP) $(COMPAT_STAMP)
 	BD3_COMPAT_PYTHON=$(CURDIR)/$(COMPAT_PY) $(PY) -m pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
@@ -42,7 +42,7 @@ test: $(STAMP) $(COMPAT_STAMP)
 
 # The cross-version comparison of gpu_check runs once, from .venv (`make test`).
 test-compat: $(COMPAT_STAMP)
-	PYTHONPATH=$(CURDIR) $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS) \
+	PYTHONPATH=$(CURDIR) $(COMPAT_PY) -m pytest -q -n $(WORKERS) $(COMPAT_TESTS) $(PYTEST_ARGS) \
 		--deselect tests/benchmarks/test_gpu_check.py::test_the_same_keys_and_memory_plan_on_the_gpu_machines_torch
 
 # Skips the slow and multi-process tests, for quick local iteration.
