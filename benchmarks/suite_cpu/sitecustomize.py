@@ -8,6 +8,8 @@ A process killed by a signal writes nothing (the fault tests' SIGKILLed ranks)."
 
 import atexit
 import os
+import resource  # here, not at exit: pip 26 refuses imports once an install has started
+import sys
 import time
 
 _LOG = os.environ.get("BD3_SUITE_LOG")
@@ -15,9 +17,6 @@ _START = time.time()
 
 
 def _write() -> None:
-    import resource
-    import sys
-
     usage = resource.getrusage(resource.RUSAGE_SELF)
     with open("/proc/self/cmdline", "rb") as f:
         cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())[:300]  # one line
