@@ -12,7 +12,8 @@ imports it). What they are for:
 - ``DeepSpeedTrainer`` replaces ``Trainer._train_batch`` and drops the model and optimizer from
   Composer's ``State.state_dict`` (the engine checkpoints them).
 - A remote save_folder's uploads run on threads of the rank: ``upload_on_threads`` swaps the
-  executors of Composer's ``RemoteUploader`` (which would spawn processes) before the first save.
+  executors of Composer's ``RemoteUploader`` (which would spawn processes) before the first save,
+  and stops the ``multiprocessing`` Manager its constructor spawned.
 - Composer saves the dataset's position through ``State._dataset_of`` (deterministic resumption).
 - ``Generation`` writes its samples as text to TensorBoard (``TensorboardLogger.writer``).
 - The NaN check reads each rank's ZeRO-3 partition (``param.ds_tensor``); ``HFExport`` tells ZeRO-3
@@ -59,6 +60,12 @@ COMPOSER_SEAMS = [
         _UPLOADER,
         "check_remote_files_exist_executor",
         "uploads run on threads of the rank, not spawned processes",
+        set_in="__init__",
+    ),
+    _composer(
+        _UPLOADER,
+        "is_remote_upload_failed",
+        "a threading.Event, and the Manager process that served Composer's is stopped",
         set_in="__init__",
     ),
     _composer(
@@ -196,7 +203,15 @@ def upload_on_threads(saver) -> None:
     about 10 CPU-seconds and 0.5 GB per worker, two per rank (an upload and a poll for the uploaded
     files before the latest symlink), measured as 27 extra CPU-seconds for one process's 20-batch run.
     The work itself is network I/O (boto3 releases the GIL while it waits), done in the same order:
-    one upload at a time, as Composer's single upload worker does. Call before the first save."""
+    one upload at a time, as Composer's single upload worker does. Call before the first save.
+
+    Composer's constructor has also spawned a ``multiprocessing`` Manager server for one Event. It is
+    stopped here and the Event becomes a ``threading.Event``: the server does not watch its parent, so
+    a rank that was SIGKILLed (the OOM killer, a node agent) left it running for good, and the server
+    of local rank 0 holds the launcher's stdout and stderr open, so ``composer ... | tee log`` never
+    saw the end of a crashed run (tests/pipeline/trainer/launch.py checks every launch for leftovers).
+    """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     uploader = saver.remote_uploader
@@ -205,6 +220,13 @@ def upload_on_threads(saver) -> None:
     for name, workers in (("upload_executor", 1), ("check_remote_files_exist_executor", 2)):
         getattr(uploader, name).shutdown(wait=False)  # unused so far: no process was started
         setattr(uploader, name, ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name))
+    served = uploader.is_remote_upload_failed
+    uploader.is_remote_upload_failed = threading.Event()
+    # A manager's proxy keeps the manager that made it (``BaseProxy._manager``, the standard
+    # library's, unchanged since Python 3.3); its ``shutdown`` stops and joins the server process.
+    manager = getattr(served, "_manager", None)  # None: not a Manager's proxy, no process to stop
+    if manager is not None:
+        manager.shutdown()
 
 
 def set_symlink_upload_wait(saver, seconds: float) -> None:

@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,13 +124,79 @@ def train_command(
     return cmd, env
 
 
+# Every process a launch starts carries this variable (children inherit the environment), so the
+# processes it leaves behind can be found after the launcher has exited, reparented or not.
+LAUNCH_MARK = "PIPELINE_TEST_LAUNCH"
+LEFTOVER_GRACE_S = 30.0  # a killed rank's DataLoader workers notice within 5 s; trackers at once
+
+
+def launched_by(mark: str) -> list:
+    """The live processes whose environment carries ``LAUNCH_MARK=mark`` (psutil.Process objects)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(LAUNCH_MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def kill_launched(mark: str) -> list[str]:
+    """SIGKILL what is left of the launch ``mark``; returns the command lines it killed."""
+    import psutil
+
+    killed = []
+    for proc in launched_by(mark):
+        try:
+            killed.append(f"{proc.pid}: {' '.join(proc.cmdline())[:300]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return killed
+
+
+def run_launch(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a training launch) to its end and return its exit code and output; then fail the
+    test if any process it started outlives it by ``LEFTOVER_GRACE_S``, after killing those.
+
+    The output goes through files, not pipes: a leftover process holding the launcher's stdout (the
+    composer launcher gives local rank 0 its own, and rank 0 gives them to what it spawns) would keep
+    a pipe open, and the test would wait for its end until the timeout instead of naming it (the CI
+    failure of stop 36: the Manager process Composer spawned for a remote save_folder)."""
+    mark = uuid.uuid4().hex
+    env = {**env, LAUNCH_MARK: mark}
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        try:
+            p = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            kill_launched(mark)
+            raise
+        stdout.seek(0)
+        stderr.seek(0)
+        done = subprocess.CompletedProcess(cmd, p.returncode, stdout.read(), stderr.read())
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while launched_by(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = kill_launched(mark)
+    assert not left, (
+        f"the launch (exit code {done.returncode}) left {len(left)} process(es) running "
+        f"{LEFTOVER_GRACE_S:.0f} s after it ended (now killed):\n" + "\n".join(left)
+    )
+    return done
+
+
 def launch(
     tiny_data, out: Path, *extra: str, nproc: int = 2, entry=("-m", "pipeline.train"), common=COMMON
 ) -> subprocess.CompletedProcess:
     """``composer -n 2 -m pipeline.train yamls/bd3_tiny.yaml ...`` logging losses to out/loss.jsonl;
     fails the test unless it exits 0. Returns the finished process (rank 0's output in it)."""
     cmd, env = train_command(tiny_data, out, *extra, nproc=nproc, entry=entry, common=common)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = run_launch(cmd, env)
     rank1 = (out / "rank1.err").read_text() if (out / "rank1.err").exists() else ""
     assert p.returncode == 0, f"{p.stderr[-3000:]}\n--- rank 1 ---\n{rank1[-3000:]}"
     return p
@@ -259,7 +327,7 @@ def command(tiny_data, out: Path, variant: str, *extra: str, nproc: int | None =
 def run_to_end(cmd, env, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     if fault:
         env = {**env, "PIPELINE_TEST_FAULTS": fault}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_launch(cmd, env)
 
 
 def rank_logs(out: Path) -> str:

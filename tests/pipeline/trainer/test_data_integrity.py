@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ from data_prep.verify import verify
 from pipeline.rows import RowReader, ShardReadError, packed_rows_dataset_class
 from pipeline.trainer import ConfigError, load_config
 from pipeline.trainer.run_inputs import resolve_run_inputs
-from tests.factories import N_WORDS, REPO, YAMLS, tiny_overrides, write_tokenizer
-from tests.pipeline.trainer.launch import records, train_command
+from tests.factories import N_WORDS, YAMLS, tiny_overrides, write_tokenizer
+from tests.pipeline.trainer.launch import records, run_launch, train_command
 
 SEQ_LEN = 32
 
@@ -139,7 +138,7 @@ def test_startup_check_reads_the_decompressed_copies(prepared, tmp_path):
     cmd, env = train_command(
         (data, prepared[1]), tmp_path / "cli", f"variables.max_seq_len={SEQ_LEN}", nproc=0
     )
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = run_launch(cmd, env, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("config error: train_loader.local:") and str(bad) in last
@@ -219,7 +218,7 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     ]
     data = copy_of(prepared, tmp_path)
     reference_cmd, env = train_command((data, prepared[1]), tmp_path / "ref", *common, nproc=0)
-    p = subprocess.run(reference_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = run_launch(reference_cmd, env)
     assert p.returncode == 0, p.stderr[-3000:]
     reference = [(r["batch"], r["loss/train/total"]) for r in records(tmp_path / "ref" / "loss.jsonl")]
 
@@ -235,7 +234,7 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
     original = zipped.read_bytes()
     zipped.write_bytes(np.random.default_rng(0).bytes(len(original)))  # not a zstd frame any more
     cmd, env = train_command((damaged, prepared[1]), tmp_path / "run", *common, nproc=0)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = run_launch(cmd, env)
     assert p.returncode == 4, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"training stopped: shard {zipped}") and "data_prep verify" in last
@@ -246,7 +245,7 @@ def test_a_shard_failing_mid_run_stops_cleanly_and_resumes_exactly(prepared, tmp
 
     zipped.write_bytes(original)  # the repair
     copy_path(damaged, entries[k]).unlink(missing_ok=True)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = run_launch(cmd, env)
     assert p.returncode == 0, p.stderr[-3000:]
     resumed = {}
     for r in records(tmp_path / "run" / "loss.jsonl"):

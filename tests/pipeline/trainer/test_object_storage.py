@@ -7,7 +7,6 @@ Every byte goes through boto3 and HTTP; nothing in the project is patched.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -45,6 +44,7 @@ from tests.pipeline.trainer.launch import (
     optimizer_state,
     rank_logs,
     records,
+    run_launch,
     run_to_end,
     same_reference,
     started,
@@ -265,7 +265,7 @@ def test_store_stopped_mid_run_fails_with_one_line_and_the_run_resumes_later(
         if "runs/stopped/latest-rank0.pt.symlink" in stored:
             named = s3.get("runs/stopped/latest-rank0.pt.symlink").decode().strip()
             assert named in stored and stored[named] > 0
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        p = run_launch(cmd, env)
         assert p.returncode == 0, p.stderr[-3000:]
         assert last_batch(tmp_path / "loss.jsonl") == 20
     finally:
